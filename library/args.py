@@ -1,0 +1,368 @@
+"""Shared argument groups and `--config_file` handling.
+
+Each script builds ONE argparse parser from these groups plus its own options. That parser is the
+single source of truth: the TOML config file, the GUI's forms and tooltips and the docs are derived
+from it. Flag names and defaults follow kohya sd-scripts so existing commands run unchanged.
+
+Range checks are argparse `type=` functions (`positive_int`, ...): they reject bad command-line
+values and are applied again to values that come from a config file.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+from library.errors import UserError
+
+
+# --- value types with range checks --------------------------------------------------------------
+
+def _number(kind, check, what):
+    def convert(value):
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not check(number):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+
+    convert.__name__ = what.replace(" ", "_").replace("-", "_")
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+unit_float = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
+
+
+def resolution(value) -> tuple[int, int]:
+    """'512' or '512,768' (kohya: width,height) -> (w, h)."""
+    if isinstance(value, (list, tuple)):
+        parts = [str(v) for v in value]
+    elif isinstance(value, int):
+        parts = [str(value)]
+    else:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'size' or 'width,height', got {value!r}") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 64 or any(s % 8 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected 'size' or 'width,height' with sizes >= 64 divisible by 8, got {value!r}")
+    return sizes[0], sizes[1]
+
+
+# --- shared argument groups ---------------------------------------------------------------------
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("config")
+    g.add_argument("--config_file", type=str, default=None,
+                   help="TOML file of arguments (keys are the flag names without '--'; [sections] are "
+                        "allowed for grouping). Command-line flags override it.")
+    g.add_argument("--output_config", action="store_true",
+                   help="write the effective arguments to --config_file and exit")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="base model: a local single-file checkpoint (.safetensors, or .ckpt loaded "
+                        "weights-only) in the original SD layout, or a diffusers folder")
+    g.add_argument("--v2", action="store_true", help="the base model is Stable Diffusion 2.x")
+    g.add_argument("--v_parameterization", action="store_true",
+                   help="train with v-prediction (SD2.x 768-v models)")
+    g.add_argument("--vae", type=str, default=None,
+                   help="replace the model's VAE with this file (.safetensors) or diffusers folder")
+    g.add_argument("--tokenizer_cache_dir", type=str, default=None,
+                   help="accepted for kohya compatibility; the tokenizer ships with this project")
+    g.add_argument("--clip_skip", type=positive_int, default=None,
+                   help="use the output of the n-th layer from the end of the text encoder (2 = penultimate)")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[75, 150, 225],
+                   help="max caption length in tokens (75 by default)")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="folder whose subfolders are named <repeats>_<name>, e.g. 10_mychar, holding "
+                        "images and caption files")
+    g.add_argument("--reg_data_dir", type=str, default=None,
+                   help="folder of regularization images, same layout as --train_data_dir")
+    g.add_argument("--dataset_config", type=str, default=None,
+                   help="dataset TOML in kohya's [general]/[[datasets]]/[[datasets.subsets]] schema")
+    g.add_argument("--resolution", type=resolution, default=None,
+                   help="training resolution: 'size' or 'width,height' (default 512)")
+    g.add_argument("--caption_extension", type=str, default=".caption",
+                   help="extension of caption files (a .txt beside the image is used when none exists)")
+    g.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated caption tags")
+    g.add_argument("--keep_tokens", type=non_negative_int, default=0,
+                   help="keep the first N comma-separated tags in place when shuffling")
+    g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
+    g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
+    g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
+    g.add_argument("--color_aug", action="store_true",
+                   help="weak colour augmentation (not with latent caching)")
+    g.add_argument("--random_crop", action="store_true", help="random crops instead of center crops")
+    g.add_argument("--enable_bucket", action="store_true",
+                   help="aspect-ratio bucketing: train each image at the bucket nearest its aspect ratio")
+    g.add_argument("--min_bucket_reso", type=positive_int, default=256, help="smallest bucket side")
+    g.add_argument("--max_bucket_reso", type=positive_int, default=1024, help="largest bucket side")
+    g.add_argument("--bucket_reso_steps", type=positive_int, default=64,
+                   help="bucket sides are multiples of this (divisible by 8)")
+    g.add_argument("--bucket_no_upscale", action="store_true",
+                   help="never upscale: small images get a bucket of their own size")
+    g.add_argument("--prior_loss_weight", type=non_negative_float, default=1.0,
+                   help="loss weight of regularization images")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="train without unreadable images instead of stopping")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode all images with the VAE once before training and keep the latents in memory")
+    g.add_argument("--cache_latents_to_disk", action="store_true",
+                   help="like --cache_latents, and also keep them in a file next to each image for later runs")
+    g.add_argument("--vae_batch_size", type=positive_int, default=1, help="batch size for latent caching")
+    g.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=8,
+                   help="max DataLoader worker processes (0 with cached latents)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true",
+                   help="keep DataLoader workers alive between epochs")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
+    g.add_argument("--output_name", type=str, default=None,
+                   help="base name of the trained files (default 'last')")
+    g.add_argument("--train_batch_size", type=positive_int, default=1, help="batch size")
+    g.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
+    g.add_argument("--max_train_epochs", type=positive_int, default=None,
+                   help="epochs to train (overrides --max_train_steps)")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                   help="batches accumulated into one optimizer step")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory (slower)")
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+                   help="mixed precision (fp16 needs CUDA; without it training runs in fp32)")
+    g.add_argument("--full_fp16", action="store_true", help="fp16 training including gradients")
+    g.add_argument("--full_bf16", action="store_true", help="bf16 training including gradients")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
+    g.add_argument("--seed", type=int, default=None, help="random seed (a run is reproducible with a seed)")
+    g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
+                   help="clip gradients to this norm; 0 turns clipping off")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (always used)")
+    g.add_argument("--xformers", action="store_true", help="accepted for compatibility; SDPA is used")
+    g.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; SDPA is used")
+    g.add_argument("--lowram", action="store_true", help="accepted for compatibility")
+    g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+    g.add_argument("--noise_offset", type=non_negative_float, default=None,
+                   help="noise offset (around 0.1 helps very dark/bright images)")
+    g.add_argument("--min_timestep", type=non_negative_int, default=None, help="smallest timestep (0-999)")
+    g.add_argument("--max_timestep", type=positive_int, default=None, help="largest timestep + 1 (1-1000)")
+
+    s = parser.add_argument_group("saving")
+    s.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors", "ckpt", "pt"],
+                   help="file format of the trained network")
+    s.add_argument("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
+                   help="dtype of saved weights (default: float)")
+    s.add_argument("--save_every_n_epochs", type=positive_int, default=None, help="save every N epochs")
+    s.add_argument("--save_every_n_steps", type=positive_int, default=None, help="save every N steps")
+    s.add_argument("--save_last_n_epochs", type=positive_int, default=None,
+                   help="keep only the last N files saved every N epochs")
+    s.add_argument("--save_last_n_steps", type=positive_int, default=None,
+                   help="keep only the files saved in the last N steps")
+    s.add_argument("--save_state", action="store_true",
+                   help="also save the training state (optimizer, scheduler, RNG, data position) for --resume")
+    s.add_argument("--save_state_on_train_end", action="store_true",
+                   help="save the training state at the end even without --save_state")
+    s.add_argument("--resume", type=str, default=None,
+                   help="continue from a state folder written by --save_state")
+
+    lg = parser.add_argument_group("logging")
+    lg.add_argument("--logging_dir", type=str, default=None, help="folder for TensorBoard logs")
+    lg.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"],
+                    help="logger (tensorboard when --logging_dir is given)")
+    lg.add_argument("--log_prefix", type=str, default=None, help="prefix of each run's log folder name")
+    lg.add_argument("--log_tracker_name", type=str, default=None, help="name of the tracker run")
+    lg.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", type=str, default="",
+                   help="optimizer: AdamW (default), SGDNesterov, or module.ClassName")
+    g.add_argument("--use_8bit_adam", action="store_true", help="AdamW8bit (needs bitsandbytes and CUDA)")
+    g.add_argument("--learning_rate", type=positive_float, default=2e-6, help="learning rate")
+    g.add_argument("--optimizer_args", type=str, default=None, nargs="*",
+                   help='extra optimizer arguments, e.g. "weight_decay=0.01" "betas=0.9,0.999"')
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   choices=["constant", "constant_with_warmup", "linear", "cosine",
+                            "cosine_with_restarts", "polynomial"],
+                   help="learning-rate schedule")
+    g.add_argument("--lr_warmup_steps", type=float, default=0,
+                   help="warmup steps (an integer), or a fraction of the training steps (< 1)")
+    g.add_argument("--lr_scheduler_num_cycles", type=positive_int, default=1,
+                   help="restarts for cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=positive_float, default=1.0, help="power for polynomial")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--sample_prompts", type=str, default=None,
+                   help="prompt file (.txt, one prompt per line with kohya's --n --w --h --s --l --d options)")
+    g.add_argument("--sample_every_n_steps", type=positive_int, default=None, help="sample every N steps")
+    g.add_argument("--sample_every_n_epochs", type=positive_int, default=None, help="sample every N epochs")
+    g.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
+    g.add_argument("--sample_sampler", type=str, default="ddim",
+                   choices=["ddim", "euler", "euler_a", "dpmsolver++", "k_euler", "k_euler_a", "pndm",
+                            "lms", "heun", "dpm_2", "ddpm"],
+                   help="sampler for the sample images")
+
+
+# --- parsing with --config_file -----------------------------------------------------------------
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, tuple[object, str]]:
+    """TOML sections are only for grouping: {'a': {'b': 1}} -> {'b': (1, 'a')}."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[key] = (value, prefix.rstrip(".") or "top level")
+    return flat
+
+
+def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read a TOML of flag names -> values; an unknown key is an error that names it."""
+    import toml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("the --config_file does not exist.", path=path,
+                        fix="pass the path of a TOML file of arguments, or write one with --output_config.")
+    try:
+        table = toml.loads(path.read_text(encoding="utf-8"))
+    except (toml.TomlDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"the --config_file {path} is not valid TOML ({err}).", path=path,
+                        fix="correct the line named above; values are written like key = \"text\" or key = 1.5.") from None
+    actions = _dests(parser)
+    values = {}
+    for key, (value, section) in _flatten(table).items():
+        if key in ("config_file", "output_config"):
+            continue
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown key '{key}' (in {section}) in the config file {path}.{hint}",
+                            path=path, fix="remove the key or correct its name; keys are the flag names "
+                                           "without '--'.")
+        values[key] = value
+    return values
+
+
+def _check_value(action: argparse.Action, value, source: str):
+    """Apply the action's type and choices to a value that came from a config file."""
+    if value is None:
+        return None
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [_check_value(_Single(action), v, source) for v in items]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"'{action.dest}' in {source} must be true or false, got {value!r}.",
+                            fix=f"write {action.dest} = true or {action.dest} = false.")
+        return value
+    if action.type is not None:
+        try:
+            value = action.type(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise UserError(f"bad value for '{action.dest}' in {source}: {err}.",
+                            fix=f"correct {action.dest} in that file.") from None
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"bad value {value!r} for '{action.dest}' in {source}.",
+                        fix=f"use one of: {', '.join(map(str, action.choices))}.")
+    return value
+
+
+class _Single:
+    """View of a list-valued action as a single-valued one, for per-item checks."""
+
+    def __init__(self, action):
+        self.dest, self.type, self.choices, self.nargs = action.dest, action.type, action.choices, None
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse argv, with --config_file values as defaults that the command line overrides."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.config_file and not args.output_config:
+        actions = _dests(parser)
+        values = read_config_file(parser, args.config_file)
+        checked = {k: _check_value(actions[k], v, f"the config file {args.config_file}") for k, v in values.items()}
+        parser.set_defaults(**checked)
+        args = parser.parse_args(argv)
+    if getattr(args, "caption_extention", None):  # kohya's old misspelling still works
+        args.caption_extension = args.caption_extention
+    if args.output_config:
+        write_config_file(parser, args)
+        raise SystemExit(0)
+    return args
+
+
+def config_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The arguments that differ from the parser's defaults, TOML-ready."""
+    out = {}
+    for dest, action in _dests(parser).items():
+        if dest in ("config_file", "output_config", "debug") or action.help == argparse.SUPPRESS:
+            continue
+        value = getattr(args, dest, None)
+        if value is None or value == action.default:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value)) if dest == "resolution" else list(value)
+        out[dest] = value
+    return out
+
+
+def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    import toml
+
+    from library.fileio import write_text_atomic
+
+    if not args.config_file:
+        raise UserError("--output_config needs --config_file, the path of the TOML to write.",
+                        fix="add --config_file my_settings.toml.")
+    path = Path(args.config_file)
+    write_text_atomic(path, toml.dumps(config_dict(parser, args)))
+    print(f"wrote the arguments to {path}")
+    return path
+
+
+def parse_kv_list(items, flag: str) -> dict:
+    """["conv_dim=4", "betas=0.9,0.999"] -> {"conv_dim": 4, "betas": (0.9, 0.999)} (kohya's format)."""
+    import ast
+
+    out = {}
+    for item in items or []:
+        for part in str(item).split():
+            if "=" not in part:
+                raise UserError(f"{flag} expects key=value items, got {part!r}.",
+                                fix=f'write e.g. {flag} "key=value".')
+            key, raw = part.split("=", 1)
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+            out[key.strip()] = value
+    return out

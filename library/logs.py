@@ -1,0 +1,95 @@
+"""Progress bar, TensorBoard scalars and the end-of-run summary.
+
+Losses stay on the device between log points, so the training loop has no per-step host sync
+unless it logs every step (--log_every_n_steps, default 1 as in kohya).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a warning for the user once per process (no source-line noise as with `warnings`)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class ProgressLogger:
+    def __init__(self, accelerator, desc: str = "steps", average_window: int = 100):
+        self.accelerator = accelerator
+        self.desc = desc
+        self.window = average_window
+        self.recent: list[float] = []
+        self.pending: list[torch.Tensor] = []
+        self.bar = None
+        self.started = None
+        self.first_step_at = None
+        self.last_loss = float("nan")
+
+    def start(self, total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=total, initial=initial, desc=self.desc, smoothing=0.1, dynamic_ncols=True,
+                        disable=not self.accelerator.is_local_main_process)
+
+    def add_loss(self, loss: torch.Tensor):
+        self.pending.append(loss)
+
+    def tick(self):
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+        self.bar.update(1)
+
+    def log_step(self, step: int, epoch: int, lrs: dict, extra: dict | None = None):
+        if self.pending:
+            # one sync for all micro-batches since the last log point
+            values = torch.stack([p.float() for p in self.pending]).cpu().tolist()
+            self.pending.clear()
+            self.last_loss = sum(values) / len(values)
+            self.recent.extend(values)
+            self.recent = self.recent[-self.window:]
+        avg = sum(self.recent) / max(1, len(self.recent))
+        logs = {"loss/current": self.last_loss, "loss/average": avg, **lrs}
+        for key, value in (extra or {}).items():
+            logs[key] = float(value)
+        if self.accelerator.trackers:
+            self.accelerator.log(logs, step=step)
+        first_lr = next(iter(lrs.values()), None)
+        post = {"loss": f"{self.last_loss:.4f}", "avr_loss": f"{avg:.4f}"}
+        if first_lr is not None:
+            post["lr"] = f"{first_lr:.3g}"
+        self.bar.set_postfix(post, refresh=False)
+        self.tick()
+
+    def end_epoch(self, epoch: int):
+        if self.accelerator.trackers and self.recent:
+            self.accelerator.log({"loss/epoch": sum(self.recent) / len(self.recent)}, step=self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def average_loss(self) -> float:
+        return sum(self.recent) / max(1, len(self.recent)) if self.recent else float("nan")
+
+
+def format_summary(title: str, rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows) if rows else 0
+    lines = [title, "-" * len(title)]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -1,0 +1,1 @@
+"""Model loading, conversion, saving and the tiny-model factory."""

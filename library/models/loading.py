@@ -1,0 +1,247 @@
+"""Load a Stable Diffusion 1.x model from a local diffusers folder or a single-file checkpoint.
+
+Single files are read once (memory-mapped for .safetensors) and their tensors are assigned into
+models built on the meta device, so nothing is randomly initialised and no weight is held twice.
+Architectures are inferred from tensor shapes (see arch.py), and every mismatch between file and
+model is a UserError naming the file rather than a silently half-initialised model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.models import arch, convert
+from library.models.checkpoint_io import check_exists, load_state_dict
+
+_SD1_ONLY = "this tool currently trains Stable Diffusion 1.x models (SD1.4, SD1.5 and fine-tunes of them)"
+
+
+@dataclass
+class SDModel:
+    tokenizer: Any
+    text_encoder: Any  # transformers CLIPTextModel
+    vae: Any  # diffusers AutoencoderKL
+    unet: Any  # diffusers UNet2DConditionModel
+    noise_scheduler: Any  # diffusers DDPMScheduler
+    v2: bool
+    model_path: str
+    model_name: str
+
+
+def load_sd_model(path, vae_path=None, v2: bool = False, dtype: torch.dtype = torch.float32,
+                  device="cpu") -> SDModel:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler.
+
+    `path`: a diffusers folder, or a single-file checkpoint in the original SD layout
+    (.safetensors, or .ckpt/.pt/.bin read with torch's weights-only loader). `vae_path` replaces
+    the model's VAE (a diffusers VAE folder or a single-file VAE).
+    """
+    if v2:
+        raise UserError(
+            "SD2.x models (--v2) are not yet supported; " + _SD1_ONLY + ".",
+            fix="train on an SD1.x checkpoint, or leave out --v2 if the model is SD1.x.")
+    path = check_exists(path, "model")
+    if path.is_dir():
+        unet, vae, text_encoder = _load_folder(path, dtype, need_vae=vae_path is None)
+        folder = path
+    else:
+        unet, vae, text_encoder = _load_single_file(path, dtype, need_vae=vae_path is None)
+        folder = None
+    if vae_path is not None:
+        vae = load_vae(vae_path, dtype)
+    models = [m.to(device=device).eval() for m in (unet, vae, text_encoder)]
+    return SDModel(tokenizer=_tokenizer(folder), text_encoder=models[2], vae=models[1], unet=models[0],
+                   noise_scheduler=make_noise_scheduler(folder), v2=False, model_path=str(path),
+                   model_name=path.name if path.is_dir() else path.stem)
+
+
+def make_noise_scheduler(folder: Path | None = None):
+    """The DDPM scheduler used for training: SD1.5's schedule, or the folder's own betas.
+
+    Only the fields that define the noise schedule are taken from a folder: real SD folders ship a
+    PNDM inference config, whose other settings (e.g. missing clip_sample, which DDPM would turn
+    on) are meaningless for training.
+    """
+    from diffusers import DDPMScheduler
+
+    cfg = arch.shipped_config("scheduler")
+    theirs = folder / "scheduler" / "scheduler_config.json" if folder else None
+    if theirs is not None and theirs.is_file():
+        try:
+            data = json.loads(theirs.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the scheduler config {theirs} ({err}).", path=theirs,
+                            fix="repair the JSON file or delete it to use SD1.5's schedule.") from None
+        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                    "prediction_type"):
+            if key in data:
+                cfg[key] = data[key]
+    return DDPMScheduler.from_config(cfg)
+
+
+def load_vae(path, dtype: torch.dtype = torch.float32):
+    """A VAE from a diffusers folder (with config.json, or with a vae/ subfolder) or a single file."""
+    path = check_exists(path, "VAE", flag="the VAE path (--vae)")
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "vae"
+        if not (folder / "config.json").is_file():
+            raise UserError(
+                f"{path} is not a diffusers VAE folder: it has no config.json (nor vae/config.json).",
+                path=path, fix="pass a VAE .safetensors file, or a folder holding config.json and "
+                               "diffusion_pytorch_model.safetensors.")
+        from diffusers import AutoencoderKL
+
+        return _from_pretrained(AutoencoderKL, folder, dtype)
+    return vae_from_state_dict(load_state_dict(path), path, dtype)
+
+
+def vae_from_state_dict(sd: dict, path, dtype: torch.dtype = torch.float32):
+    """A VAE from LDM keys (with or without `first_stage_model.`), or diffusers keys."""
+    from diffusers import AutoencoderKL
+
+    bare = convert.strip_vae_prefix(sd)
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in bare:
+        bare = convert.vae_to_ldm(bare, prefix="")  # diffusers layout: go via LDM to infer the config
+    if "encoder.conv_in.weight" not in bare:
+        raise _wrong_architecture(path, "it has no VAE weights (no first_stage_model.* or encoder.*/"
+                                        "decoder.* keys)", sd)
+    try:
+        cfg = arch.infer_vae_config(bare)
+        vae_sd = convert.vae_to_diffusers(bare, cfg)
+    except (KeyError, IndexError) as err:
+        raise _wrong_architecture(path, f"its VAE keys do not match the SD VAE layout (missing {err})", sd)
+    return _build(lambda: AutoencoderKL(**arch.model_kwargs(cfg)), vae_sd, path, "VAE", dtype)
+
+
+# ----------------------------------------------------------------------------- single files
+
+def _load_single_file(path: Path, dtype, need_vae: bool):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd = load_state_dict(path)
+    _check_family(path, sd)
+    try:
+        unet_cfg = arch.infer_unet_config(sd, arch.UNET_PREFIX)
+        unet_sd = convert.unet_to_diffusers(sd, unet_cfg)
+    except (KeyError, IndexError) as err:
+        raise _wrong_architecture(path, f"its UNet keys do not match the SD1.x layout (missing {err})", sd)
+    te_sd = convert.text_encoder_to_diffusers(sd)
+    if "embeddings.token_embedding.weight" not in te_sd:
+        raise _wrong_architecture(path, "it has no CLIP text encoder weights "
+                                        "(cond_stage_model.transformer.text_model.*)", sd)
+    try:
+        te_cfg = CLIPTextConfig(**arch.infer_text_encoder_config(te_sd))
+    except (KeyError, IndexError) as err:
+        raise _wrong_architecture(path, f"its text encoder keys are incomplete (missing {err})", sd)
+    unet = _build(lambda: UNet2DConditionModel(**arch.model_kwargs(unet_cfg)), unet_sd, path, "UNet", dtype)
+    text_encoder = _build(lambda: CLIPTextModel(te_cfg), te_sd, path, "text encoder", dtype)
+    vae = vae_from_state_dict(sd, path, dtype) if need_vae else None
+    return unet, vae, text_encoder
+
+
+def _check_family(path: Path, sd: dict) -> None:
+    """Name the model family when a file is not SD1.x, instead of a list of missing keys."""
+    keys = list(sd)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise _wrong_architecture(path, "it is an SDXL checkpoint (conditioner.embedders.* keys); " + _SD1_ONLY)
+    if any(k.startswith(arch.OPEN_CLIP_PREFIX) for k in keys):
+        raise _wrong_architecture(path, "it is an SD2.x checkpoint (OpenCLIP text encoder), which is not "
+                                        "yet supported; " + _SD1_ONLY)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+        raise _wrong_architecture(path, "it is a LoRA file, not a base model")
+    if not any(k.startswith(arch.UNET_PREFIX) for k in keys):
+        raise _wrong_architecture(path, "it has no model.diffusion_model.* (UNet) keys, so it is not a "
+                                        "Stable Diffusion checkpoint in the original single-file layout", sd)
+
+
+def _wrong_architecture(path, reason: str, sd: dict | None = None) -> UserError:
+    sample = f" Its first keys: {', '.join(list(sd)[:3])}." if sd else ""
+    return UserError(f"cannot use {path} as a Stable Diffusion 1.x model: {reason}.{sample}", path=path,
+                     fix="pass an SD1.x base checkpoint (.safetensors) or a diffusers SD1.x folder.")
+
+
+def _build(factory, state_dict: dict, path, component: str, dtype):
+    """Build a model without initialising weights, check every key and shape, then assign."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta; buffers stay real (CLIP's position_ids)
+        model = factory()
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in expected.keys() & state_dict.keys() if expected[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(items)}): {', '.join(items[:3])}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("wrong shape", sorted(wrong))) if items]
+        raise UserError(
+            f"the {component} weights in {path} do not fit the architecture inferred from the file; "
+            + "; ".join(parts) + ".", path=path,
+            fix="check that the file is a complete SD1.x checkpoint; re-download it if it was cut short.")
+    # Cast tensors rather than the model: diffusers' Module.to(dtype) warns on every call.
+    state_dict = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+                  for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+def _load_folder(path: Path, dtype, need_vae: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    needed = ["unet", "text_encoder"] + (["vae"] if need_vae else [])
+    missing = [sub for sub in needed if not (path / sub / "config.json").is_file()]
+    if missing:
+        raise UserError(
+            f"{path} is not a complete diffusers model folder: {', '.join(s + '/config.json' for s in missing)} "
+            "missing.", path=path,
+            fix="pass a diffusers folder with unet/, vae/ and text_encoder/ subfolders, or a single-file "
+                ".safetensors checkpoint.")
+    unet = _from_pretrained(UNet2DConditionModel, path / "unet", dtype)
+    text_encoder = _from_pretrained(CLIPTextModel, path / "text_encoder", dtype)
+    vae = _from_pretrained(AutoencoderKL, path / "vae", dtype) if need_vae else None
+    return unet, vae, text_encoder
+
+
+def _from_pretrained(cls, folder: Path, dtype):
+    dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                          **{dtype_arg: dtype})
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UserError(f"cannot load {folder} ({str(err).strip().splitlines()[0]}).", path=folder,
+                        fix="check the folder holds config.json and its weights "
+                            "(.safetensors or .bin); copy it again if it is incomplete.") from None
+    bad = sorted(info.get("missing_keys", [])) + sorted(info.get("mismatched_keys", []))
+    if bad:
+        raise UserError(f"the weights in {folder} do not match its config.json ({len(bad)} keys missing or "
+                        f"of the wrong shape, e.g. {bad[0]}).", path=folder,
+                        fix="use the config.json that came with these weights.")
+    return model
+
+
+def _tokenizer(folder: Path | None):
+    if folder is not None and (folder / "tokenizer").is_dir():
+        from transformers import CLIPTokenizer
+
+        from library.models.tokenizer import match_reference
+
+        try:
+            return match_reference(CLIPTokenizer.from_pretrained(str(folder / "tokenizer"),
+                                                                 local_files_only=True))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the tokenizer in {folder / 'tokenizer'} ({err}).",
+                            path=folder / "tokenizer",
+                            fix="delete the tokenizer/ folder to use the built-in CLIP tokenizer.") from None
+    from library.models.tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer(kind="sd1")

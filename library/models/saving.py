@@ -1,0 +1,77 @@
+"""Save a model as a single-file checkpoint (original SD layout) or as a diffusers folder.
+
+Both writes are atomic: an interrupted save leaves the previous file or folder untouched.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from library.errors import UserError
+from library.fileio import atomic_dir, save_safetensors_atomic, torch_save_atomic, write_json_atomic
+from library.models import arch, convert
+
+
+def checkpoint_state_dict(unet, text_encoder, vae, dtype: torch.dtype | None = None) -> dict:
+    """All weights in the original SD layout, on the CPU, floats cast to `dtype` if given."""
+    sd = convert.diffusers_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
+    out = {}
+    for key, value in sd.items():
+        value = value.detach()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.cpu()
+    return out
+
+
+def save_sd_checkpoint(path, unet, text_encoder, vae, dtype: torch.dtype | None = None,
+                       metadata: dict | None = None) -> Path:
+    """Write a single-file checkpoint that WebUI/ComfyUI load (.safetensors, or .ckpt)."""
+    path = Path(path)
+    sd = checkpoint_state_dict(unet, text_encoder, vae, dtype)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        # safetensors metadata is str -> str only
+        meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+        save_safetensors_atomic(sd, path, metadata=meta)
+    elif suffix in (".ckpt", ".pt"):
+        torch_save_atomic({"state_dict": sd}, path)  # metadata has no place in this format
+    else:
+        raise UserError(f"cannot save a checkpoint as '{path.name}': unknown file type.", path=path,
+                        fix="end the file name with .safetensors (recommended) or .ckpt.")
+    return path
+
+
+def save_diffusers(model, out_dir) -> Path:
+    """Write a complete diffusers folder for `model` (an SDModel)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        _save_text_encoder(model.text_encoder, tmp / "text_encoder")
+        _save_tokenizer(tmp / "tokenizer")
+        model.noise_scheduler.save_pretrained(tmp / "scheduler")
+        index = arch.shipped_config("model_index")
+        index["scheduler"] = ["diffusers", type(model.noise_scheduler).__name__]
+        write_json_atomic(tmp / "model_index.json", index)
+    return out_dir
+
+
+def _save_text_encoder(text_encoder, folder: Path) -> None:
+    # Keys keep the `text_model.` level of real SD1.x folders: transformers 5 loads either form, and
+    # older transformers and other tools need this one.
+    config = copy.deepcopy(text_encoder.config)
+    config.architectures = [type(text_encoder).__name__]
+    config.save_pretrained(folder)
+    weights = {"text_model." + k.removeprefix("text_model."): v.detach().cpu()
+               for k, v in text_encoder.state_dict().items()}
+    save_safetensors_atomic(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _save_tokenizer(folder: Path) -> None:
+    # Every SD1.x model uses the same CLIP tokenizer, so the shipped files are always right.
+    from library.models.tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files("sd1", folder)

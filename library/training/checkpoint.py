@@ -1,0 +1,146 @@
+"""Training state for --save_state / --resume, output file names, and keep-last-N pruning.
+
+A state folder holds everything an interrupted run needs to continue as if never stopped:
+the trainable weights, optimizer and scheduler states, every RNG (python, numpy, torch, CUDA and
+the noise generator) and the data position (epoch and next batch). It is written to a temporary
+folder and renamed, and loaded with `torch.load(weights_only=True)`: no arbitrary unpickling.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.errors import UserError
+from library.fileio import atomic_dir
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0      # optimizer steps done
+    epoch: int = 0            # current epoch (0-based)
+    next_batch: int = 0       # index of the next batch of `epoch` to train on
+    seed: int = 0
+    max_train_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def model_file_name(output_name: str, ext: str, epoch: int | None = None, step: int | None = None) -> str:
+    """kohya's names: last.safetensors, last-000005.safetensors, last-step00000100.safetensors."""
+    if epoch is not None:
+        return f"{output_name}-{epoch:06d}.{ext}"
+    if step is not None:
+        return f"{output_name}-step{step:08d}.{ext}"
+    return f"{output_name}.{ext}"
+
+
+def state_dir_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
+    return Path(model_file_name(output_name, "x", epoch, step)).stem + "-state"
+
+
+def prune_old(output_dir: Path, output_name: str, kind: str, keep: int, suffix: str) -> list[Path]:
+    """Delete all but the `keep` newest epoch- or step-numbered outputs; returns what was removed."""
+    number = r"(\d{6})" if kind == "epoch" else r"step(\d{8})"
+    pattern = re.compile(re.escape(output_name) + "-" + number + re.escape(suffix) + "$")
+    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir() if (m := pattern.match(p.name)))
+    removed = []
+    for _, path in found[:-keep] if keep else []:
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
+
+
+def _rng_states(noise_generator: torch.Generator | None) -> dict:
+    np_state = np.random.get_state()
+    states = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "python_version": random.getstate()[0],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if noise_generator is not None:
+        states["noise"] = noise_generator.get_state()
+    return states
+
+
+def _set_rng_states(states: dict, noise_generator: torch.Generator | None) -> None:
+    py = states["python"]
+    gauss = None if py[-1] == -1 else py[-1]
+    random.setstate((states["python_version"], tuple(int(v) for v in py[:-1]), gauss))
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_pos"],
+                         states["numpy_gauss"][0], states["numpy_gauss"][1]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if noise_generator is not None and "noise" in states:
+        noise_generator.set_state(states["noise"])
+
+
+def save_train_state(path: Path, state: TrainState, trainable: torch.nn.Module, optimizer, lr_scheduler,
+                     noise_generator: torch.Generator | None = None, scaler=None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in trainable.state_dict().items()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_states(noise_generator), tmp / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "train_state.json").write_text(json.dumps({"version": STATE_VERSION, **asdict(state)}, indent=2))
+    return path
+
+
+def read_train_state(path: Path) -> TrainState:
+    path = Path(path)
+    info_file = path / "train_state.json"
+    if not info_file.is_file():
+        raise UserError(f"{path} is not a training state folder (no train_state.json in it).", path=path,
+                        fix="pass --resume a folder ending in '-state' that --save_state wrote.")
+    info = json.loads(info_file.read_text())
+    if info.pop("version", None) != STATE_VERSION:
+        raise UserError("the state folder was written by an incompatible version.", path=path,
+                        fix="start a new run, or resume with the version that wrote it.")
+    return TrainState(**info)
+
+
+def load_train_state(path: Path, trainable: torch.nn.Module, optimizer, lr_scheduler,
+                     noise_generator: torch.Generator | None = None, scaler=None) -> TrainState:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = read_train_state(path)
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        missing, unexpected = trainable.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(f"the state in {path} does not match this network "
+                            f"({len(missing)} missing, {len(unexpected)} unexpected weights).", path=path,
+                            fix="resume with the same --network_dim, --network_args and model as the saved run.")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_states(torch.load(path / "rng.pt", weights_only=True), noise_generator)
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"cannot read the training state in {path} ({err}).", path=path,
+                        fix="the folder is damaged or incomplete; resume from an older state folder.") from None
+    return state

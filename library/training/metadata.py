@@ -1,0 +1,119 @@
+"""kohya's `ss_*` training metadata and the model hashes WebUI shows.
+
+All values are strings; JSON-valued keys hold valid JSON (WebUI's metadata editor breaks on bad JSON).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=8)
+def legacy_model_hash(path: str) -> str:
+    """WebUI's old short hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+@lru_cache(maxsize=8)
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_hashes(path: str | None, prefix: str) -> dict[str, str]:
+    """ss_sd_model_hash / ss_new_sd_model_hash (or ss_vae_*) for a single file; nothing for folders."""
+    if not path or not os.path.isfile(path):
+        return {}
+    return {f"ss_{prefix}_hash": legacy_model_hash(str(path)), f"ss_new_{prefix}_hash": file_sha256(str(path))}
+
+MINIMUM_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_v2",
+                "ss_base_model_version"}
+
+
+def _s(value) -> str:
+    return "None" if value is None else str(value)
+
+
+def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_steps: int,
+                      num_epochs: int, num_batches_per_epoch: int, network_args: dict,
+                      mixed_precision: str) -> dict[str, str]:
+    """The metadata written into every saved file of a run (ss_epoch/ss_steps are added per save)."""
+    res = args.resolution or (512, 512)
+    meta = {
+        "ss_session_id": str(uuid.uuid4().int % (1 << 31)),
+        "ss_training_started_at": f"{time.time():.3f}",
+        "ss_output_name": args.output_name,
+        "ss_learning_rate": _s(args.learning_rate),
+        "ss_text_encoder_lr": _s(args.text_encoder_lr),
+        "ss_unet_lr": _s(args.unet_lr),
+        "ss_num_epochs": _s(num_epochs),
+        "ss_num_batches_per_epoch": _s(num_batches_per_epoch),
+        "ss_gradient_checkpointing": _s(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": _s(args.gradient_accumulation_steps),
+        "ss_max_train_steps": _s(max_train_steps),
+        "ss_lr_warmup_steps": _s(args.lr_warmup_steps),
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_network_module": args.network_module,
+        "ss_network_dim": _s(args.network_dim),
+        "ss_network_alpha": _s(args.network_alpha),
+        "ss_network_dropout": _s(args.network_dropout),
+        "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}) if network_args else "None",
+        "ss_mixed_precision": mixed_precision,
+        "ss_full_fp16": _s(args.full_fp16),
+        "ss_full_bf16": _s(args.full_bf16),
+        "ss_v2": _s(bool(args.v2)),
+        "ss_base_model_version": "sd_v2" if args.v2 else "sd_v1",
+        "ss_clip_skip": _s(args.clip_skip),
+        "ss_max_token_length": _s(args.max_token_length),
+        "ss_cache_latents": _s(args.cache_latents or args.cache_latents_to_disk),
+        "ss_seed": _s(args.seed),
+        "ss_noise_offset": _s(args.noise_offset),
+        "ss_min_timestep": _s(args.min_timestep),
+        "ss_max_timestep": _s(args.max_timestep),
+        "ss_prior_loss_weight": _s(args.prior_loss_weight),
+        "ss_max_grad_norm": _s(args.max_grad_norm),
+        "ss_optimizer": optimizer_desc,
+        "ss_training_comment": _s(args.training_comment),
+        "ss_batch_size_per_device": _s(args.train_batch_size),
+        "ss_total_batch_size": _s(args.train_batch_size * args.gradient_accumulation_steps),
+        "ss_sd_model_name": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
+        "ss_vae_name": os.path.basename(os.path.normpath(args.vae)) if args.vae else "None",
+        "ss_v_parameterization": _s(args.v_parameterization),
+        # ModelSpec keys that WebUI extensions and ComfyUI read to describe the file
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-v2" if args.v2 else "stable-diffusion-v1") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": args.output_name,
+        "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
+    }
+    meta.update({k: _s(v) for k, v in group_meta.items()})
+    meta.update(model_hashes(args.pretrained_model_name_or_path, "sd_model"))
+    meta.update(model_hashes(args.vae, "vae"))
+    return meta
+
+
+def for_save(meta: dict[str, str], epoch: int, step: int) -> dict[str, str]:
+    out = dict(meta)
+    out["ss_epoch"] = str(epoch)
+    out["ss_steps"] = str(step)
+    out["ss_training_finished_at"] = f"{time.time():.3f}"
+    out["modelspec.date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return dict(fh.metadata() or {})

@@ -1,0 +1,294 @@
+"""Train a `--network_module` (LoRA / LoCon) on a Stable Diffusion model: the body of train_network.py.
+
+Order of work: check arguments and folders (seconds) -> dataset preflight -> load the model ->
+cache latents -> add the network -> optimizer and schedule -> loop -> final save and summary.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.args import parse_kv_list
+from library.errors import UserError
+from library.fileio import check_writable_dir
+from library.logs import ProgressLogger, format_seconds, format_summary
+from library.training import diffusion, metadata as meta_mod
+from library.training.checkpoint import model_file_name
+from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
+from library.training.text import encode_tokens, tokenize
+
+
+def check_arguments(args) -> None:
+    if not args.pretrained_model_name_or_path:
+        raise UserError("no base model given.",
+                        fix="pass --pretrained_model_name_or_path with a local .safetensors checkpoint or a "
+                            "diffusers folder.")
+    if not args.output_dir:
+        raise UserError("no output folder given.", fix="pass --output_dir, the folder for the trained files.")
+    if not (args.train_data_dir or args.dataset_config):
+        raise UserError("no training images given.",
+                        fix="pass --train_data_dir (folders named <repeats>_<name>) or --dataset_config.")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other.",
+                        fix="pass at most one of them.")
+    for flag in ("unet_lr", "text_encoder_lr"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag} must not be negative (got {value}).", fix=f"pass --{flag} >= 0.")
+    if args.min_timestep is not None and args.max_timestep is not None and args.min_timestep >= args.max_timestep:
+        raise UserError("--min_timestep must be smaller than --max_timestep.", fix="correct one of them.")
+    if args.max_timestep is not None and args.max_timestep > 1000:
+        raise UserError("--max_timestep must be at most 1000.", fix="pass a value between 1 and 1000.")
+    if args.resume and not Path(args.resume).is_dir():
+        raise UserError("the --resume folder does not exist.", path=args.resume,
+                        fix="pass a '-state' folder written by --save_state.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a model; cast only when the dtype changes (diffusers warns on every same-dtype cast)."""
+    current = next(module.parameters(), None)
+    if current is not None and current.dtype != dtype:
+        module.to(device, dtype=dtype)
+    else:
+        module.to(device)
+
+
+def import_network_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise UserError(f"cannot import --network_module {name} ({err}).",
+                        fix="use --network_module networks.lora.") from None
+
+
+def train(args) -> dict:
+    t_start = time.perf_counter()
+    check_arguments(args)
+    args.output_name = args.output_name or "last"
+    if args.seed is None:
+        args.seed = random.randint(0, 2**31 - 1)
+    output_dir = check_writable_dir(args.output_dir, "--output_dir")
+    tracker_dir = None
+    if args.logging_dir or args.log_with:
+        tracker_dir = str(check_writable_dir(args.logging_dir or output_dir / "logs", "--logging_dir"))
+
+    # Dataset preflight first: bad images or folders fail in seconds, before any model is loaded.
+    from library.data import build_dataset_group, dataset_configs_from_args
+
+    group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed,
+                                skip_bad_images=args.skip_bad_images)
+    caching = args.cache_latents or args.cache_latents_to_disk
+    if caching:
+        group.check_caching_allowed()
+    print(group.summary(), flush=True)
+
+    from library.training.accel import make_accelerator
+
+    seed_everything(args.seed)
+    accelerator, weight_dtype = make_accelerator(args, tracker_dir)
+    device = accelerator.device
+
+    from library.models.loading import load_sd_model
+
+    t0 = time.perf_counter()
+    model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2)
+    t_load = time.perf_counter() - t0
+    tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+
+    t0 = time.perf_counter()
+    vae_dtype = torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
+    if caching:
+        to_device(vae, device, vae_dtype)
+        with torch.no_grad():
+            group.cache_latents(vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
+                                device=device, dtype=vae_dtype)
+        vae.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        to_device(vae, device, vae_dtype)
+    t_cache = time.perf_counter() - t0
+
+    # the network
+    network_module = import_network_module(args.network_module)
+    net_kwargs = parse_kv_list(args.network_args, "--network_args")
+    if args.dim_from_weights:
+        if not args.network_weights:
+            raise UserError("--dim_from_weights needs --network_weights.", fix="add --network_weights FILE.")
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
+                                                                **net_kwargs)
+    else:
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+                                                neuron_dropout=args.network_dropout, **net_kwargs)
+    train_unet = not args.network_train_text_encoder_only
+    train_te = not args.network_train_unet_only
+    network.apply_to(text_encoder, unet, train_te, train_unet)
+    if args.network_weights and not args.dim_from_weights:
+        info = network.load_weights(args.network_weights)
+        accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
+    if args.network_multiplier != 1.0:
+        network.set_multiplier(args.network_multiplier)
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+        network.enable_gradient_checkpointing()
+
+    network_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
+    to_device(unet, device, weight_dtype)
+    to_device(text_encoder, device, weight_dtype)
+    to_device(network, device, network_dtype)
+
+    lr = args.learning_rate
+    params = network.prepare_optimizer_params(args.text_encoder_lr if train_te else None,
+                                              args.unet_lr if train_unet else None, lr)
+    if isinstance(params, tuple):  # kohya networks may also return lr descriptions
+        params = params[0]
+    lr_names = [g.get("name") or ("textencoder" if i == 0 and train_te else "unet") for i, g in enumerate(params)]
+
+    from library.training.optim import build_optimizer, build_scheduler
+
+    optimizer, optimizer_desc = build_optimizer(args, params, device.type)
+    max_train_steps, num_epochs = steps_and_epochs(group.num_batches_per_epoch, args.gradient_accumulation_steps,
+                                                   args.max_train_steps, args.max_train_epochs)
+    lr_scheduler = build_scheduler(args, optimizer, max_train_steps)
+    network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
+    trainable = accelerator.unwrap_model(network)
+    params_to_clip = [p for p in trainable.parameters() if p.requires_grad]
+
+    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(args.save_precision)
+    base_meta = meta_mod.training_metadata(
+        args, group_meta=group.metadata(), optimizer_desc=optimizer_desc, max_train_steps=max_train_steps,
+        num_epochs=num_epochs, num_batches_per_epoch=group.num_batches_per_epoch, network_args=net_kwargs,
+        mixed_precision=accelerator.mixed_precision)
+    progress = ProgressLogger(accelerator)
+    noise_generator = torch.Generator(device=device).manual_seed(args.seed)
+    scheduler = model.noise_scheduler
+
+    saved_files: list[Path] = []
+
+    def save_model(kind, epoch, step):
+        numbered = {"epoch": epoch} if kind == "epoch" else ({"step": step} if kind == "step" else {})
+        path = output_dir / model_file_name(args.output_name, args.save_model_as, **numbered)
+        metadata = meta_mod.for_save(base_meta, epoch, step)
+        if args.no_metadata:  # kohya keeps the few keys loaders need to identify the file
+            metadata = {k: v for k, v in metadata.items() if k in meta_mod.MINIMUM_KEYS or k.startswith("modelspec.")}
+        trainable.save_weights(str(path), save_dtype, metadata if args.save_model_as == "safetensors" else None)
+        accelerator.print(f"saved {path}")
+        saved_files.append(path)
+        return path
+
+    te_trains = train_te and any(p.requires_grad for n, p in trainable.named_parameters() if "lora_te" in n)
+
+    def compute_loss(batch):
+        with torch.no_grad():
+            if batch.get("latents") is not None:
+                latents = batch["latents"].to(device, dtype=weight_dtype, non_blocking=True)
+            else:
+                images = batch["images"].to(device, dtype=vae_dtype, non_blocking=True)
+                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+                latents = latents.to(weight_dtype)
+        ids = tokenize(tokenizer, batch["captions"]).to(device)
+        with torch.set_grad_enabled(te_trains):
+            hidden = encode_tokens(text_encoder, ids, args.clip_skip)
+        noise = diffusion.sample_noise(latents, noise_generator, args.noise_offset)
+        timesteps = diffusion.sample_timesteps(latents.shape[0], scheduler, noise_generator, device,
+                                               args.min_timestep, args.max_timestep)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, hidden.to(weight_dtype)).sample
+        target = diffusion.prediction_target(scheduler, latents, noise, timesteps, args.v_parameterization)
+        return diffusion.weighted_mean(diffusion.per_sample_mse(pred, target), batch.get("loss_weights"))
+
+    def after_step(step):
+        if args.scale_weight_norms:
+            keys_scaled, mean_norm, max_norm = trainable.apply_max_norm_regularization(args.scale_weight_norms, device)
+            return {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
+                    "max_norm/max_key_norm": max_norm}
+        return {}
+
+    sampling = _sampling_hooks(args, accelerator, model, output_dir, weight_dtype, device, tracker_dir)
+
+    settings = LoopSettings(
+        max_train_steps=max_train_steps, num_epochs=num_epochs,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+        output_dir=output_dir, output_name=args.output_name, seed=args.seed,
+        save_every_n_epochs=args.save_every_n_epochs, save_every_n_steps=args.save_every_n_steps,
+        save_last_n_epochs=args.save_last_n_epochs, save_last_n_steps=args.save_last_n_steps,
+        save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end, resume=args.resume,
+        num_workers=0 if caching else min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps)
+    hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
+                      params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
+                      sample=sampling[0], want_sample=sampling[1])
+
+    if tracker_dir:
+        run_name = (args.log_prefix or "") + (args.log_tracker_name or "network_train") + time.strftime("%Y%m%d%H%M%S")
+        accelerator.init_trackers(run_name)
+    t_before_loop = time.perf_counter()
+    try:
+        state = run_training(accelerator, group, optimizer, lr_scheduler, hooks, settings, noise_generator, progress)
+    except StopRequested as stop:
+        progress.close()
+        accelerator.end_training()
+        accelerator.print(f"stopped at step {progress.bar.n}. State saved in {stop.state_path}; continue with "
+                          f"--resume \"{stop.state_path}\" and the same other arguments.")
+        raise SystemExit(130)
+    accelerator.end_training()
+
+    total = time.perf_counter() - t_start
+    rows = [("trained network", saved_files[-1] if saved_files else "-"),
+            ("steps / epochs", f"{state.global_step} / {state.epoch + (1 if state.next_batch else 0)}"),
+            ("average loss (last 100 steps)", f"{progress.average_loss:.4f}"),
+            ("model load / latent caching", f"{format_seconds(t_load)} / {format_seconds(t_cache)}"),
+            ("training time", format_seconds(time.perf_counter() - t_before_loop)),
+            ("total time", format_seconds(total))]
+    if tracker_dir:
+        rows.append(("TensorBoard logs", f"{tracker_dir}  (tensorboard --logdir \"{tracker_dir}\")"))
+    if args.save_state or args.save_state_on_train_end:
+        rows.append(("state for --resume", output_dir / f"{args.output_name}-state"))
+    if sampling[0] is not None:
+        rows.append(("sample images", output_dir / "sample"))
+    accelerator.print(format_summary("training finished", rows))
+    return {"files": saved_files, "state": state, "output_dir": output_dir, "tracker_dir": tracker_dir}
+
+
+def _sampling_hooks(args, accelerator, model, output_dir, dtype, device, tracker_dir):
+    if not args.sample_prompts:
+        return None, None
+    from library.training.sampling import generate_samples, read_prompt_file
+
+    prompts = read_prompt_file(args.sample_prompts, tuple(args.resolution or (512, 512)))
+
+    def want(epoch, step):
+        if step == 0 and epoch is None:
+            return args.sample_at_first
+        if epoch is not None:
+            return bool(args.sample_every_n_epochs) and epoch % args.sample_every_n_epochs == 0
+        return bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
+
+    def sample(epoch, step):
+        if not accelerator.is_main_process:
+            return
+        model.vae.to(device)
+        tracker = accelerator.get_tracker("tensorboard", unwrap=False) if tracker_dir else None
+        prefix = f"{args.output_name}_" + (f"e{epoch:06d}" if epoch is not None else f"{step:06d}")
+        generate_samples(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                         base_scheduler=model.noise_scheduler, prompts=prompts, sampler=args.sample_sampler,
+                         out_dir=output_dir / "sample", name_prefix=prefix, device=device, dtype=dtype,
+                         clip_skip=args.clip_skip, seed_base=args.seed, tracker=tracker, step=step)
+    return sample, want

@@ -1,0 +1,1 @@
+"""Trainable networks (`--network_module networks.lora`)."""

@@ -1,0 +1,422 @@
+"""LoRA / LoCon for SD 1.x with kohya sd-scripts' `networks.lora` API and file format.
+
+`--network_module networks.lora` imports this module and calls `create_network`; generation and
+merge scripts call `create_network_from_weights`. Each patched layer keeps its own weights and
+gets `forward(x) = layer(x) + up(down(x)) * multiplier * alpha / rank`. Names, shapes and the
+metadata hashes follow /work/shared/reference/lora-format.md (helpers in `lora_format.py`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from library.errors import UserError
+from networks import lora_format as fmt
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAModule(torch.nn.Module):
+    """A low-rank update for one Linear or Conv2d layer (kohya style: the layer stays in place)."""
+
+    def __init__(self, lora_name, org_module, multiplier=1.0, lora_dim=4, alpha=1, dropout=None,
+                 rank_dropout=None, module_dropout=None):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = int(lora_dim)
+        if isinstance(org_module, torch.nn.Conv2d):
+            # down carries the layer's kernel/stride/padding so up @ down merges exactly.
+            self.lora_down = torch.nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                             org_module.stride, org_module.padding,
+                                             dilation=org_module.dilation, bias=False)
+            self.lora_up = torch.nn.Conv2d(self.lora_dim, org_module.out_channels, 1, 1, bias=False)
+        else:
+            self.lora_down = torch.nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = torch.nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_up.weight)  # starts as an exact no-op
+
+        if isinstance(alpha, torch.Tensor):
+            alpha = float(alpha)
+        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)  # 0 means "= rank"
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.scale = alpha / self.lora_dim
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self._org = [org_module]  # in a list so it is not a submodule (not saved, not trained)
+        self.org_forward = None
+
+    @property
+    def org_module(self):
+        return self._org[0]
+
+    def apply_to(self):
+        """Route the layer's forward through this module."""
+        if self.org_forward is None:
+            self._own_forward = "forward" in vars(self.org_module)  # someone else's patch to keep
+            self.org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def restore(self):
+        """Undo `apply_to`: the layer computes its plain output again."""
+        if self.org_forward is not None:
+            if self._own_forward:
+                self.org_module.forward = self.org_forward
+            else:
+                del self.org_module.forward  # back to the class's forward
+            self.org_forward = None
+
+    def forward(self, x):
+        out = self.org_forward(x)
+        if self.multiplier == 0:
+            return out
+        scale = self.scale
+        if not self.training:
+            return out + self.lora_up(self.lora_down(x)) * (self.multiplier * scale)
+        if self.module_dropout and torch.rand(1) < self.module_dropout:
+            return out
+        lx = self.lora_down(x)
+        if self.dropout:
+            lx = F.dropout(lx, p=self.dropout)
+        if self.rank_dropout:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # Linear on (batch, tokens, rank)
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:  # Conv2d on (batch, rank, h, w)
+                mask = mask[:, :, None, None]
+            lx = lx * mask.to(lx.dtype)
+            scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
+        return out + self.lora_up(lx) * (self.multiplier * scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "alpha" in state_dict:  # a loaded alpha must also change the applied scale
+            self.scale = float(self.alpha) / self.lora_dim
+
+    @staticmethod
+    def compose(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """up @ down shaped like the layer's weight (Linear 2-D; Conv2d [out, in, kh, kw])."""
+        if down.dim() == 2:
+            return up.flatten(1) @ down
+        return torch.einsum("or,rihw->oihw", up.flatten(1), down)
+
+    def delta_weight(self, device=None) -> torch.Tensor:
+        """The weight change this module applies at multiplier 1, in fp32."""
+        up = self.lora_up.weight.to(device, torch.float32)
+        down = self.lora_down.weight.to(device, torch.float32)
+        return self.compose(up, down) * self.scale
+
+    def merge_to(self, sd: dict, dtype=None, device=None):
+        """Add multiplier * alpha/rank * up @ down from `sd` (keys without the module name) to the layer."""
+        layer = self.org_module
+        weight = layer.weight
+        device = device or weight.device
+        down = sd["lora_down.weight"].to(device, torch.float32)
+        up = sd["lora_up.weight"].to(device, torch.float32)
+        rank = down.shape[0]
+        alpha = float(sd["alpha"]) if "alpha" in sd else rank
+        alpha = alpha or rank
+        delta = self.compose(up, down) * (self.multiplier * alpha / rank)
+        merged = weight.detach().to(device, torch.float32) + delta
+        with torch.no_grad():
+            layer.weight.data = merged.to(dtype or weight.dtype)
+
+
+class LoRANetwork(torch.nn.Module):
+    """All LoRA modules for one SD 1.x UNet + CLIP text encoder, registered under their file names."""
+
+    UNET_TARGET_REPLACE_MODULE = list(fmt.UNET_TARGETS)
+    UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = list(fmt.UNET_CONV_TARGETS)
+    TEXT_ENCODER_TARGET_REPLACE_MODULE = list(fmt.TE_TARGETS)
+    LORA_PREFIX_UNET = fmt.UNET_PREFIX
+    LORA_PREFIX_TEXT_ENCODER = fmt.TE_PREFIX
+
+    def __init__(self, text_encoder, unet, multiplier=1.0, lora_dim=4, alpha=1, dropout=None,
+                 rank_dropout=None, module_dropout=None, conv_lora_dim=None, conv_alpha=None,
+                 modules_dim=None, modules_alpha=None, module_class=LoRAModule, varbose=False,
+                 loraplus_lr_ratio=None, loraplus_unet_lr_ratio=None, loraplus_text_encoder_lr_ratio=None):
+        super().__init__()
+        self.multiplier = multiplier
+        self.lora_dim, self.alpha = lora_dim, alpha
+        self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio or loraplus_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
+        self._modules_dim, self._modules_alpha = modules_dim, modules_alpha
+        self._module_class = module_class
+
+        text_encoder = _single_text_encoder(text_encoder)
+        unet_targets = fmt.UNET_TARGETS
+        if conv_lora_dim or modules_dim is not None:  # from weights: the file decides
+            unet_targets = unet_targets + fmt.UNET_CONV_TARGETS
+        self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
+        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets)
+        for lora in self.text_encoder_loras + self.unet_loras:
+            self.add_module(lora.lora_name, lora)
+        if varbose:
+            for lora in self.text_encoder_loras + self.unet_loras:
+                logger.info("%s: dim %d, alpha %s", lora.lora_name, lora.lora_dim, float(lora.alpha))
+        logger.info("LoRA: %d text encoder modules, %d U-Net modules",
+                    len(self.text_encoder_loras), len(self.unet_loras))
+
+        # Modules named in the weights that match no layer here: reported, never silently dropped.
+        self.unmatched_modules = []
+        if modules_dim is not None:
+            self.unmatched_modules = sorted(set(modules_dim) - {m.lora_name for m in self.all_loras()})
+            if self.unmatched_modules:
+                logger.warning("%d LoRA modules in the weights match no layer of this model and are "
+                               "ignored, e.g. %s", len(self.unmatched_modules), self.unmatched_modules[:3])
+
+    def _create(self, prefix, root, class_names):
+        if root is None:
+            return []
+        loras = []
+        for path, layer in fmt.iter_targets(root, class_names):
+            name = fmt.lora_name(prefix, path)
+            if self._modules_dim is not None:
+                if name not in self._modules_dim:
+                    continue
+                dim, alpha = self._modules_dim[name], self._modules_alpha[name]
+            elif isinstance(layer, torch.nn.Linear) or fmt.is_1x1(layer):
+                dim, alpha = self.lora_dim, self.alpha
+            else:  # 3x3 convs only with LoCon
+                dim, alpha = self.conv_lora_dim, self.conv_alpha
+            if not dim:
+                continue
+            loras.append(self._module_class(name, layer, self.multiplier, dim, alpha, dropout=self.dropout,
+                                            rank_dropout=self.rank_dropout,
+                                            module_dropout=self.module_dropout))
+        return loras
+
+    def all_loras(self):
+        return self.text_encoder_loras + self.unet_loras
+
+    # --- the calls train_network.py and the generation scripts make -----------------------------
+
+    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder=True, apply_unet=True):
+        """Patch the layers; a part not applied is dropped from the network (not trained, not saved)."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self.all_loras():
+            lora.apply_to()
+
+    def _drop(self, loras):
+        for lora in loras:
+            lora.restore()
+            delattr(self, lora.lora_name)
+
+    def restore(self):
+        """Unpatch every layer (the model computes its base output again)."""
+        for lora in self.all_loras():
+            lora.restore()
+
+    def set_multiplier(self, multiplier):
+        self.multiplier = multiplier
+        for lora in self.all_loras():
+            lora.multiplier = multiplier
+
+    def is_mergeable(self):
+        return True
+
+    def enable_gradient_checkpointing(self):
+        pass  # the modules hold no activations of their own; the base model does the checkpointing
+
+    def prepare_grad_etc(self, text_encoder, unet):
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet):
+        self.train()
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+        """One param group per part (two with LoRA+), so foreach/fused optimizers batch well.
+
+        lr None -> default_lr; lr 0 -> that part gets no group (it is not trained), as in kohya.
+        Each group has a "name" (kohya's lr description: textencoder / unet / "... plus").
+        """
+        if isinstance(text_encoder_lr, (list, tuple)):  # SDXL-style list: SD1 has one encoder
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        groups = []
+        parts = (("textencoder", self.text_encoder_loras, text_encoder_lr, self.loraplus_text_encoder_lr_ratio),
+                 ("unet", self.unet_loras, unet_lr, self.loraplus_unet_lr_ratio))
+        for name, loras, lr, ratio in parts:
+            lr = default_lr if lr is None else lr
+            if not loras or not lr:
+                continue
+            downs = [p for m in loras for p in m.lora_down.parameters()]
+            ups = [p for m in loras for p in m.lora_up.parameters()]
+            if ratio:  # LoRA+: the up matrices learn `ratio` times faster
+                groups += [{"params": downs, "lr": lr, "name": name},
+                           {"params": ups, "lr": lr * ratio, "name": name + " plus"}]
+            else:
+                groups.append({"params": downs + ups, "lr": lr, "name": name})
+        return groups
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        # Accept the transformers-5 TE spelling too (`lora_te_encoder_...`).
+        state_dict = {fmt.canonical_key(k): v for k, v in state_dict.items()}
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            raise UserError(f"the LoRA weights do not fit this network: {err}".replace("\n", " "),
+                            fix="use the same --network_dim / conv_dim as the file, or pass "
+                                "--dim_from_weights to take the ranks from the file.") from None
+
+    def load_weights(self, file):
+        """Load a LoRA file; return (missing_keys, unexpected_keys). Unexpected ones are also logged."""
+        try:
+            info = self.load_state_dict(fmt.read_weights(file), strict=False)
+        except UserError as err:
+            raise UserError(str(err), path=file) from None
+        if info.unexpected_keys:
+            logger.warning("%d tensors in %s match no layer this network patches and were not loaded, "
+                           "e.g. %s", len(info.unexpected_keys), file, info.unexpected_keys[:3])
+        return info
+
+    def save_weights(self, file, dtype=None, metadata=None):
+        """Write the LoRA file atomically; .safetensors gets sshs_model_hash / sshs_legacy_hash."""
+        from library.fileio import atomic_path, torch_save_atomic
+
+        sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+              for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
+        if str(file).endswith(".safetensors"):
+            data = fmt.serialize_with_hashes(sd, metadata)  # hashed bytes == written bytes
+            with atomic_path(file) as tmp:
+                tmp.write_bytes(data)
+        else:
+            torch_save_atomic(sd, file)
+
+    def merge_to(self, text_encoder, unet, weights_sd=None, dtype=None, device=None):
+        """Add the weights' updates into the model's own weights (no forward patching)."""
+        if weights_sd is None:
+            weights_sd = self.state_dict()
+        per_module = {}
+        for key, value in weights_sd.items():
+            name, _, rest = fmt.canonical_key(key).partition(".")
+            per_module.setdefault(name, {})[rest] = value
+        for lora in self.all_loras():
+            sd = per_module.pop(lora.lora_name, None)
+            if sd is not None:
+                lora.merge_to(sd, dtype, device)
+        if per_module:
+            logger.warning("%d LoRA modules in the weights match no layer and were not merged, e.g. %s",
+                           len(per_module), sorted(per_module)[:3])
+        logger.info("merged LoRA weights into the model")
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value, device):
+        """Scale down (up, down) pairs whose update norm exceeds max_norm_value (--scale_weight_norms).
+
+        Returns (number of modules scaled, mean norm after scaling, max norm after scaling).
+        """
+        loras = self.all_loras()
+        if not loras:
+            return 0, 0.0, 0.0
+        norms = torch.stack([lora.delta_weight(device).norm() for lora in loras])
+        ratios = (max_norm_value / norms).clamp(max=1.0)  # 1 where already under the cap
+        for lora, ratio in zip(loras, ratios.sqrt().tolist()):
+            if ratio != 1.0:  # split the shrink evenly between the two factors
+                lora.lora_down.weight.mul_(ratio)
+                lora.lora_up.weight.mul_(ratio)
+        scaled = norms * ratios
+        keys_scaled = int((ratios < 1.0).sum())
+        return keys_scaled, float(scaled.mean()), float(scaled.max())
+
+
+def _single_text_encoder(text_encoder):
+    if isinstance(text_encoder, (list, tuple)):
+        if len(text_encoder) > 1:
+            raise UserError("networks.lora here supports SD 1.x with one text encoder, got "
+                            f"{len(text_encoder)}.", fix="train an SD 1.x model with this script.")
+        return text_encoder[0] if text_encoder else None
+    return text_encoder
+
+
+# --- construction from command-line options --------------------------------------------------
+
+_SUPPORTED_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "loraplus_lr_ratio",
+                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+
+
+def _number(kwargs, key, kind, low=None, high=None, high_open=False):
+    value = kwargs.get(key)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        number = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        number = None
+    bad = (number is None or not math.isfinite(number) or (kind is int and float(value) != number)
+           or (low is not None and number < low) or (high is not None and number > high)
+           or (high_open and high is not None and number >= high))
+    if bad:
+        rng = f" between {low} and {high}" if high is not None else (f" >= {low}" if low is not None else "")
+        raise UserError(f"network argument {key}={value!r} is not a valid {kind.__name__}{rng}.",
+                        fix=f"pass e.g. --network_args \"{key}=...\" with a {kind.__name__}{rng}.")
+    return number
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None,
+                   **kwargs):
+    """Build a fresh network from --network_dim/--network_alpha/--network_dropout/--network_args."""
+    network_dim = 4 if network_dim is None else network_dim
+    network_alpha = 1.0 if network_alpha is None else network_alpha
+    if not isinstance(network_dim, int) or network_dim <= 0:
+        raise UserError(f"--network_dim must be a positive integer, got {network_dim!r}.",
+                        fix="pass e.g. --network_dim 16.")
+    if not math.isfinite(float(network_alpha)) or float(network_alpha) < 0:
+        raise UserError(f"--network_alpha must be a positive number, got {network_alpha!r}.",
+                        fix="pass e.g. --network_alpha 8 (0 means alpha = network_dim).")
+    for key in sorted(set(kwargs) - _SUPPORTED_ARGS):
+        logger.warning("network argument %r is not supported by networks.lora yet and is ignored", key)
+
+    conv_dim = _number(kwargs, "conv_dim", int, low=1)
+    conv_alpha = _number(kwargs, "conv_alpha", float, low=0)
+    if conv_dim and conv_alpha is None:
+        conv_alpha = 1.0  # kohya's default
+    dropout = None if neuron_dropout is None else _number({"dropout": neuron_dropout}, "dropout", float,
+                                                           low=0, high=1, high_open=True)
+    return LoRANetwork(
+        text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
+        dropout=dropout,
+        rank_dropout=_number(kwargs, "rank_dropout", float, low=0, high=1, high_open=True),
+        module_dropout=_number(kwargs, "module_dropout", float, low=0, high=1, high_open=True),
+        conv_lora_dim=conv_dim, conv_alpha=conv_alpha,
+        loraplus_lr_ratio=_number(kwargs, "loraplus_lr_ratio", float, low=0),
+        loraplus_unet_lr_ratio=_number(kwargs, "loraplus_unet_lr_ratio", float, low=0),
+        loraplus_text_encoder_lr_ratio=_number(kwargs, "loraplus_text_encoder_lr_ratio", float, low=0),
+    )
+
+
+def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None,
+                                for_inference=False, **kwargs):
+    """Build a network whose modules, ranks and alphas are those in the file; returns (network, weights).
+
+    The returned weights use the contract's key names, ready for `network.load_state_dict` or
+    `network.merge_to`. `for_inference` is accepted for kohya compatibility (same module class).
+    """
+    if weights_sd is None:
+        weights_sd = fmt.read_weights(file)
+    else:
+        weights_sd = {fmt.canonical_key(k): v for k, v in weights_sd.items()}
+    modules_dim, modules_alpha = fmt.ranks_and_alphas(weights_sd)
+    if not modules_dim:
+        raise UserError("the file holds no LoRA modules (no `*.lora_down.weight` tensors).", path=file,
+                        fix="pass a kohya-format LoRA file (lora_unet_* / lora_te_* keys).")
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
+                          modules_alpha=modules_alpha,
+                          loraplus_lr_ratio=_number(kwargs, "loraplus_lr_ratio", float, low=0))
+    return network, weights_sd

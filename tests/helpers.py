@@ -1,0 +1,42 @@
+"""Small builders shared by the tests: image folders in kohya's layout, in-process training runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image_folder(root: Path, name: str = "10_sks disk", count: int = 4, size: int = 64,
+                       caption: str | None = "a sks disk", caption_ext: str = ".txt", seed: int = 0) -> Path:
+    """Coloured disks on plain backgrounds in root/<name>/, each with a caption file."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(count):
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = rng.integers(20, 80, 3)
+        r = rng.integers(size // 6, size // 3)
+        cx, cy = rng.integers(r, size - r, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (230, 40, 200)
+        Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+        if caption is not None:
+            (folder / f"img_{i:03d}{caption_ext}").write_text(caption, encoding="utf-8")
+    return folder
+
+
+def run_train_network(argv: list[str]):
+    """Run train_network in this process (a fresh accelerate state each time) and return its result."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import train_network
+    from library.training.network_trainer import train
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    args = train_network.setup_parser()
+    from library import args as A
+
+    return train(A.parse_args(args, argv))

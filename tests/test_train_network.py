@@ -1,0 +1,165 @@
+"""End-to-end tests of train_network.py on the tiny SD1.5-structured model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.helpers import run_train_network, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_args(model, data, out, *extra):
+    return [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
+            "--resolution=64", "--network_module=networks.lora", "--network_dim=4", "--train_batch_size=1",
+            "--learning_rate=1e-3", "--seed=7", "--caption_extension=.txt", *extra]
+
+
+def test_seed_004_command_runs_unchanged(tiny_model, tmp_path):
+    """The seed-004 command, with only the model path (and sizes for CPU) swapped."""
+    data = tmp_path / "lora_train_set"
+    write_image_folder(data, "10_test", count=2, size=64)
+    # The user's captions are .txt files and the command does not pass --caption_extension.
+    cmd = [sys.executable, str(REPO / "train_network.py"),
+           f"--pretrained_model_name_or_path={tiny_model.single_file}", "--train_data_dir=lora_train_set",
+           "--output_dir=lora_output", "--logging_dir=training_logs/logs", "--resolution=64,64",
+           "--network_module=networks.lora", "--network_dim=32", "--train_batch_size=1", "--max_train_steps=6",
+           "--mixed_precision=fp16", "--cache_latents", "--learning_rate=5e-5", "--save_every_n_epochs=50",
+           "--save_model_as=safetensors", "--save_state", "--log_with=tensorboard", "--gradient_accumulation_steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fp32" in proc.stderr and proc.stderr.count("needs a CUDA GPU") == 1  # warned once, trained anyway
+    assert ".txt" in proc.stdout + proc.stderr  # told once that .txt captions are used
+    lora = tmp_path / "lora_output" / "last.safetensors"
+    assert lora.is_file()
+    state = tmp_path / "lora_output" / "last-state"
+    assert (state / "train_state.json").is_file() and (state / "optimizer.pt").is_file()
+    events = list((tmp_path / "training_logs" / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    with safe_open(str(lora), "pt") as fh:
+        meta = fh.metadata()
+        keys = list(fh.keys())
+    assert meta["ss_network_dim"] == "32" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_steps"] == "6" and meta["ss_mixed_precision"] == "no"
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_text_model_") for k in keys)
+
+
+def test_resume_matches_uninterrupted_run(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, "3_sks disk", count=3)
+    common = ["--max_train_steps=8", "--gradient_accumulation_steps=2", "--lr_scheduler=cosine",
+              "--lr_warmup_steps=2"]
+    full = tmp_path / "full"
+    run_train_network(base_args(tiny_model.single_file, data, full, *common, "--save_every_n_steps=3",
+                                "--save_state"))
+    stop_state = full / "last-step00000003-state"
+    assert stop_state.is_dir()
+    resumed = tmp_path / "resumed"
+    run_train_network(base_args(tiny_model.single_file, data, resumed, *common, f"--resume={stop_state}"))
+    a = load_file(str(full / "last.safetensors"))
+    b = load_file(str(resumed / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # and the run really moved away from the start
+    start = load_file(str(full / "last-step00000003.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in a if k.endswith("lora_up.weight"))
+
+
+def test_learning_lowers_denoising_loss(tiny_model, tmp_path):
+    """Held-out (noise, timestep) pairs on the training images: loss with the LoRA < without."""
+    from library.models.loading import load_sd_model
+    from library.training.text import encode_captions
+    import networks.lora as lora
+
+    data = tmp_path / "data"
+    write_image_folder(data, "4_sks disk", count=4, caption="a sks disk")
+    out = tmp_path / "out"
+    run_train_network(base_args(tiny_model.single_file, data, out, "--max_train_steps=60", "--train_batch_size=4",
+                                "--network_dim=8", "--network_alpha=8", "--learning_rate=3e-3", "--cache_latents",
+                                "--network_train_unet_only"))
+    model = load_sd_model(str(tiny_model.single_file))
+    from PIL import Image
+    import numpy as np
+
+    images = sorted((data / "4_sks disk").glob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in images])
+    x = x.float() / 127.5 - 1
+    with torch.no_grad():
+        latents = model.vae.encode(x).latent_dist.mode() * model.vae.config.scaling_factor
+        hidden = encode_captions(model.tokenizer, model.text_encoder, ["a sks disk"] * len(images))
+    g = torch.Generator().manual_seed(123)
+    pairs = [(torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (len(images),), generator=g))
+             for _ in range(16)]
+
+    def held_out_loss():
+        total = 0.0
+        with torch.no_grad():
+            for noise, t in pairs:
+                noisy = model.noise_scheduler.add_noise(latents, noise, t)
+                total += torch.nn.functional.mse_loss(model.unet(noisy, t, hidden).sample, noise).item()
+        return total / len(pairs)
+
+    without = held_out_loss()
+    network, _ = lora.create_network_from_weights(1.0, str(out / "last.safetensors"), model.vae,
+                                                  model.text_encoder, model.unet)
+    network.apply_to(model.text_encoder, model.unet)
+    network.load_weights(str(out / "last.safetensors"))
+    with_lora = held_out_loss()
+    assert with_lora < 0.9 * without, (with_lora, without)
+
+
+def test_metadata_and_hash(tiny_model, tmp_path):
+    from networks.lora_format import data_section_sha256
+
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2)
+    write_image_folder(data, "1_other thing", count=1, seed=3)
+    out = tmp_path / "out"
+    run_train_network(base_args(tiny_model.single_file, data, out, "--max_train_steps=2", "--output_name=my lora",
+                                "--training_comment=hello", "--save_precision=fp16"))
+    path = out / "my lora.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+        dtypes = {fh.get_tensor(k).dtype for k in fh.keys()}
+    assert dtypes == {torch.float16}
+    for key in ("ss_tag_frequency", "ss_dataset_dirs", "ss_network_args"):
+        if meta.get(key) not in (None, "None"):
+            json.loads(meta[key])
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    assert dirs["2_sks disk"] == {"n_repeats": 2, "img_count": 2}
+    assert meta["ss_output_name"] == "my lora" and meta["ss_training_comment"] == "hello"
+    assert meta["ss_num_train_images"] == "5"  # 2 images x 2 repeats + 1 x 1
+    assert meta["ss_sd_model_name"] == Path(tiny_model.single_file).name
+    assert len(meta["ss_new_sd_model_hash"]) == 64
+    assert meta["sshs_model_hash"] == data_section_sha256(path)
+    assert "lora_adapter_metadata" not in meta
+
+
+def test_config_file_round_trip(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2)
+    out = tmp_path / "out"
+    cfg = tmp_path / "settings.toml"
+    import train_network
+    from library import args as A
+
+    parser = train_network.setup_parser()
+    with pytest.raises(SystemExit):
+        A.parse_args(parser, base_args(tiny_model.single_file, data, out, "--max_train_steps=2",
+                                       f"--config_file={cfg}", "--output_config"))
+    text = cfg.read_text()
+    assert "network_dim = 4" in text and "max_train_steps = 2" in text
+    args = A.parse_args(train_network.setup_parser(), [f"--config_file={cfg}", "--learning_rate=0.5"])
+    assert args.network_dim == 4 and args.max_train_steps == 2 and args.learning_rate == 0.5
+    assert args.resolution == (64, 64)
+
