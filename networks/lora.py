@@ -292,6 +292,12 @@ class LoRANetwork(torch.nn.Module):
 
         sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
               for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
+        linear_alphas = {float(m.alpha) for m in self.all_loras()
+                         if isinstance(m.lora_down, torch.nn.Linear) or fmt.is_1x1(m.lora_down)}
+        if len(linear_alphas) > 1:
+            logger.warning("%s: Linear modules have different alphas %s; diffusers 0.42 applies its most "
+                           "common alpha to attention and text-encoder layers instead", file,
+                           sorted(linear_alphas)[:4])
         if str(file).endswith(".safetensors"):
             data = fmt.serialize_with_hashes(sd, metadata)  # hashed bytes == written bytes
             with atomic_path(file) as tmp:

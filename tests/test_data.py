@@ -88,6 +88,28 @@ def test_caption_ops_prefix_suffix_shuffle_keep_tokens(tmp_path):
     assert len(seen) > 1  # really shuffled
 
 
+def test_zero_repeat_folders_and_loose_images_are_noted(tmp_path, capsys):
+    train = tmp_path / "train"
+    make_folder(train, "0_off", n=1)
+    make_folder(train, "2_on", n=1, caption_ext=".caption")
+    make_image(train / "stray.png")
+    group = build(make_args(train_data_dir=str(train), caption_extention="txt"))
+    out = capsys.readouterr().out
+    assert "0_off has 0 repeats and is skipped" in out and "1 image(s) directly inside" in out
+    assert [os.path.basename(s.image_dir) for s in group.datasets[0].subsets] == ["2_on"]
+    assert group.datasets[0].subsets[0].caption_extension == ".txt"  # kohya's misspelled flag
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="bucket range"):
+        dataset_configs_from_args(make_args(train_data_dir=str(tmp_path), resolution="128",
+                                            enable_bucket=True, min_bucket_reso=256))
+    with pytest.raises(UserError, match="multiple of 8"):
+        dataset_configs_from_args(make_args(train_data_dir=str(tmp_path), resolution="500,512"))
+    with pytest.raises(UserError, match="--resolution"):
+        dataset_configs_from_args(make_args(train_data_dir=str(tmp_path), resolution="big"))
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def _bad_dataset(tmp_path):
@@ -143,6 +165,9 @@ def test_missing_and_empty_folders(tmp_path):
     assert "3_cat" in str(info.value)
     with pytest.raises(UserError, match="neither --train_data_dir"):
         dataset_configs_from_args(make_args())
+    make_folder(tmp_path / "n" / "2_x", "photos", n=1)
+    with pytest.raises(UserError, match="subfolder.*photos.*move them up"):
+        build(make_args(train_data_dir=str(tmp_path / "n")))
 
 
 def test_misnamed_subfolder_and_pointing_at_image_folder(tmp_path):
@@ -153,6 +178,8 @@ def test_misnamed_subfolder_and_pointing_at_image_folder(tmp_path):
         build(make_args(train_data_dir=str(train)))
     msg = str(info.value)
     assert "'dog'" in msg and "10_dog" in msg
+    from library.data.scan import suggest_folder_name
+    assert [suggest_folder_name(n) for n in ("5 cat", "cat_5", "sks dog")] == ["5_cat", "5_cat", "10_sks dog"]
     # Pointing --train_data_dir at the 10_dog folder itself.
     inner = make_folder(tmp_path / "data", "10_dog", n=2)
     with pytest.raises(UserError) as info:
@@ -232,6 +259,10 @@ resolution = 32
     assert not d2.subsets[0].flip_aug and d2.subsets[0].color_aug                     # flag used
     group = build_dataset_group(configs, seed=1)
     assert group.num_batches_per_epoch == -(-(2 * 4 + 1) // 3) + 1
+    entries = json.loads(group.metadata()["ss_datasets"])
+    assert [e["resolution"] for e in entries] == [[64, 32], [32, 32]]
+    assert entries[0]["subsets"][0] == {**entries[0]["subsets"][0], "image_dir": "plain_a",
+                                        "num_repeats": 4, "img_count": 2}
     for ref in group.batches_for_epoch(0):
         assert len({group.images[i].dataset for i in ref.items}) == 1
 
@@ -378,12 +409,13 @@ def test_resume_from_batch_k_matches_uninterrupted(tmp_path):
     assert sum(1 for _ in loader) == len(resumed)
 
 
-def test_reg_images_balanced_and_weighted(tmp_path):
+def test_reg_images_balanced_and_weighted(tmp_path, capsys):
     train, reg = tmp_path / "train", tmp_path / "reg"
-    make_folder(train, "10_sks dog", n=2)
+    make_folder(train, "10_sks dog", n=2, caption_ext=".caption")
     make_folder(reg, "1_dog", n=3, seed=30)
     group = build(make_args(train_data_dir=str(train), reg_data_dir=str(reg), prior_loss_weight=0.5,
                             train_batch_size=5))
+    assert "warning" not in capsys.readouterr().out  # uncaptioned reg images are normal
     reg_recs = [r for r in group.images if r.is_reg]
     assert len(reg_recs) == 3 and group.num_reg_images == 3 and group.num_train_images == 20
     assert sum(r.repeats for r in reg_recs) == 20 and sorted(r.repeats for r in reg_recs) == [6, 7, 7]
@@ -468,6 +500,15 @@ def test_disk_cache_reused_and_invalidated(tmp_path):
                                                                                 progress=False)
     assert other.encoded == 3
     assert os.path.exists(cache_path_for(str(train / "1_x" / "img0.png")))
+    # flip_aug needs the mirrored latents too: files without them are rebuilt, then reused.
+    flip_args = make_args(train_data_dir=str(train), resolution="16", flip_aug=True)
+    other.encoded = 0
+    build(flip_args).cache_latents(other, to_disk=True, vae_batch_size=4, progress=False)
+    assert other.encoded == 6
+    other.encoded = 0
+    group = build(flip_args)
+    group.cache_latents(other, to_disk=True, progress=False)
+    assert other.encoded == 0 and all(f is not None for _, f in group.latents.values())
 
 
 def test_caching_refused_with_color_aug_or_random_crop(tmp_path):

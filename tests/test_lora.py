@@ -185,9 +185,47 @@ class _Records(logging.Handler):
         self.records.append(record.getMessage())
 
 
+def diffusers_load(path, tmp_path):
+    """StableDiffusionPipeline(tiny components).load_lora_weights(path) -> (pipe, warnings said)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    unet, vae, te = components()
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer(tmp_path), unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    # diffusers and transformers log to their own (non-propagating) library loggers; peft warns.
+    handler = _Records()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(path))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    return pipe, handler.records + [str(w.message) for w in caught if not issubclass(w.category, FutureWarning)]
+
+
+def test_diffusers_reports_keys_it_cannot_use(tmp_path):
+    """The no-unused-key check below can see failures: a module for a missing layer is reported."""
+    path, _ = trained_file(tmp_path)
+    sd = load_file(path)
+    for name, down, up in (("lora_unet_down_blocks_9_attentions_0_proj_in", (8, 4, 1, 1), (4, 8, 1, 1)),
+                           ("lora_te_text_model_encoder_layers_20_mlp_fc1", (8, 32), (128, 8))):
+        sd.update({f"{name}.lora_down.weight": torch.ones(down), f"{name}.lora_up.weight": torch.ones(up),
+                   f"{name}.alpha": torch.tensor(4.0)})
+    save_file(sd, str(tmp_path / "stray.safetensors"))
+    _, messages = diffusers_load(tmp_path / "stray.safetensors", tmp_path)
+    said = " ".join(messages)
+    assert "down_blocks.9.attentions.0.proj_in" in said and "encoder.layers.20.mlp.fc1" in said
+
+
 @pytest.mark.parametrize("conv", [False, True], ids=["lora", "locon"])
 def test_diffusers_load_lora_weights_consumes_every_key_and_matches(tmp_path, conv):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft.tuners.lora import LoraLayer
 
     path, _ = trained_file(tmp_path, conv=conv)
@@ -208,25 +246,7 @@ def test_diffusers_load_lora_weights_consumes_every_key_and_matches(tmp_path, co
     merge_by_hand(unet_m, te_m, sd)
     merged = outputs(unet_m, te_m, x)
 
-    # diffusers
-    unet_d, vae_d, te_d = components()
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          num_train_timesteps=1000, steps_offset=1, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae_d, text_encoder=te_d, tokenizer=tokenizer(tmp_path), unet=unet_d,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    handler = _Records()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    messages = handler.records + [str(w.message) for w in caught if not issubclass(w.category, FutureWarning)]
+    pipe, messages = diffusers_load(path, tmp_path)
     assert not [m for m in messages if "key" in m.lower() or "not" in m.lower()], messages
 
     # every module in the file became a PEFT LoRA layer holding exactly the file's tensors
@@ -300,7 +320,7 @@ def test_save_load_round_trip_is_identical(tmp_path):
     assert first[8 + n1:] == again[8 + n2:] and json.loads(first[8:8 + n1]) == json.loads(again[8:8 + n2])
 
 
-def test_create_network_from_weights_reproduces_ranks_and_alphas(tmp_path):
+def test_create_network_from_weights_reproduces_ranks_and_alphas(tmp_path, caplog):
     unet, vae, te = components()
     net = lora.create_network(1.0, 8, 4, vae, te, unet, conv_dim="3", conv_alpha="1.5")
     randomize(net)
@@ -308,7 +328,9 @@ def test_create_network_from_weights_reproduces_ranks_and_alphas(tmp_path):
         net.unet_loras[5].alpha.fill_(7.0)
         net.text_encoder_loras[2].alpha.fill_(0.25)
     path = tmp_path / "mixed.safetensors"
-    net.save_weights(path, None, {})
+    with caplog.at_level(logging.WARNING, logger="networks.lora"):
+        net.save_weights(path, None, {})
+    assert "different alphas" in caplog.text  # diffusers would not apply these per-module alphas
 
     unet2, vae2, te2 = components()
     net2, weights = lora.create_network_from_weights(1.0, path, vae2, te2, unet2)

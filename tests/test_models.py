@@ -65,7 +65,8 @@ def test_both_layouts_load_with_equal_weights_and_outputs(loaded):
 
 def test_ldm_round_trips_are_exact(tiny_model, loaded):
     ldm = load_state_dict(tiny_model.single_file)
-    unet_cfg, vae_cfg = arch.infer_unet_config(ldm, arch.UNET_PREFIX), arch.infer_vae_config(ldm, arch.VAE_PREFIX)
+    unet_cfg = arch.infer_unet_config(ldm, arch.UNET_PREFIX)
+    vae_cfg = arch.infer_vae_config(ldm, arch.VAE_PREFIX)
     unet_sd, vae_sd, te_sd = convert.ldm_to_diffusers(ldm, unet_cfg, vae_cfg)
     assert_same_dicts(convert.diffusers_to_ldm(unet_sd, vae_sd, te_sd), ldm)
     folder = loaded[0]
@@ -103,6 +104,12 @@ def test_diffusers_from_single_file_reads_our_checkpoint(tiny_model, loaded):
         safety_checker=None)
     for name in COMPONENTS:
         assert_same_state(getattr(pipe, name), getattr(loaded[0], name))
+    # Our diffusers folder is a complete pipeline for diffusers too.
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model.diffusers_dir), local_files_only=True)
+    for name in COMPONENTS:
+        assert_same_state(getattr(pipe, name), getattr(loaded[0], name))
+    image = pipe("a cat", num_inference_steps=1, height=64, width=64, output_type="pt").images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
 def test_shipped_configs_match_shapes_of_full_size_sd15():
@@ -120,7 +127,12 @@ def test_shipped_configs_match_shapes_of_full_size_sd15():
     assert arch.infer_unet_config(ldm, arch.UNET_PREFIX) == unet_cfg
     assert arch.infer_vae_config(ldm, arch.VAE_PREFIX) == vae_cfg
     assert arch.infer_text_encoder_config(convert.text_encoder_to_diffusers(ldm)) == te_cfg
-    assert (te_cfg["hidden_size"], te_cfg["num_hidden_layers"], te_cfg["num_attention_heads"]) == (768, 12, 12)
+    unet_sd, vae_sd, te_sd = convert.ldm_to_diffusers(ldm, unet_cfg, vae_cfg)
+    for converted, model in ((unet_sd, unet), (vae_sd, vae), (te_sd, te)):
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        assert {k: v.shape for k, v in converted.items()} == expected
+    assert (te_cfg["hidden_size"], te_cfg["num_hidden_layers"], te_cfg["num_attention_heads"],
+            te_cfg["intermediate_size"], te_cfg["vocab_size"]) == (768, 12, 12, 3072, 49408)
     assert vae_cfg["scaling_factor"] == 0.18215
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5 UNet
 
@@ -263,4 +275,14 @@ def test_tiny_cli_is_deterministic(tiny_model, tmp_path, capsys):
     assert printed == [str(tmp_path / "tiny-sd15"), str(tmp_path / "tiny-sd15.safetensors")]
     assert (tmp_path / "tiny-sd15.safetensors").read_bytes() == tiny_model.single_file.read_bytes()
     unet_file = "unet/diffusion_pytorch_model.safetensors"
-    assert (tmp_path / "tiny-sd15" / unet_file).read_bytes() == (tiny_model.diffusers_dir / unet_file).read_bytes()
+    ours = (tmp_path / "tiny-sd15" / unet_file).read_bytes()
+    assert ours == (tiny_model.diffusers_dir / unet_file).read_bytes()
+
+
+def test_ema_copy_in_checkpoint_is_ignored(tiny_model, loaded, tmp_path):
+    sd = load_state_dict(tiny_model.single_file)
+    # Full training checkpoints add an EMA copy under flattened names; training uses the raw weights.
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.input_blocks00weight"] = torch.zeros_like(sd["model.diffusion_model.input_blocks.0.0.weight"])
+    model = load_sd_model(_write(tmp_path / "with-ema.safetensors", sd))
+    assert_same_state(model.unet, loaded[1].unet)

@@ -87,6 +87,12 @@ def test_sd2_padding_and_bang_in_prompt():
     assert ids[2:5] == [256, 748, EOS] and ids[5:] == [0] * 72
 
 
+def test_match_reference_is_idempotent():
+    tok = match_reference(load_clip_tokenizer("sd1", fresh=True))
+    prompt = "tom &amp;amp; jerry’s ΑΣ"
+    assert ids_of(tok, prompt) == ids_of(load_clip_tokenizer(), prompt)
+
+
 def test_special_token_text_in_prompt_is_plain_text():
     ids = ids_of(load_clip_tokenizer(), "<|endoftext|>")
     assert ids.count(EOS) == 1 and ids[-1] == EOS

@@ -155,11 +155,13 @@ def test_config_file_round_trip(tiny_model, tmp_path):
 
     parser = train_network.setup_parser()
     with pytest.raises(SystemExit):
-        A.parse_args(parser, base_args(tiny_model.single_file, data, out, "--max_train_steps=2",
+        A.parse_args(parser, base_args(tiny_model.single_file, data, out, "--max_train_steps=2", "--network_dim=8",
                                        f"--config_file={cfg}", "--output_config"))
     text = cfg.read_text()
-    assert "network_dim = 4" in text and "max_train_steps = 2" in text
+    assert "network_dim = 8" in text and "max_train_steps = 2" in text
+    keys = {line.split("=")[0].strip() for line in text.splitlines() if "=" in line}
+    assert not keys & {"output_config", "config_file", "debug"}
     args = A.parse_args(train_network.setup_parser(), [f"--config_file={cfg}", "--learning_rate=0.5"])
-    assert args.network_dim == 4 and args.max_train_steps == 2 and args.learning_rate == 0.5
+    assert args.network_dim == 8 and args.max_train_steps == 2 and args.learning_rate == 0.5
     assert args.resolution == (64, 64)
 

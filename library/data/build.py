@@ -89,7 +89,7 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int | None = None,
                 records.append(ImageRecord(path, caption, size, placement, d, s, sub.config.is_reg,
                                            sub.config.num_repeats, source))
 
-    bad_text = [f"{p}: {why}" for p, why in bad]
+    bad_text = [f"{p}: {why}." for p, why in bad]
     if findings.errors or (bad and not skip_bad_images):
         problems = findings.errors + bad_text
         fixes = []

@@ -99,7 +99,8 @@ def _arg(args, name, default=None):
 
 def flag_defaults(args) -> dict:
     """The settings the command line gives (kohya's defaults where a flag is absent)."""
-    caption_ext = _arg(args, "caption_extension") or _arg(args, "caption_extention") or ".caption"
+    # kohya's misspelled --caption_extention still works and, when given, wins (as in kohya).
+    caption_ext = _arg(args, "caption_extention") or _arg(args, "caption_extension") or ".caption"
     return {
         "resolution": parse_resolution(_arg(args, "resolution", 512), "--resolution"),
         "batch_size": int(_arg(args, "train_batch_size", 1)),

@@ -116,6 +116,7 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
     `dtype` is the dtype images are fed in (default: the VAE's).
     """
     check_caching_allowed(group)
+    vae_batch_size = max(1, int(vae_batch_size or 1))
     param = next(vae.parameters())
     device = param.device if device is None else torch.device(device)
     dtype = param.dtype if dtype is None else dtype
@@ -139,7 +140,7 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
     jobs.sort(key=lambda j: (group.images[j[0]].placement.bucket, j[0], j[1]))
     chunks, current = [], []
     for job in jobs:
-        if current and (len(current) >= max(1, vae_batch_size) or
+        if current and (len(current) >= vae_batch_size or
                         group.images[current[0][0]].placement.bucket != group.images[job[0]].placement.bucket):
             chunks.append(current)
             current = []
@@ -156,11 +157,13 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
             latents = encode_latents(vae, pixels.to(device=device, dtype=dtype)).float().cpu()
             for (i, flip), z in zip(chunk, latents):
                 results.setdefault(i, [None, None])[1 if flip else 0] = z.clone()
+            if to_disk:
+                # Written as soon as an image is complete, so an interrupted run keeps its work.
+                done = {i for i, _ in chunk if results[i][0] is not None
+                        and (results[i][1] is not None or not needs_flip[i])}
+                _write_cache_files(group, sorted(done), results, dtype, fingerprint)
             bar.update(len(chunk))
     bar.close()
-
-    if to_disk:
-        _write_cache_files(group, todo, results, dtype, fingerprint)
     group.latents = {i: (results[i][0], results[i][1]) for i in used}
     group.latents_cached = True
 

@@ -6,6 +6,7 @@ UserError listing them all, so a user fixes the whole dataset in one go.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Findings:
     error_paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     txt_fallback: dict[str, int] = field(default_factory=dict)  # folder -> captions read from .txt
-    uncaptioned: list[str] = field(default_factory=list)     # images that got the class token
+    uncaptioned: list[str] = field(default_factory=list)     # train images given the class token
 
     def error(self, message: str, path) -> None:
         self.errors.append(message)
@@ -63,6 +64,22 @@ def read_caption(path: Path, findings: Findings) -> str | None:
     return None
 
 
+def suggest_folder_name(name: str) -> str:
+    """A <repeats>_<name> spelling for a misnamed folder: "10 dog" or "dog_10" -> "10_dog"."""
+    m = re.match(r"^(\d+)[\s\-.]+(.+)$", name) or re.match(r"^(.+?)[\s_\-.]+(\d+)$", name)
+    if m:
+        a, b = m.groups()
+        return f"{a}_{b}" if a.isdigit() else f"{b}_{a}"
+    return f"10_{name}"
+
+
+def _has_images(folder: Path) -> bool:
+    try:
+        return bool(list_images(str(folder)))
+    except OSError:
+        return False
+
+
 def _check_dreambooth_root(root: str | None, flag: str, findings: Findings, required: bool) -> None:
     """Explain what is wrong with a --train_data_dir / --reg_data_dir folder layout."""
     if not root:
@@ -82,7 +99,8 @@ def _check_dreambooth_root(root: str | None, flag: str, findings: Findings, requ
         m = REPEATS_DIR_RE.match(d.name)
         if not m:
             findings.error(f"the folder {d} is not named <repeats>_<class tokens>; rename '{d.name}' to "
-                           f"e.g. '10_{d.name}' (10 repeats per epoch, class token '{d.name}').", d)
+                           f"e.g. '{suggest_folder_name(d.name)}' (repeats per epoch, an underscore, "
+                           "then the class token).", d)
         elif int(m.group(1)) < 1:
             findings.notes.append(f"note: {d} has 0 repeats and is skipped (as kohya does).")
         else:
@@ -134,13 +152,17 @@ def scan_subset(sub: SubsetConfig, findings: Findings) -> ScannedSubset:
         return result
     if not paths:
         kind = "regularization" if sub.is_reg else "training"
+        nested = [d.name for d in sorted(folder.iterdir()) if d.is_dir() and _has_images(d)]
+        hint = (f" (images inside its subfolder(s) {', '.join(nested[:3])} are not read: move them up "
+                "one level)" if nested else "")
         findings.error(f"the {kind} folder {folder} has no images "
-                       f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}).", folder)
+                       f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}){hint}.", folder)
         return result
     for image in paths:
         caption, source = _caption_for(image, sub, findings)
         if caption is None:
-            findings.uncaptioned.append(image)
+            if not sub.is_reg:  # reg images normally have no captions: the class token is the point
+                findings.uncaptioned.append(image)
             caption, source = (sub.class_tokens, "class token") if sub.class_tokens else ("", "none")
         result.paths.append(image)
         result.captions.append(caption)

@@ -35,7 +35,8 @@ def shipped_config(component: str, kind: str = "sd15") -> dict:
     if component == "model_index":
         path = config_dir(kind) / "model_index.json"
     else:
-        path = config_dir(kind) / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        path = config_dir(kind) / component / name
     return copy.deepcopy(_read_json(path))
 
 

@@ -173,7 +173,8 @@ def text_encoder_to_ldm(te_sd: dict) -> dict:
         out[TEXT_ENCODER_PREFIX + "text_model." + key.removeprefix("text_model.")] = value
     positions = out.get(TEXT_ENCODER_PREFIX + "text_model.embeddings.position_embedding.weight")
     if positions is not None:
-        out[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions.shape[0])[None]
+        ids = torch.arange(positions.shape[0])[None]
+        out[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = ids
     return out
 
 

@@ -46,18 +46,21 @@ def load_sd_model(path, vae_path=None, v2: bool = False, dtype: torch.dtype = to
             "SD2.x models (--v2) are not yet supported; " + _SD1_ONLY + ".",
             fix="train on an SD1.x checkpoint, or leave out --v2 if the model is SD1.x.")
     path = check_exists(path, "model")
-    if path.is_dir():
+    if vae_path is not None:
+        check_exists(vae_path, "VAE", flag="the VAE path (--vae)")
+    folder = path if path.is_dir() else None
+    # The cheap parts first, so that a broken tokenizer or scheduler fails before the big reads.
+    tokenizer, scheduler = _tokenizer(folder), make_noise_scheduler(folder)
+    if folder is not None:
         unet, vae, text_encoder = _load_folder(path, dtype, need_vae=vae_path is None)
-        folder = path
     else:
         unet, vae, text_encoder = _load_single_file(path, dtype, need_vae=vae_path is None)
-        folder = None
     if vae_path is not None:
         vae = load_vae(vae_path, dtype)
-    models = [m.to(device=device).eval() for m in (unet, vae, text_encoder)]
-    return SDModel(tokenizer=_tokenizer(folder), text_encoder=models[2], vae=models[1], unet=models[0],
-                   noise_scheduler=make_noise_scheduler(folder), v2=False, model_path=str(path),
-                   model_name=path.name if path.is_dir() else path.stem)
+    unet, vae, text_encoder = (m.to(device=device).eval() for m in (unet, vae, text_encoder))
+    return SDModel(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                   noise_scheduler=scheduler, v2=False, model_path=str(path),
+                   model_name=path.name if folder is not None else path.stem)
 
 
 def make_noise_scheduler(folder: Path | None = None):
@@ -124,7 +127,10 @@ def _load_single_file(path: Path, dtype, need_vae: bool):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sd = load_state_dict(path)
+    # Training uses the non-EMA weights (as diffusers' converter does by default); a VAE given
+    # separately makes the file's own VAE unneeded.
+    skip = ("model_ema.",) + (() if need_vae else (arch.VAE_PREFIX,))
+    sd = load_state_dict(path, skip_prefixes=skip)
     _check_family(path, sd)
     try:
         unet_cfg = arch.infer_unet_config(sd, arch.UNET_PREFIX)
@@ -149,7 +155,8 @@ def _check_family(path: Path, sd: dict) -> None:
     """Name the model family when a file is not SD1.x, instead of a list of missing keys."""
     keys = list(sd)
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise _wrong_architecture(path, "it is an SDXL checkpoint (conditioner.embedders.* keys); " + _SD1_ONLY)
+        raise _wrong_architecture(path, "it is an SDXL checkpoint (conditioner.embedders.* keys); "
+                                        + _SD1_ONLY)
     if any(k.startswith(arch.OPEN_CLIP_PREFIX) for k in keys):
         raise _wrong_architecture(path, "it is an SD2.x checkpoint (OpenCLIP text encoder), which is not "
                                         "yet supported; " + _SD1_ONLY)
@@ -202,8 +209,8 @@ def _load_folder(path: Path, dtype, need_vae: bool):
     missing = [sub for sub in needed if not (path / sub / "config.json").is_file()]
     if missing:
         raise UserError(
-            f"{path} is not a complete diffusers model folder: {', '.join(s + '/config.json' for s in missing)} "
-            "missing.", path=path,
+            f"{path} is not a complete diffusers model folder: "
+            f"{', '.join(s + '/config.json' for s in missing)} missing.", path=path,
             fix="pass a diffusers folder with unet/, vae/ and text_encoder/ subfolders, or a single-file "
                 ".safetensors checkpoint.")
     unet = _from_pretrained(UNet2DConditionModel, path / "unet", dtype)
@@ -213,6 +220,9 @@ def _load_folder(path: Path, dtype, need_vae: bool):
 
 
 def _from_pretrained(cls, folder: Path, dtype):
+    if not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
+        raise UserError(f"{folder} has a config.json but no weights (.safetensors or .bin file).",
+                        path=folder, fix="copy the folder again; the weight file is missing.")
     dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,

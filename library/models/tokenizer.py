@@ -7,15 +7,19 @@ the BPE list in open-clip-torch) and one folder of config files per kind:
 - "sd2": SD 2.x (OpenCLIP ViT-H/14) pads with `!` (id 0), as open_clip and SD 2.x's tokenizer do.
 
 The returned tokenizer is transformers' `CLIPTokenizer` (in transformers 5 there is only the
-fast, `tokenizers`-backed class) with two changes that make its ids match open_clip's reference
-tokenizer, which is what CLIP and Stable Diffusion were trained with:
+fast, `tokenizers`-backed class), changed by `match_reference` so that its ids match open_clip's
+reference tokenizer, the one CLIP and Stable Diffusion were trained with:
 
-- The clean-up the reference does before tokenizing (ftfy, then html.unescape): common HTML
-  entities, typographic quotes, Latin ligatures, full/half-width forms and stray control
-  characters are rewritten by extra normalizers. Mojibake repair and rare HTML entities are not.
+- The clean-up the reference does before tokenizing (ftfy, then html.unescape twice) is done by
+  extra normalizers: common HTML entities, typographic quotes, Latin ligatures, full/half-width
+  forms, Windows-1252 leftovers, terminal colour codes and control characters, and Python's
+  final-sigma lower-casing.
 - Special-token text typed in a prompt ("<|endoftext|>", or "!" for sd2) is tokenized as plain
   text, as the reference does; transformers would turn it into the special id (for SD 2.x's `!`
   pad token that is diffusers issue #4153).
+
+Known gaps, all rare in prompts: ftfy's mojibake repair ("cafÃ©" -> "café"), HTML entities not
+in HTML_ENTITIES, and characters newer than the Unicode tables of the `tokenizers` regex engine.
 """
 from __future__ import annotations
 
@@ -52,9 +56,14 @@ LIGATURES = {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": 
 SINGLE_QUOTES = "[\u02bc\u2018-\u201b]"
 DOUBLE_QUOTES = "[\u201c-\u201f]"
 # Python's str.lower() (used by the reference) writes a capital sigma that ends a word as "ς";
-# the Lowercase normalizer always writes "σ", so word-final ones are rewritten first.
+# the Lowercase normalizer always writes "σ", so word-final ones are rewritten first. Unicode's
+# rule: a cased letter before it and none after it, skipping "case-ignorable" characters.
 _CASED = r"[\p{Lu}\p{Ll}\p{Lt}]"
-FINAL_SIGMA = rf"(?<={_CASED})Σ(?![\p{{Mn}}\p{{Me}}\p{{Cf}}\p{{Lm}}\p{{Sk}}'.:·]*{_CASED})"
+_IGNORABLE = (r"[\p{Mn}\p{Me}\p{Cf}\p{Lm}\p{Sk}'.:\x{b7}\x{387}\x{55f}\x{5f4}\x{2018}\x{2019}"
+              r"\x{2024}\x{2027}\x{fe13}\x{fe52}\x{fe55}\x{ff07}\x{ff0e}\x{ff1a}]")
+FINAL_SIGMA = f"(?<={_CASED}{_IGNORABLE}*)Σ(?!{_IGNORABLE}*{_CASED})"
+# How CLIP splits text before BPE: words, single digits, runs of other symbols.
+CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def _check_kind(kind: str) -> str:
@@ -156,12 +165,19 @@ def _reference_cleanup():
 
 def match_reference(tokenizer):
     """Make a transformers `CLIPTokenizer` tokenize like open_clip's reference (see the module
-    docstring); for tokenizers loaded from a model folder. Returns the same object."""
-    from tokenizers import normalizers
+    docstring), e.g. one loaded from a model folder. Returns the same object; idempotent."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
     backend = tokenizer.backend_tokenizer
-    # The class's own normalizer (NFC, whitespace, lower case) runs after the clean-up.
-    backend.normalizer = normalizers.Sequence([*_reference_cleanup(), backend.normalizer])
+    # CLIPTokenizer's own steps (NFC, whitespace to one space, lower case) after the clean-up.
+    backend.normalizer = normalizers.Sequence([
+        *_reference_cleanup(), normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+        normalizers.Lowercase()])
+    # CLIPTokenizer's split, minus its "<|startoftext|>|<|endoftext|>" alternatives: the
+    # reference splits those like any other text.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.split_special_tokens = True
     return tokenizer
 

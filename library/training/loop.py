@@ -201,6 +201,9 @@ def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str,
 def _loader(group, epoch: int, cfg: LoopSettings, start: int):
     dataset = group.epoch_dataset(epoch, cfg.seed, start=start)
     workers = cfg.num_workers if getattr(dataset, "needs_workers", True) else 0
+    # A private generator: creating a loader must not consume the global RNG (resume stays exact).
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                       generator=generator)
 

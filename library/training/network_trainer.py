@@ -201,7 +201,8 @@ def train(args) -> dict:
                 latents = batch["latents"].to(device, dtype=weight_dtype, non_blocking=True)
             else:
                 images = batch["images"].to(device, dtype=vae_dtype, non_blocking=True)
-                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+                dist = vae.encode(images).latent_dist  # the run's own generator keeps resume exact
+                latents = dist.sample(generator=noise_generator) * vae.config.scaling_factor
                 latents = latents.to(weight_dtype)
         ids = tokenize(tokenizer, batch["captions"]).to(device)
         with torch.set_grad_enabled(te_trains):
