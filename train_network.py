@@ -53,7 +53,7 @@ def main(argv=None):
     args = A.parse_args(parser, argv)
     from library.training.network_trainer import train
 
-    train(args)
+    return train(args)
 
 
 if __name__ == "__main__":

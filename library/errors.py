@@ -40,7 +40,7 @@ def run_cli(main, argv=None) -> int:
     """Run `main(argv)`; turn UserError into a clean message and exit code 2."""
     try:
         result = main(argv)
-        return 0 if result is None else int(result)
+        return result if isinstance(result, int) else 0
     except UserError as err:
         if debug_enabled(argv):
             raise

@@ -31,6 +31,7 @@ class ProgressLogger:
         self.started = None
         self.first_step_at = None
         self.last_loss = float("nan")
+        self.step_end_times: list[float] = []   # perf_counter at the end of each optimizer step
 
     def start(self, total: int, initial: int = 0):
         from tqdm.auto import tqdm
@@ -43,8 +44,10 @@ class ProgressLogger:
         self.pending.append(loss)
 
     def tick(self):
+        now = time.perf_counter()
         if self.first_step_at is None:
-            self.first_step_at = time.perf_counter()
+            self.first_step_at = now
+        self.step_end_times.append(now)
         self.bar.update(1)
 
     def log_step(self, step: int, epoch: int, lrs: dict, extra: dict | None = None):

@@ -111,20 +111,22 @@ class LoRAModule(torch.nn.Module):
         down = self.lora_down.weight.to(device, torch.float32)
         return self.compose(up, down) * self.scale
 
+    @torch.no_grad()
     def merge_to(self, sd: dict, dtype=None, device=None):
-        """Add multiplier * alpha/rank * up @ down from `sd` (keys without the module name) to the layer."""
-        layer = self.org_module
-        weight = layer.weight
+        """Add multiplier * alpha/rank * up @ down from `sd` (keys without the module name) to the layer.
+
+        Computed in fp32 on `device` (default: the layer's); the layer keeps its own dtype and device.
+        `dtype` is accepted for kohya compatibility.
+        """
+        weight = self.org_module.weight
         device = device or weight.device
         down = sd["lora_down.weight"].to(device, torch.float32)
         up = sd["lora_up.weight"].to(device, torch.float32)
         rank = down.shape[0]
         alpha = float(sd["alpha"]) if "alpha" in sd else rank
-        alpha = alpha or rank
-        delta = self.compose(up, down) * (self.multiplier * alpha / rank)
-        merged = weight.detach().to(device, torch.float32) + delta
-        with torch.no_grad():
-            layer.weight.data = merged.to(dtype or weight.dtype)
+        alpha = alpha or rank  # 0 means "= rank", as when loading
+        delta = self.compose(up, down).reshape(weight.shape) * (self.multiplier * alpha / rank)
+        weight.copy_(weight.to(device, torch.float32) + delta)
 
 
 class LoRANetwork(torch.nn.Module):
@@ -264,8 +266,12 @@ class LoRANetwork(torch.nn.Module):
         return groups
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        # Accept the transformers-5 TE spelling too (`lora_te_encoder_...`).
+        # Accept the transformers-5 TE spelling too (`lora_te_encoder_...`), and 2-D tensors for
+        # 1x1 convs (some tools write those; WebUI/ComfyUI accept them).
+        own = {k: v.dim() for k, v in self.state_dict().items()}
         state_dict = {fmt.canonical_key(k): v for k, v in state_dict.items()}
+        state_dict = {k: v[:, :, None, None] if v.dim() == 2 and own.get(k) == 4 else v
+                      for k, v in state_dict.items()}
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as err:
@@ -380,6 +386,8 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     """Build a fresh network from --network_dim/--network_alpha/--network_dropout/--network_args."""
     network_dim = 4 if network_dim is None else network_dim
     network_alpha = 1.0 if network_alpha is None else network_alpha
+    if isinstance(network_dim, float) and network_dim.is_integer():
+        network_dim = int(network_dim)
     if not isinstance(network_dim, int) or network_dim <= 0:
         raise UserError(f"--network_dim must be a positive integer, got {network_dim!r}.",
                         fix="pass e.g. --network_dim 16.")

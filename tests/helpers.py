@@ -31,12 +31,8 @@ def run_train_network(argv: list[str]):
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     import train_network
-    from library.training.network_trainer import train
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
-    args = train_network.setup_parser()
-    from library import args as A
-
-    return train(A.parse_args(args, argv))
+    return train_network.main(argv)

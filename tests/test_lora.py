@@ -18,7 +18,8 @@ from library.errors import UserError
 from library.models.tiny import build_tiny_components
 from networks import lora
 
-TE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+TE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+              "mlp.fc1", "mlp.fc2")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -56,7 +57,8 @@ def randomize(network, std=0.05, seed=1):
             m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * std)
 
 
-def trained_file(tmp_path, conv=False, dim=8, alpha=4, name="lora.safetensors", dtype=torch.float32, metadata=None):
+def trained_file(tmp_path, conv=False, dim=8, alpha=4, name="lora.safetensors", dtype=torch.float32,
+                 metadata=None):
     unet, vae, te = components()
     kwargs = {"conv_dim": "4", "conv_alpha": "2"} if conv else {}
     net = lora.create_network(1.0, dim, alpha, vae, te, unet, **kwargs)
@@ -308,8 +310,9 @@ def test_save_load_round_trip_is_identical(tmp_path):
     net2.apply_to(te2, unet2)
     info = net2.load_weights(path)
     assert not info.missing_keys and not info.unexpected_keys
+    sd2 = net2.state_dict()
     for k, v in net.state_dict().items():
-        assert torch.equal(v, net2.state_dict()[k]), k
+        assert torch.equal(v, sd2[k]), k
     for got, w in zip(outputs(unet2, te2, x), want):
         assert torch.equal(got, w)
 
@@ -346,12 +349,16 @@ def test_create_network_from_weights_reproduces_ranks_and_alphas(tmp_path, caplo
     assert len(net3.text_encoder_loras) == 72 and net3.unet_loras == []
 
 
-def test_load_weights_reports_keys_for_missing_layers_and_accepts_short_te_names(tmp_path, caplog):
+def test_load_weights_reports_missing_layers_and_accepts_short_te_names_and_2d_convs(tmp_path, caplog):
     path, net = trained_file(tmp_path)
     sd = load_file(path)
     stray = "lora_unet_down_blocks_9_attentions_0_proj_in"
-    sd.update({f"{stray}.lora_down.weight": torch.zeros(8, 4, 1, 1), f"{stray}.lora_up.weight": torch.zeros(4, 8, 1, 1),
-               f"{stray}.alpha": torch.tensor(4.0)})
+    sd.update({f"{stray}.lora_down.weight": torch.zeros(8, 4, 1, 1),
+               f"{stray}.lora_up.weight": torch.zeros(4, 8, 1, 1), f"{stray}.alpha": torch.tensor(4.0)})
+    # 2-D tensors on a 1x1 conv, as some tools write them
+    proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    for part in ("lora_down.weight", "lora_up.weight"):
+        sd[f"{proj_in}.{part}"] = sd[f"{proj_in}.{part}"][:, :, 0, 0]
     # the transformers-5 spelling that a naive writer would produce
     short = {k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): v for k, v in sd.items()}
     bad = tmp_path / "extra.safetensors"
@@ -362,14 +369,22 @@ def test_load_weights_reports_keys_for_missing_layers_and_accepts_short_te_names
     net2.apply_to(te, unet)
     with caplog.at_level(logging.WARNING, logger="networks.lora"):
         info = net2.load_weights(bad)
-    assert sorted(info.unexpected_keys) == sorted(f"{stray}.{s}" for s in ("alpha", "lora_down.weight", "lora_up.weight"))
+    parts = ("alpha", "lora_down.weight", "lora_up.weight")
+    assert sorted(info.unexpected_keys) == sorted(f"{stray}.{part}" for part in parts)
     assert not info.missing_keys
     assert stray in caplog.text
+    sd2 = net2.state_dict()
     for k, v in net.state_dict().items():
-        assert torch.equal(net2.state_dict()[k], v), k
+        assert torch.equal(sd2[k], v), k
 
     net3, _ = lora.create_network_from_weights(1.0, bad, vae, te, unet)
     assert net3.unmatched_modules == [stray] and len(net3.text_encoder_loras) == 72
+
+    unet4, vae4, te4 = components()  # merging the same file gives what net2 applies
+    net4, weights4 = lora.create_network_from_weights(1.0, bad, vae4, te4, unet4)
+    net4.merge_to(te4, unet4, weights4)
+    for got, want in zip(outputs(unet4, te4), outputs(unet, te)):
+        assert rel_err(got, want) < 1e-5
 
 
 def test_load_weights_errors_are_user_errors(tmp_path):
@@ -449,7 +464,8 @@ def test_max_norm_regularization_caps_norms():
     assert torch.equal(small.lora_down.weight, small_down)
 
 
-@pytest.mark.parametrize("layer", [torch.nn.Linear(6, 5), torch.nn.Conv2d(6, 5, 3, padding=1)], ids=["linear", "conv"])
+@pytest.mark.parametrize("layer", [torch.nn.Linear(6, 5), torch.nn.Conv2d(6, 5, 3, padding=1)],
+                         ids=["linear", "conv"])
 def test_dropouts_only_act_in_training(layer):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 6) if isinstance(layer, torch.nn.Linear) else torch.randn(4, 6, 5, 5)
@@ -482,7 +498,8 @@ def _plain_out(plain, layer, x):
 
 def test_network_dropout_args_and_train_mode(tmp_path):
     unet, vae, te = components()
-    net = lora.create_network(1.0, 4, 2, vae, te, unet, neuron_dropout=0.3, rank_dropout="0.2", module_dropout="0.1")
+    net = lora.create_network(1.0, 4, 2, vae, te, unet, neuron_dropout=0.3, rank_dropout="0.2",
+                              module_dropout="0.1")
     mods = net.all_loras()
     assert {(m.dropout, m.rank_dropout, m.module_dropout) for m in mods} == {(0.3, 0.2, 0.1)}
     net.apply_to(te, unet)
@@ -508,7 +525,8 @@ def test_apply_flags_optimizer_groups_and_args(tmp_path, caplog):
     assert net.text_encoder_loras == [] and not any(k.startswith("lora_te") for k in net.state_dict())
     assert torch.equal(outputs(unet, te)[1], base_te)
     groups = net.prepare_optimizer_params(5e-5, 1e-4, 1e-3)
-    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("unet", 1e-4, 192), ("unet plus", 1.6e-3, 192)]
+    summary = [(g["name"], g["lr"], len(g["params"])) for g in groups]
+    assert summary == [("unet", 1e-4, 192), ("unet plus", 1.6e-3, 192)]
     net.save_weights(tmp_path / "u.safetensors", None, {})
     assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "u.safetensors"))
 
@@ -516,9 +534,11 @@ def test_apply_flags_optimizer_groups_and_args(tmp_path, caplog):
     net2 = lora.create_network(1.0, 4, 1, vae2, te2, unet2)
     net2.apply_to(te2, unet2)
     groups = net2.prepare_optimizer_params(None, 1e-4, 1e-3)
-    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("textencoder", 1e-3, 144), ("unet", 1e-4, 384)]
+    summary = [(g["name"], g["lr"], len(g["params"])) for g in groups]
+    assert summary == [("textencoder", 1e-3, 144), ("unet", 1e-4, 384)]
     assert [g["name"] for g in net2.prepare_optimizer_params(0, None, 1e-3)] == ["unet"]
-    assert sum(p.numel() for p in net2.get_trainable_params()) == sum(p.numel() for g in groups for p in g["params"])
+    in_groups = sum(p.numel() for g in groups for p in g["params"])
+    assert sum(p.numel() for p in net2.get_trainable_params()) == in_groups
     net2.prepare_grad_etc(te2, unet2)
     net2.enable_gradient_checkpointing()
     assert all(p.requires_grad for p in net2.parameters())

@@ -85,7 +85,7 @@ def train(args) -> dict:
         tracker_dir = str(check_writable_dir(args.logging_dir or output_dir / "logs", "--logging_dir"))
 
     # Dataset preflight first: bad images or folders fail in seconds, before any model is loaded.
-    from library.data import build_dataset_group, dataset_configs_from_args
+    from library.data import build_dataset_group, dataset_configs_from_args, encode_latents
 
     group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
@@ -200,10 +200,9 @@ def train(args) -> dict:
             if batch.get("latents") is not None:
                 latents = batch["latents"].to(device, dtype=weight_dtype, non_blocking=True)
             else:
+                # same encoding as the latent cache, so cached and uncached runs train on equal inputs
                 images = batch["images"].to(device, dtype=vae_dtype, non_blocking=True)
-                dist = vae.encode(images).latent_dist  # the run's own generator keeps resume exact
-                latents = dist.sample(generator=noise_generator) * vae.config.scaling_factor
-                latents = latents.to(weight_dtype)
+                latents = encode_latents(vae, images).to(weight_dtype)
         ids = tokenize(tokenizer, batch["captions"]).to(device)
         with torch.set_grad_enabled(te_trains):
             hidden = encode_tokens(text_encoder, ids, args.clip_skip)
@@ -265,7 +264,9 @@ def train(args) -> dict:
     if sampling[0] is not None:
         rows.append(("sample images", output_dir / "sample"))
     accelerator.print(format_summary("training finished", rows))
-    return {"files": saved_files, "state": state, "output_dir": output_dir, "tracker_dir": tracker_dir}
+    return {"files": saved_files, "state": state, "output_dir": output_dir, "tracker_dir": tracker_dir,
+            "step_end_times": progress.step_end_times, "started_at": t_start, "loop_started_at": t_before_loop,
+            "model_load_s": t_load, "caching_s": t_cache}
 
 
 def _sampling_hooks(args, accelerator, model, output_dir, dtype, device, tracker_dir):
