@@ -119,7 +119,7 @@ def main() -> int:
                 f"--network_dim={opts.network_dim}", f"--train_batch_size={opts.batch_size}",
                 f"--max_train_steps={opts.steps}", f"--mixed_precision={opts.mixed_precision}", "--cache_latents",
                 "--network_train_unet_only", "--caption_extension=.txt", "--seed=0", "--learning_rate=1e-4",
-                "--log_every_n_steps=1000000", *opts.extra]
+                "--log_every_n_steps=1", *opts.extra]  # a sync per step: honest per-step GPU times
         result = train_network.main(argv)
     ends = result["step_end_times"]
     steps = [b - a for a, b in zip(ends, ends[1:])]   # step 2..N
