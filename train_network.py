@@ -44,7 +44,6 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_weight_norms", type=A.positive_float, default=None,
                    help="scale down modules whose weight norm exceeds this (1 is a good start)")
     g.add_argument("--no_metadata", action="store_true", help="save no training metadata in the file")
-    g.add_argument("--log_every_n_steps", type=A.positive_int, default=1, help="log loss and lr every N steps")
     return parser
 
 

@@ -191,6 +191,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                     help="logger (tensorboard when --logging_dir is given)")
     lg.add_argument("--log_prefix", type=str, default=None, help="prefix of each run's log folder name")
     lg.add_argument("--log_tracker_name", type=str, default=None, help="name of the tracker run")
+    lg.add_argument("--log_every_n_steps", type=positive_int, default=1,
+                    help="log loss and lr every N steps (fewer host syncs on a GPU)")
+    lg.add_argument("--profile", action="store_true",
+                    help="profile steps 3-7: print where the time goes and save a trace in --output_dir")
     lg.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
 
 

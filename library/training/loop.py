@@ -49,6 +49,7 @@ class LoopSettings:
     log_every_n_steps: int = 1
     num_workers: int = 0
     persistent_workers: bool = False
+    profile: bool = False
 
 
 @dataclass
@@ -121,6 +122,7 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
     if hooks.sample and state.global_step == 0 and hooks.want_sample and hooks.want_sample(None, 0):
         hooks.sample(None, 0)
 
+    profiler = _Profiler(cfg.output_dir, accelerator) if cfg.profile else None
     with _StopFlag() as stop:
         while state.epoch < cfg.num_epochs and state.global_step < cfg.max_train_steps:
             epoch = state.epoch
@@ -142,6 +144,8 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 state.next_batch = index + 1
+                if profiler is not None:
+                    profiler.step(state.global_step)
                 extra = hooks.after_step(state.global_step) if hooks.after_step else {}
                 step = state.global_step
                 if step % cfg.log_every_n_steps == 0 or step == cfg.max_train_steps:
@@ -196,6 +200,34 @@ def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str,
     if keep:
         for suffix in (".safetensors", ".ckpt", ".pt", "-state"):
             prune_old(cfg.output_dir, cfg.output_name, kind, keep, suffix)
+
+
+class _Profiler:
+    """--profile: trace steps 3-7 with the torch profiler, print where the time goes, save a trace."""
+
+    FIRST, LAST = 3, 7
+
+    def __init__(self, output_dir: Path, accelerator):
+        self.output_dir, self.accelerator, self.prof = Path(output_dir), accelerator, None
+
+    def step(self, step: int):
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.FIRST - 1:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities, record_shapes=False)
+            self.prof.__enter__()
+        elif step == self.LAST and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.accelerator.print(f"profile of steps {self.FIRST}-{self.LAST}:")
+            self.accelerator.print(self.prof.key_averages().table(sort_by=sort, row_limit=25))
+            trace = self.output_dir / "profile_trace.json"
+            self.prof.export_chrome_trace(str(trace))
+            self.accelerator.print(f"trace for chrome://tracing or Perfetto: {trace}")
+            self.prof = None
 
 
 def _loader(group, epoch: int, cfg: LoopSettings, start: int):

@@ -231,7 +231,8 @@ def train(args) -> dict:
         save_last_n_epochs=args.save_last_n_epochs, save_last_n_steps=args.save_last_n_steps,
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end, resume=args.resume,
         num_workers=0 if caching else min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-        persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps)
+        persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps,
+        profile=args.profile)
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
                       sample=sampling[0], want_sample=sampling[1])
