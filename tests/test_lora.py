@@ -125,7 +125,7 @@ def test_names_and_shapes_follow_the_contract(tmp_path, conv):
     want_unet, want_te = expected_names(unet, te, conv)
     sd = load_file(path)
     modules = {k.split(".")[0] for k in sd}
-    assert len(want_te) == 72 and len(want_unet) == (277 if conv else 192)  # tiny model; see next test
+    assert len(want_te) == 72 and len(want_unet) == (278 if conv else 192)  # SD1.5's counts
     assert {m for m in modules if m.startswith("lora_unet_")} == want_unet
     assert {m for m in modules if m.startswith("lora_te_")} == want_te
     assert all(m.startswith("lora_te_text_model_encoder_layers_") for m in modules if m.startswith("lora_te"))
@@ -148,11 +148,7 @@ def test_names_and_shapes_follow_the_contract(tmp_path, conv):
 
 
 def test_module_counts_on_real_sd15_shapes():
-    """SD1.5's real widths (built on the meta device, no memory): 192 / 278 U-Net, 72 TE modules.
-
-    The tiny model has 277 with LoCon: its down_blocks.2 keeps 64 channels, so it lacks the
-    conv_shortcut SD1.5 has there (640 -> 1280).
-    """
+    """SD1.5's real widths (built on the meta device, no memory): 192 / 278 U-Net, 72 TE modules."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
