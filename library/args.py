@@ -247,6 +247,9 @@ def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
+PRESET_TABLE = "preset"  # reserved for the GUI's preset metadata, ignored by the scripts
+
+
 def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     """Read a TOML of flag names -> values; an unknown key is an error that names it."""
     import toml
@@ -260,6 +263,10 @@ def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     except (toml.TomlDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"the --config_file {path} is not valid TOML ({err}).", path=path,
                         fix="correct the line named above; values are written like key = \"text\" or key = 1.5.") from None
+    # The GUI keeps its own bookkeeping (preset version, unknown keys) in one [preset] table; it is
+    # not a group of flags, so it is skipped rather than flattened.
+    if isinstance(table.get(PRESET_TABLE), dict):
+        table.pop(PRESET_TABLE)
     actions = _dests(parser)
     values = {}
     for key, (value, section) in _flatten(table).items():

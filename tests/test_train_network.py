@@ -165,3 +165,29 @@ def test_config_file_round_trip(tiny_model, tmp_path):
     assert args.network_dim == 8 and args.max_train_steps == 2 and args.learning_rate == 0.5
     assert args.resolution == (64, 64)
 
+
+
+def test_epoch_saves_keep_last_n_and_ckpt_format(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks disk", count=2)
+    out = tmp_path / "out"
+    run_train_network(base_args(tiny_model.single_file, data, out, "--max_train_epochs=5", "--save_every_n_epochs=1",
+                                "--save_last_n_epochs=2", "--save_model_as=ckpt", "--save_state"))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["last-000003-state", "last-000003.ckpt", "last-000004-state", "last-000004.ckpt",
+                     "last-state", "last.ckpt"], names
+    weights = torch.load(out / "last.ckpt", weights_only=True)  # tensors only: loads without unpickling code
+    assert any(k.endswith("lora_down.weight") for k in weights)
+
+
+def test_accelerate_launch_runs_the_script(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=1)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--num_processes=1", "--num_machines=1", "--mixed_precision=no",
+           "--dynamo_backend=no", str(REPO / "train_network.py"),
+           *base_args(tiny_model.single_file, data, tmp_path / "out", "--max_train_steps=2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "last.safetensors").is_file()
