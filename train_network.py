@@ -32,9 +32,14 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="alpha: the LoRA output is scaled by alpha / rank (kohya's default 1)")
     g.add_argument("--network_dropout", type=A.unit_float, default=None, help="dropout on the LoRA hidden units")
     g.add_argument("--network_args", type=str, default=None, nargs="*",
-                   help='extra network options, e.g. "conv_dim=4" "conv_alpha=1"')
+                   help='extra network options, e.g. "conv_dim=4" "conv_alpha=1" (LoCon), "rank_dropout=0.1", '
+                        '"module_dropout=0.1", "block_dims=<25 ranks>", "down_lr_weight=sine" (see README)')
     g.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
     g.add_argument("--dim_from_weights", action="store_true", help="take ranks from --network_weights")
+    g.add_argument("--base_weights", type=str, default=None, nargs="*",
+                   help="LoRA files merged into the base model before training (the new network learns on top)")
+    g.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
+                   help="one multiplier per --base_weights file (default 1)")
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the U-Net part")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text-encoder part")
     g.add_argument("--unet_lr", type=A.non_negative_float, default=None, help="learning rate of the U-Net part")

@@ -87,7 +87,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_skip", type=positive_int, default=None,
                    help="use the output of the n-th layer from the end of the text encoder (2 = penultimate)")
     g.add_argument("--max_token_length", type=int, default=None, choices=[75, 150, 225],
-                   help="max caption length in tokens (75 by default)")
+                   help="max caption length in tokens (75 by default); 150 or 225 encode the caption "
+                        "in 75-token windows, as kohya")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,11 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                    help="folder of regularization images, same layout as --train_data_dir")
     g.add_argument("--dataset_config", type=str, default=None,
                    help="dataset TOML in kohya's [general]/[[datasets]]/[[datasets.subsets]] schema")
+    g.add_argument("--in_json", type=str, default=None,
+                   help="kohya fine-tuning metadata JSON ({image: {caption, tags, train_resolution}}); "
+                        "images in --train_data_dir")
+    g.add_argument("--dataset_repeats", type=positive_int, default=1,
+                   help="repeats of an --in_json dataset (and of dataset-config subsets without num_repeats)")
     g.add_argument("--resolution", type=resolution, default=None,
                    help="training resolution: 'size' or 'width,height' (default 512)")
     g.add_argument("--caption_extension", type=str, default=".caption",
@@ -107,8 +113,19 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated caption tags")
     g.add_argument("--keep_tokens", type=non_negative_int, default=0,
                    help="keep the first N comma-separated tags in place when shuffling")
+    g.add_argument("--keep_tokens_separator", type=str, default="",
+                   help="marks the fixed part of a caption: 'fixed ||| shuffled ||| fixed suffix'")
+    g.add_argument("--caption_separator", type=str, default=",", help="separator of caption tags")
+    g.add_argument("--secondary_separator", type=str, default=None,
+                   help="joins tags that shuffle and drop together; becomes --caption_separator afterwards")
     g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
     g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
+    g.add_argument("--caption_dropout_rate", type=unit_float, default=0.0,
+                   help="share of images trained with an empty caption (0-1)")
+    g.add_argument("--caption_dropout_every_n_epochs", type=non_negative_int, default=0,
+                   help="train every N-th epoch with all captions empty")
+    g.add_argument("--caption_tag_dropout_rate", type=unit_float, default=0.0,
+                   help="chance of dropping each shuffled tag (0-1)")
     g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
     g.add_argument("--color_aug", action="store_true",
                    help="weak colour augmentation (not with latent caching)")
@@ -130,6 +147,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_latents_to_disk", action="store_true",
                    help="like --cache_latents, and also keep them in a file next to each image for later runs")
     g.add_argument("--vae_batch_size", type=positive_int, default=1, help="batch size for latent caching")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode each caption once before training (needs --network_train_unet_only; not "
+                        "with caption shuffling or tag dropout)")
     g.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=8,
                    help="max DataLoader worker processes (0 with cached latents)")
     g.add_argument("--persistent_data_loader_workers", action="store_true",
@@ -162,10 +182,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; SDPA is used")
     g.add_argument("--lowram", action="store_true", help="accepted for compatibility")
     g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
-    g.add_argument("--noise_offset", type=non_negative_float, default=None,
-                   help="noise offset (around 0.1 helps very dark/bright images)")
-    g.add_argument("--min_timestep", type=non_negative_int, default=None, help="smallest timestep (0-999)")
-    g.add_argument("--max_timestep", type=positive_int, default=None, help="largest timestep + 1 (1-1000)")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the U-Net with torch.compile (on a GPU with CUDA graphs: several times faster "
+                        "at small batch sizes; the first steps are slow while it compiles)")
+    g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    g.add_argument("--dynamo_mode", type=str, default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (default: reduce-overhead, i.e. CUDA graphs, on a GPU; default on a CPU)")
+    add_loss_arguments(parser, g)  # every trainer that trains gets the loss/noise flags
 
     s = parser.add_argument_group("saving")
     s.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors", "ckpt", "pt"],
@@ -198,23 +222,96 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     lg.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
 
 
+def steps_or_ratio(value):
+    """kohya's int_or_float for step counts: '10' -> 10 steps, '0.1' or '10%' -> ratio 0.1 of the
+    training steps; a number >= 1 must be whole."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or a ratio below 1, got {value!r}") from None
+    if number < 0 or (number >= 1 and not number.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a whole step count or a ratio below 1, got {value!r}")
+    return int(number) if number >= 1 or number == 0 else number
+
+
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer_type", type=str, default="",
-                   help="optimizer: AdamW (default), SGDNesterov, or module.ClassName")
-    g.add_argument("--use_8bit_adam", action="store_true", help="AdamW8bit (needs bitsandbytes and CUDA)")
-    g.add_argument("--learning_rate", type=positive_float, default=2e-6, help="learning rate")
+                   help="optimizer: AdamW (default), AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, SGDNesterov, "
+                        "Prodigy, DAdaptAdam (and kohya's other DAdapt* names), Adafactor, a torch.optim class "
+                        "name, or module.ClassName. 8-bit/paged ones need CUDA and bitsandbytes; Lion needs "
+                        "lion-pytorch, Prodigy prodigyopt, DAdapt* dadaptation")
+    g.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit")
+    g.add_argument("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
+    g.add_argument("--learning_rate", type=positive_float, default=2e-6,
+                   help="learning rate (around 1.0 for Prodigy and DAdapt*)")
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*",
-                   help='extra optimizer arguments, e.g. "weight_decay=0.01" "betas=0.9,0.999"')
+                   help='extra optimizer arguments, e.g. "weight_decay=0.01" "betas=0.9,0.999" '
+                        '(Adafactor: "relative_step=False" "scale_parameter=False" "warmup_init=False")')
     g.add_argument("--lr_scheduler", type=str, default="constant",
-                   choices=["constant", "constant_with_warmup", "linear", "cosine",
-                            "cosine_with_restarts", "polynomial"],
-                   help="learning-rate schedule")
-    g.add_argument("--lr_warmup_steps", type=float, default=0,
-                   help="warmup steps (an integer), or a fraction of the training steps (< 1)")
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                            "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+                            "piecewise_constant", "adafactor"],
+                   help="learning-rate schedule (adafactor: Adafactor's own, with --optimizer_type Adafactor)")
+    g.add_argument("--lr_scheduler_type", type=str, default="",
+                   help="any scheduler class instead: a torch.optim.lr_scheduler name or module.ClassName, "
+                        "built with --lr_scheduler_args")
+    g.add_argument("--lr_scheduler_args", type=str, default=None, nargs="*",
+                   help='extra scheduler arguments, e.g. "T_max=100"')
+    g.add_argument("--lr_warmup_steps", type=steps_or_ratio, default=0,
+                   help="warmup steps (an integer), or a fraction of the training steps (< 1, or '10%%')")
+    g.add_argument("--lr_decay_steps", type=steps_or_ratio, default=0,
+                   help="decay steps of warmup_stable_decay (an integer, or a fraction < 1 of the training steps)")
     g.add_argument("--lr_scheduler_num_cycles", type=positive_int, default=1,
-                   help="restarts for cosine_with_restarts")
+                   help="restarts for cosine_with_restarts (cycles for cosine_with_min_lr, warmup_stable_decay)")
     g.add_argument("--lr_scheduler_power", type=positive_float, default=1.0, help="power for polynomial")
+    g.add_argument("--lr_scheduler_timescale", type=positive_int, default=None,
+                   help="timescale of inverse_sqrt (default: the warmup steps)")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=unit_float, default=None,
+                   help="final lr as a share of the start for cosine_with_min_lr and warmup_stable_decay")
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser, group=None) -> None:
+    """Noise, timestep and loss options (kohya names and defaults); all off by default. They join
+    `group` when given (add_training_arguments passes its own, so the GUI shows them under Training)."""
+    g = group if group is not None else parser.add_argument_group("loss and noise")
+    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"],
+                   help="loss function (huber and smooth_l1 are robust to outliers; see --huber_*)")
+    g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"],
+                   help="how the Huber threshold changes with the timestep")
+    g.add_argument("--huber_c", type=positive_float, default=0.1, help="Huber threshold (decay parameter)")
+    g.add_argument("--huber_scale", type=positive_float, default=1.0,
+                   help="Huber threshold scale (constant and exponential schedules)")
+    g.add_argument("--min_snr_gamma", type=non_negative_float, default=None,
+                   help="Min-SNR weighting: lower values weigh noisy timesteps less; 5 is recommended (0: off)")
+    g.add_argument("--debiased_estimation_loss", action="store_true",
+                   help="weigh the loss by 1/sqrt(SNR) (debiased estimation)")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                   help="with --v_parameterization: weigh timesteps like a noise-prediction loss")
+    g.add_argument("--v_pred_like_loss", type=non_negative_float, default=None,
+                   help="add a v-prediction-like loss multiplied by this value")
+    g.add_argument("--noise_offset", type=non_negative_float, default=None,
+                   help="noise offset (around 0.1 helps very dark/bright images)")
+    g.add_argument("--noise_offset_random_strength", action="store_true",
+                   help="use a random offset between 0 and --noise_offset each step")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None,
+                   help="add |latent mean| x this value to --noise_offset per channel")
+    g.add_argument("--multires_noise_iterations", type=non_negative_int, default=None,
+                   help="multires (pyramid) noise with this many levels (6-10 recommended; 0: off)")
+    g.add_argument("--multires_noise_discount", type=unit_float, default=0.3,
+                   help="weight decay per multires noise level")
+    g.add_argument("--ip_noise_gamma", type=non_negative_float, default=None,
+                   help="input perturbation noise strength (around 0.1)")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                   help="use a random strength between 0 and --ip_noise_gamma each step")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the noise schedule so the last timestep is pure noise (use with --v_parameterization)")
+    g.add_argument("--min_timestep", type=non_negative_int, default=None, help="smallest timestep (0-999)")
+    g.add_argument("--max_timestep", type=positive_int, default=None, help="largest timestep + 1 (1-1000)")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="train only where the mask is white: masks from --conditioning_data_dir images or the "
+                        "images' alpha channel (--alpha_mask)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

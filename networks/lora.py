@@ -1,9 +1,10 @@
-"""LoRA / LoCon for SD 1.x with kohya sd-scripts' `networks.lora` API and file format.
+"""LoRA / LoCon for SD 1.x / 2.x with kohya sd-scripts' `networks.lora` API and file format.
 
 `--network_module networks.lora` imports this module and calls `create_network`; generation and
 merge scripts call `create_network_from_weights`. Each patched layer keeps its own weights and
 gets `forward(x) = layer(x) + up(down(x)) * multiplier * alpha / rank`. Names, shapes and the
-metadata hashes follow /work/shared/reference/lora-format.md (helpers in `lora_format.py`).
+metadata hashes follow /work/shared/reference/lora-format.md (helpers in `lora_format.py`);
+per-block ranks and learning rates are parsed in `lora_blocks.py`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import UserError
+from networks import lora_blocks as blocks
 from networks import lora_format as fmt
 
 logger = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ class LoRAModule(torch.nn.Module):
 
 
 class LoRANetwork(torch.nn.Module):
-    """All LoRA modules for one SD 1.x UNet + CLIP text encoder, registered under their file names."""
+    """All LoRA modules for one SD 1.x/2.x UNet + CLIP text encoder, registered under their file names."""
 
     UNET_TARGET_REPLACE_MODULE = list(fmt.UNET_TARGETS)
     UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = list(fmt.UNET_CONV_TARGETS)
@@ -138,10 +140,16 @@ class LoRANetwork(torch.nn.Module):
     LORA_PREFIX_UNET = fmt.UNET_PREFIX
     LORA_PREFIX_TEXT_ENCODER = fmt.TE_PREFIX
 
+    NUM_OF_BLOCKS = blocks.NUM_BLOCKS
+    NUM_OF_MID_BLOCKS = blocks.NUM_MID
+
     def __init__(self, text_encoder, unet, multiplier=1.0, lora_dim=4, alpha=1, dropout=None,
                  rank_dropout=None, module_dropout=None, conv_lora_dim=None, conv_alpha=None,
+                 block_dims=None, block_alphas=None, conv_block_dims=None, conv_block_alphas=None,
                  modules_dim=None, modules_alpha=None, module_class=LoRAModule, varbose=False,
                  loraplus_lr_ratio=None, loraplus_unet_lr_ratio=None, loraplus_text_encoder_lr_ratio=None):
+        """kohya's signature. Ranks come from, in this order: `modules_dim` (a file), `block_dims`
+        (25 per-block values for the U-Net; `conv_block_dims` for 3x3 convs), `lora_dim`/`conv_lora_dim`."""
         super().__init__()
         self.multiplier = multiplier
         self.lora_dim, self.alpha = lora_dim, alpha
@@ -151,10 +159,18 @@ class LoRANetwork(torch.nn.Module):
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio or loraplus_lr_ratio
         self._modules_dim, self._modules_alpha = modules_dim, modules_alpha
         self._module_class = module_class
+        self.block_dims = None
+        if block_dims is not None:
+            self.block_dims = blocks.BlockDims(
+                list(block_dims), list(block_alphas or [alpha] * len(block_dims)),
+                None if conv_block_dims is None else list(conv_block_dims),
+                None if conv_block_dims is None else list(conv_block_alphas or [conv_alpha or 1.0] * len(conv_block_dims)))
+        self.block_lr_weight = None
 
         text_encoder = _single_text_encoder(text_encoder)
         unet_targets = fmt.UNET_TARGETS
-        if conv_lora_dim or modules_dim is not None:  # from weights: the file decides
+        with_conv = conv_lora_dim if self.block_dims is None else self.block_dims.conv_dims
+        if with_conv or modules_dim is not None:  # from weights: the file decides
             unet_targets = unet_targets + fmt.UNET_CONV_TARGETS
         self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
         self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets)
@@ -180,11 +196,15 @@ class LoRANetwork(torch.nn.Module):
         loras = []
         for path, layer in fmt.iter_targets(root, class_names):
             name = fmt.lora_name(prefix, path)
+            conv3x3 = not (isinstance(layer, torch.nn.Linear) or fmt.is_1x1(layer))
+            index = blocks.block_index(name)
             if self._modules_dim is not None:
                 if name not in self._modules_dim:
                     continue
                 dim, alpha = self._modules_dim[name], self._modules_alpha[name]
-            elif isinstance(layer, torch.nn.Linear) or fmt.is_1x1(layer):
+            elif self.block_dims is not None and index is not None:
+                dim, alpha = self.block_dims.for_module(index, conv3x3)  # rank 0: no module
+            elif not conv3x3:
                 dim, alpha = self.lora_dim, self.alpha
             else:  # 3x3 convs only with LoCon
                 dim, alpha = self.conv_lora_dim, self.conv_alpha
@@ -241,19 +261,39 @@ class LoRANetwork(torch.nn.Module):
     def get_trainable_params(self):
         return self.parameters()
 
+    def set_block_lr_weight(self, block_lr_weight):
+        """25 lr multipliers for the U-Net blocks (IN00-IN11, MID, OUT00-OUT11), or None."""
+        self.block_lr_weight = None if block_lr_weight is None else list(block_lr_weight)
+
+    def get_lr_weight(self, block_idx) -> float:
+        if self.block_lr_weight is None or block_idx is None:
+            return 1.0
+        return self.block_lr_weight[block_idx]
+
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
-        """One param group per part (two with LoRA+), so foreach/fused optimizers batch well.
+        """One param group per part (two with LoRA+; one per U-Net block with block lr weights).
 
         lr None -> default_lr; lr 0 -> that part gets no group (it is not trained), as in kohya.
-        Each group has a "name" (kohya's lr description: textencoder / unet / "... plus").
+        Each group has a "name", kohya's lr description (textencoder, unet, unet_block<i>, with
+        " plus" for LoRA+ up matrices), which names the lr/* curves in TensorBoard.
         """
         if isinstance(text_encoder_lr, (list, tuple)):  # SDXL-style list: SD1 has one encoder
             text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
+        te_lr = default_lr if text_encoder_lr is None else text_encoder_lr
+        unet_lr = default_lr if unet_lr is None else unet_lr
+        parts = [("textencoder", self.text_encoder_loras, te_lr, self.loraplus_text_encoder_lr_ratio)]
+        if self.block_lr_weight is None:
+            parts.append(("unet", self.unet_loras, unet_lr, self.loraplus_unet_lr_ratio))
+        else:  # one group per block, so each block's lr is its own curve in the logs
+            by_block = {}
+            for lora in self.unet_loras:
+                by_block.setdefault(blocks.block_index(lora.lora_name), []).append(lora)
+            for index in sorted(by_block, key=lambda i: -1 if i is None else i):
+                name = "unet" if index is None else f"unet_block{index}"
+                parts.append((name, by_block[index], unet_lr * self.get_lr_weight(index),
+                              self.loraplus_unet_lr_ratio))
         groups = []
-        parts = (("textencoder", self.text_encoder_loras, text_encoder_lr, self.loraplus_text_encoder_lr_ratio),
-                 ("unet", self.unet_loras, unet_lr, self.loraplus_unet_lr_ratio))
         for name, loras, lr, ratio in parts:
-            lr = default_lr if lr is None else lr
             if not loras or not lr:
                 continue
             downs = [p for m in loras for p in m.lora_down.parameters()]
@@ -296,14 +336,14 @@ class LoRANetwork(torch.nn.Module):
         """Write the LoRA file atomically; .safetensors gets sshs_model_hash / sshs_legacy_hash."""
         from library.fileio import atomic_path, torch_save_atomic
 
-        sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
-              for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
-        linear_alphas = {float(m.alpha) for m in self.all_loras()
-                         if isinstance(m.lora_down, torch.nn.Linear) or fmt.is_1x1(m.lora_down)}
-        if len(linear_alphas) > 1:
-            logger.warning("%s: Linear modules have different alphas %s; diffusers 0.42 applies its most "
-                           "common alpha to attention and text-encoder layers instead", file,
-                           sorted(linear_alphas)[:4])
+        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
+        # Per-block alphas (block_alphas) or edited modules: diffusers would apply one alpha to
+        # every Linear module, so the differences are folded into lora_up (same update everywhere).
+        sd, changed = fmt.unify_linear_alphas(sd)
+        if changed:
+            logger.info("%s: %d Linear modules had another alpha; it is folded into their lora_up so that "
+                        "all Linear modules share one alpha (the update is unchanged)", file, changed)
+        sd = {k: v.to(dtype or v.dtype).contiguous() for k, v in sd.items()}
         if str(file).endswith(".safetensors"):
             data = fmt.serialize_with_hashes(sd, metadata)  # hashed bytes == written bytes
             with atomic_path(file) as tmp:
@@ -351,8 +391,8 @@ class LoRANetwork(torch.nn.Module):
 def _single_text_encoder(text_encoder):
     if isinstance(text_encoder, (list, tuple)):
         if len(text_encoder) > 1:
-            raise UserError("networks.lora here supports SD 1.x with one text encoder, got "
-                            f"{len(text_encoder)}.", fix="train an SD 1.x model with this script.")
+            raise UserError("networks.lora here supports SD 1.x/2.x with one text encoder, got "
+                            f"{len(text_encoder)}.", fix="train an SD 1.x or 2.x model with this script.")
         return text_encoder[0] if text_encoder else None
     return text_encoder
 
@@ -360,7 +400,8 @@ def _single_text_encoder(text_encoder):
 # --- construction from command-line options --------------------------------------------------
 
 _SUPPORTED_ARGS = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "loraplus_lr_ratio",
-                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}
+                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+                   *blocks.BLOCK_DIM_KEYS, *blocks.LR_WEIGHT_KEYS}
 
 
 def _number(kwargs, key, kind, low=None, high=None, high_open=False):
@@ -403,16 +444,22 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
         conv_alpha = 1.0  # kohya's default
     dropout = None if neuron_dropout is None else _number({"dropout": neuron_dropout}, "dropout", float,
                                                            low=0, high=1, high_open=True)
-    return LoRANetwork(
+    lr_weights = blocks.parse_lr_weights(kwargs)
+    per_block = blocks.parse_block_dims(kwargs, network_dim, network_alpha, conv_dim, conv_alpha, lr_weights)
+    network = LoRANetwork(
         text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
         dropout=dropout,
         rank_dropout=_number(kwargs, "rank_dropout", float, low=0, high=1, high_open=True),
         module_dropout=_number(kwargs, "module_dropout", float, low=0, high=1, high_open=True),
         conv_lora_dim=conv_dim, conv_alpha=conv_alpha,
+        block_dims=per_block and per_block.dims, block_alphas=per_block and per_block.alphas,
+        conv_block_dims=per_block and per_block.conv_dims, conv_block_alphas=per_block and per_block.conv_alphas,
         loraplus_lr_ratio=_number(kwargs, "loraplus_lr_ratio", float, low=0),
         loraplus_unet_lr_ratio=_number(kwargs, "loraplus_unet_lr_ratio", float, low=0),
         loraplus_text_encoder_lr_ratio=_number(kwargs, "loraplus_text_encoder_lr_ratio", float, low=0),
     )
+    network.set_block_lr_weight(lr_weights)
+    return network
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None,
@@ -432,5 +479,9 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
                         fix="pass a kohya-format LoRA file (lora_unet_* / lora_te_* keys).")
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
                           modules_alpha=modules_alpha,
-                          loraplus_lr_ratio=_number(kwargs, "loraplus_lr_ratio", float, low=0))
+                          loraplus_lr_ratio=_number(kwargs, "loraplus_lr_ratio", float, low=0),
+                          loraplus_unet_lr_ratio=_number(kwargs, "loraplus_unet_lr_ratio", float, low=0),
+                          loraplus_text_encoder_lr_ratio=_number(kwargs, "loraplus_text_encoder_lr_ratio",
+                                                                 float, low=0))
+    network.set_block_lr_weight(blocks.parse_lr_weights(kwargs))  # ranks come from the file
     return network, weights_sd

@@ -101,6 +101,36 @@ def ranks_and_alphas(weights_sd: dict) -> tuple[dict[str, int], dict[str, float]
     return dims, {name: alphas.get(name, float(dim)) for name, dim in dims.items()}
 
 
+def unify_linear_alphas(sd: dict) -> tuple[dict, int]:
+    """Give every Linear / 1x1-conv module the same alpha without changing its update.
+
+    diffusers builds one PEFT config per component and drops per-module alphas of attention and
+    text-encoder layers, so a file whose Linear alphas differ loads with wrong scales there. The
+    update `alpha/r * up @ down` is kept exact by scaling `up` by alpha/common. 3x3 conv modules
+    keep their own alpha (diffusers handles those). Returns (new dict, number of modules changed).
+    """
+    from collections import Counter
+
+    linear = {}
+    for key, down in sd.items():
+        if key.endswith(".lora_down.weight") and (down.dim() == 2 or tuple(down.shape[2:]) == (1, 1)):
+            name = key[: -len(".lora_down.weight")]
+            if name + ".alpha" in sd:
+                linear[name] = float(sd[name + ".alpha"])
+    if len(set(linear.values())) <= 1:
+        return sd, 0
+    common = max(Counter(linear.values()).items(), key=lambda kv: (kv[1], kv[0]))[0]
+    out = dict(sd)
+    changed = 0
+    for name, alpha in linear.items():
+        if alpha != common:
+            up = sd[name + ".lora_up.weight"]
+            out[name + ".lora_up.weight"] = (up.float() * (alpha / common)).to(up.dtype)
+            out[name + ".alpha"] = torch.tensor(common, dtype=sd[name + ".alpha"].dtype)
+            changed += 1
+    return out, changed
+
+
 def serialize_with_hashes(tensors: dict, metadata: dict | None) -> bytes:
     """Safetensors bytes with `sshs_model_hash` / `sshs_legacy_hash` matching those very bytes.
 

@@ -36,7 +36,10 @@ def make_args(**kw) -> argparse.Namespace:
                 train_batch_size=1, enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024,
                 bucket_reso_steps=64, bucket_no_upscale=False, caption_extension=".caption",
                 shuffle_caption=False, keep_tokens=0, flip_aug=False, color_aug=False, random_crop=False,
-                prior_loss_weight=1.0, caption_prefix=None, caption_suffix=None, seed=0)
+                prior_loss_weight=1.0, caption_prefix=None, caption_suffix=None, seed=0,
+                caption_separator=",", keep_tokens_separator="", secondary_separator=None,
+                caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0,
+                in_json=None, dataset_repeats=1)
     base.update(kw)
     return argparse.Namespace(**base)
 

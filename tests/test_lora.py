@@ -327,9 +327,8 @@ def test_create_network_from_weights_reproduces_ranks_and_alphas(tmp_path, caplo
         net.unet_loras[5].alpha.fill_(7.0)
         net.text_encoder_loras[2].alpha.fill_(0.25)
     path = tmp_path / "mixed.safetensors"
-    with caplog.at_level(logging.WARNING, logger="networks.lora"):
-        net.save_weights(path, None, {})
-    assert "different alphas" in caplog.text  # diffusers would not apply these per-module alphas
+    # written as other tools write them (our save_weights would unify the Linear alphas)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
 
     unet2, vae2, te2 = components()
     net2, weights = lora.create_network_from_weights(1.0, path, vae2, te2, unet2)
@@ -514,8 +513,8 @@ def test_network_dropout_args_and_train_mode(tmp_path):
 def test_apply_flags_optimizer_groups_and_args(tmp_path, caplog):
     unet, vae, te = components()
     base_te = outputs(unet, te)[1]
-    net = lora.create_network(1.0, 4, 1, vae, te, unet, loraplus_lr_ratio="16", block_dims="1,2,3")
-    assert "block_dims" in caplog.text  # not supported yet: said, not silent
+    net = lora.create_network(1.0, 4, 1, vae, te, unet, loraplus_lr_ratio="16", no_such_option="1")
+    assert "no_such_option" in caplog.text  # an unknown key is said, not silently dropped
     net.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
     randomize(net)
     assert net.text_encoder_loras == [] and not any(k.startswith("lora_te") for k in net.state_dict())
@@ -572,3 +571,76 @@ def test_training_step_updates_and_kohya_style_te_loading(tmp_path):
     net2.apply_to(te2, unet2)
     net2.load_state_dict(w)
     assert all(torch.equal(p, q) for p, q in zip(outputs(unet2, te2, x), after))
+
+
+# --- train_network's network options: --base_weights, --dim_from_weights, --network_multiplier -----
+
+def _network_args(**overrides):
+    from types import SimpleNamespace
+
+    args = dict(base_weights=None, base_weights_multiplier=None, dim_from_weights=False, network_weights=None,
+                network_dim=4, network_alpha=1.0, network_dropout=None, network_multiplier=1.0)
+    return SimpleNamespace(**{**args, **overrides})
+
+
+def test_base_weights_are_merged_before_the_new_network_and_multiplier_is_set(tmp_path):
+    from library.training.network_trainer import build_network
+
+    a, _ = trained_file(tmp_path, name="a.safetensors", dim=8, alpha=4)
+    b, _ = trained_file(tmp_path, conv=True, name="b.safetensors", dim=4, alpha=2)
+    unet, vae, te = components()
+    args = _network_args(base_weights=[str(a), str(b)], base_weights_multiplier=[0.5], network_multiplier=0.75)
+    said = []
+    net = build_network(args, lora, {"conv_dim": 2}, vae, te, unet, print_fn=said.append)
+    assert {m.multiplier for m in net.all_loras()} == {0.75} and len(net.unet_loras) == 278
+    assert "multiplier 0.5" in said[0] and "multiplier 1.0" in said[1]
+
+    # the same merge by hand: a at 0.5 (its up weights halved), then b at 1
+    unet_m, _, te_m = components()
+    sd_a = load_file(a)
+    sd_a = {k: v * 0.5 if k.endswith("lora_up.weight") else v for k, v in sd_a.items()}
+    merge_by_hand(unet_m, te_m, sd_a)
+    merge_by_hand(unet_m, te_m, load_file(b))
+    for got, want in ((unet, unet_m), (te, te_m)):
+        for (name, p), q in zip(got.named_parameters(), want.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    # the new network starts as a no-op on top of the merged model
+    for got, want in zip(outputs(unet, te), outputs(unet_m, te_m)):
+        assert rel_err(got, want) < 1e-6
+
+
+def test_dim_from_weights_takes_ranks_and_weights_from_the_file(tiny_model, tmp_path):
+    from tests.helpers import run_train_network, write_image_folder
+
+    src, _ = trained_file(tmp_path, conv=True, dim=8, alpha=4)  # the tiny model's structure
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks disk", count=1, size=64)
+    out = tmp_path / "out"
+    run_train_network([f"--pretrained_model_name_or_path={tiny_model.single_file}", f"--train_data_dir={data}",
+                       f"--output_dir={out}", "--resolution=64", "--caption_extension=.txt", "--seed=1",
+                       "--network_module=networks.lora", "--network_dim=2", f"--network_weights={src}",
+                       "--dim_from_weights", "--max_train_steps=1", "--learning_rate=1e-12"])
+    before, after = load_file(src), load_file(out / "last.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:  # same ranks, and the file's weights were loaded (one step at lr 1e-12)
+        assert before[key].shape == after[key].shape, key
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-8, msg=key)
+
+
+def test_network_file_arguments_are_checked_before_loading_the_model(tmp_path):
+    import train_network
+    from tests.helpers import run_train_network
+
+    parsed = train_network.setup_parser().parse_args(["--base_weights", "a.safetensors", "b.safetensors",
+                                                      "--base_weights_multiplier", "0.5", "1"])
+    assert parsed.base_weights == ["a.safetensors", "b.safetensors"] and parsed.base_weights_multiplier == [0.5, 1.0]
+    lora_file, _ = trained_file(tmp_path)
+    (tmp_path / "data").mkdir()
+    common = [f"--pretrained_model_name_or_path={tmp_path / 'no-model.safetensors'}",
+              f"--train_data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}"]
+    cases = [(["--base_weights", str(tmp_path / "missing.safetensors")], "--base_weights file does not exist"),
+             (["--base_weights", str(lora_file), "--base_weights_multiplier", "1", "2"], "2 values for 1"),
+             (["--dim_from_weights"], "needs --network_weights")]
+    for extra, said in cases:
+        with pytest.raises(UserError, match=said):
+            run_train_network(common + extra)

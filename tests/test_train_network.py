@@ -191,3 +191,29 @@ def test_accelerate_launch_runs_the_script(tiny_model, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "last.safetensors").is_file()
+
+
+def test_torch_compile_trains_the_same_weights(tiny_model, tmp_path):
+    """--torch_compile traces the U-Net with the LoRA hooks in it (backend 'eager': no C++ build in CI)."""
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2)
+    common = ["--max_train_steps=3", "--cache_latents", "--network_train_unet_only"]
+    run_train_network(base_args(tiny_model.single_file, data, tmp_path / "plain", *common))
+    run_train_network(base_args(tiny_model.single_file, data, tmp_path / "compiled", *common, "--torch_compile",
+                                "--dynamo_backend=eager"))
+    a = load_file(str(tmp_path / "plain" / "last.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "last.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_samples_during_training_with_clip_skip(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sks disk --n blurry --w 64 --h 64 --s 2 --l 3 --d 5\n# a comment line\n")
+    out = tmp_path / "out"
+    run_train_network(base_args(tiny_model.single_file, data, out, "--max_train_steps=2", "--clip_skip=2",
+                                f"--sample_prompts={prompts}", "--sample_at_first", "--sample_every_n_steps=2"))
+    samples = sorted((out / "sample").glob("*.png"))
+    assert len(samples) == 2 and all("_5.png" in p.name for p in samples)  # before training and at step 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from library.data.buckets import BucketPlanner
+from library.data.buckets import BucketPlanner, Placement
 from library.data.config import DatasetConfig
 from library.data.group import DatasetGroup, ImageRecord
 from library.data.probe import probe_images
@@ -63,6 +63,24 @@ def _balance_reg(records: list[ImageRecord], num_train: int) -> None:
         i += 1
 
 
+def _metadata_buckets(config: DatasetConfig, scanned, findings: Findings) -> bool:
+    """True when fine-tuning metadata gives every image of the dataset a train_resolution: kohya
+    then trains each image at that size (prepare_buckets_latents.py computed the buckets)."""
+    sizes = [r for sub in scanned for r in sub.train_resolutions]
+    if not config.is_finetune or not sizes or any(r is None for r in sizes):
+        return False
+    if config.bucket_no_upscale:
+        findings.error(f"the metadata of {config.source} gives every image a train_resolution (its "
+                       "bucket), which cannot be combined with bucket_no_upscale; drop "
+                       "--bucket_no_upscale.", config.source)
+    if not config.enable_bucket:
+        findings.notes.append(f"note: the metadata of {config.source} has train_resolution for every "
+                              "image, so those buckets are used (bucketing on, as in kohya).")
+        config.enable_bucket = True
+    config.metadata_buckets = True
+    return True
+
+
 def build_dataset_group(configs: list[DatasetConfig], seed: int | None = None,
                         skip_bad_images: bool = False, workers: int | None = None) -> DatasetGroup:
     """Check all inputs and build the group; raises one UserError listing every problem."""
@@ -73,12 +91,17 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int | None = None,
     planners = [BucketPlanner(c.resolution, c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso,
                               c.bucket_reso_steps, c.bucket_no_upscale) for c in configs]
 
+    fixed = [_metadata_buckets(config, subs, findings) for config, subs in zip(configs, scanned)]
     records, bad = [], []
     for d, subs in enumerate(scanned):
         for s, sub in enumerate(subs):
-            for path, caption, source in zip(sub.paths, sub.captions, sub.sources):
+            for path, caption, source, tags, train_reso in zip(sub.paths, sub.captions, sub.sources,
+                                                               sub.tags, sub.train_resolutions):
                 size, reason = probed[path]
-                if size is not None:
+                if size is not None and fixed[d]:
+                    # kohya: the image is resized to its precomputed bucket (no crop).
+                    placement = Placement(train_reso, train_reso, train_reso[0] / train_reso[1] - size[0] / size[1])
+                elif size is not None:
                     try:
                         placement = planners[d].place(size)
                     except ValueError as err:  # only with bucket_no_upscale: a tiny image
@@ -87,7 +110,7 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int | None = None,
                     bad.append((path, reason))
                     continue
                 records.append(ImageRecord(path, caption, size, placement, d, s, sub.config.is_reg,
-                                           sub.config.num_repeats, source))
+                                           sub.config.num_repeats, source, tags))
 
     bad_text = [f"{p}: {why}." for p, why in bad]
     if findings.errors or (bad and not skip_bad_images):

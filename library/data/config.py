@@ -2,9 +2,12 @@
 resolution and batch size) need, built from kohya's command-line flags or a TOML file.
 
 Values follow kohya's precedence: subset > dataset > general > command-line flag > default.
+A subset is either a DreamBooth folder (images + caption files) or, when it has a
+`metadata_file`, kohya's fine-tuning metadata JSON (`--in_json`).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,9 +20,9 @@ REPEATS_DIR_RE = re.compile(r"^(\d+)(?:_(.*))?$", re.DOTALL)
 
 @dataclass
 class SubsetConfig:
-    """One image folder and how its images and captions are used."""
+    """One image folder (or metadata file) and how its images and captions are used."""
 
-    image_dir: str
+    image_dir: str | None  # None only for a metadata_file whose keys are image paths
     num_repeats: int = 1
     class_tokens: str | None = None
     is_reg: bool = False
@@ -31,6 +34,18 @@ class SubsetConfig:
     random_crop: bool = False
     caption_prefix: str | None = None
     caption_suffix: str | None = None
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    metadata_file: str | None = None  # kohya fine-tuning metadata JSON (--in_json)
+
+    @property
+    def name(self) -> str:
+        """How kohya names the subset in ss_* metadata: the metadata file, else the folder."""
+        return os.path.basename(os.path.normpath(self.metadata_file or self.image_dir or ""))
 
 
 @dataclass
@@ -51,11 +66,19 @@ class DatasetConfig:
     # DreamBooth mode only: the folders as given, so the scanner can explain what is wrong with them.
     train_data_dir: str | None = None
     reg_data_dir: str | None = None
+    # Set by the builder: fine-tuning metadata gave every image its bucket (train_resolution).
+    metadata_buckets: bool = False
+
+    @property
+    def is_finetune(self) -> bool:
+        """kohya's fine-tuning dataset: every subset reads a metadata file instead of captions."""
+        return bool(self.subsets) and all(s.metadata_file for s in self.subsets)
 
 
 SUBSET_KEYS = tuple(f.name for f in fields(SubsetConfig))
 DATASET_KEYS = tuple(f.name for f in fields(DatasetConfig)
-                     if f.name not in ("subsets", "source", "train_data_dir", "reg_data_dir"))
+                     if f.name not in ("subsets", "source", "train_data_dir", "reg_data_dir",
+                                       "metadata_buckets"))
 
 # Command-line flag -> setting name, where kohya's flag is named differently.
 FLAG_FOR_KEY = {"batch_size": "train_batch_size"}
@@ -118,6 +141,15 @@ def flag_defaults(args) -> dict:
         "random_crop": bool(_arg(args, "random_crop", False)),
         "caption_prefix": _arg(args, "caption_prefix"),
         "caption_suffix": _arg(args, "caption_suffix"),
+        "caption_separator": _arg(args, "caption_separator", ","),
+        "keep_tokens_separator": _arg(args, "keep_tokens_separator", ""),
+        "secondary_separator": _arg(args, "secondary_separator"),
+        "caption_dropout_rate": float(_arg(args, "caption_dropout_rate", 0.0)),
+        "caption_dropout_every_n_epochs": int(_arg(args, "caption_dropout_every_n_epochs", 0)),
+        "caption_tag_dropout_rate": float(_arg(args, "caption_tag_dropout_rate", 0.0)),
+        # kohya: --dataset_repeats is the repeats of an --in_json dataset and the default
+        # num_repeats of every dataset-config subset that does not set its own.
+        "num_repeats": int(_arg(args, "dataset_repeats", 1)),
     }
 
 
@@ -158,20 +190,24 @@ def dataset_configs_from_args(args) -> list[DatasetConfig]:
     """Dataset settings from an argparse Namespace with kohya's flag names.
 
     With --dataset_config the TOML file decides (flags fill in what it leaves out); otherwise
-    --train_data_dir (and --reg_data_dir) give one dataset of DreamBooth folders.
+    --in_json gives one fine-tuning dataset (images in --train_data_dir), or --train_data_dir
+    (and --reg_data_dir) one dataset of DreamBooth folders.
     """
     defaults = flag_defaults(args)
     config_path = _arg(args, "dataset_config")
     if config_path:
         from library.data.toml_config import load_dataset_config
 
-        ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir") if _arg(args, n)]
+        ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir", "in_json") if _arg(args, n)]
         if ignored:
             print(f"note: {', '.join(ignored)} ignored because --dataset_config is given "
                   f"(the folders come from {config_path}).", flush=True)
         return load_dataset_config(config_path, defaults)
 
     train_dir = _arg(args, "train_data_dir")
+    in_json = _arg(args, "in_json")
+    if in_json:
+        return [finetune_config(args, defaults, train_dir, in_json)]
     if not train_dir:
         raise UserError("no training images given: neither --train_data_dir nor --dataset_config is set.",
                         fix="pass --train_data_dir FOLDER (holding subfolders like 10_dog) or "
@@ -182,6 +218,18 @@ def dataset_configs_from_args(args) -> list[DatasetConfig]:
                            reg_data_dir=_arg(args, "reg_data_dir"), **_dataset_kwargs(defaults))
     check_dataset_config(config)
     return [config]
+
+
+def finetune_config(args, defaults: dict, train_dir: str | None, in_json: str) -> DatasetConfig:
+    """kohya's fine-tuning mode: --in_json metadata, images in --train_data_dir, no reg images."""
+    if _arg(args, "reg_data_dir"):
+        print("note: --reg_data_dir is ignored with --in_json (kohya's fine-tuning datasets have no "
+              "regularization images).", flush=True)
+    values = dict(defaults, image_dir=str(train_dir) if train_dir else None, metadata_file=str(in_json))
+    config = DatasetConfig(subsets=[SubsetConfig(**_subset_kwargs(values))], source="--in_json",
+                           **_dataset_kwargs(defaults))
+    check_dataset_config(config)
+    return config
 
 
 def check_dataset_config(config: DatasetConfig, path=None) -> None:
@@ -197,6 +245,16 @@ def check_dataset_config(config: DatasetConfig, path=None) -> None:
         if sub.keep_tokens < 0:
             raise UserError(f"keep_tokens cannot be negative ({where}).", path=path,
                             fix="set keep_tokens to 0 or more.")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0.0 <= getattr(sub, key) <= 1.0:
+                raise UserError(f"{key} must be between 0 and 1 ({where}); got {getattr(sub, key)}.",
+                                path=path, fix=f"set {key} to a value from 0 (off) to 1.")
+        if sub.caption_dropout_every_n_epochs < 0:
+            raise UserError(f"caption_dropout_every_n_epochs cannot be negative ({where}).", path=path,
+                            fix="set it to 0 (off) or N to drop all captions every N-th epoch.")
+        if not sub.caption_separator:
+            raise UserError(f"caption_separator cannot be empty ({where}).", path=path,
+                            fix="leave it out (kohya's default is a comma) or give a separator.")
     if not config.enable_bucket:
         return
     steps, lo, hi = config.bucket_reso_steps, config.min_bucket_reso, config.max_bucket_reso

@@ -29,7 +29,8 @@ class ImageRecord:
     subset: int                # index into group.datasets[dataset].subsets
     is_reg: bool
     repeats: int               # times per epoch; for reg images after balancing (0 = unused)
-    caption_source: str = ""   # caption file extension used, or "class token" / "none"
+    caption_source: str = ""   # caption file extension used, or "class token" / "none" / "metadata"
+    tags: str | None = None    # fine-tuning metadata's "tags" (kohya's tag frequency counts these)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class DatasetGroup:
 
     @property
     def num_reg_images(self) -> int:
-        """Regularization image files (kohya counts files, not repeats)."""
-        return sum(1 for r in self.images if r.is_reg)
+        """Regularization images times their folder's repeats, before balancing (kohya's count)."""
+        return sum(self.subset_of(r).num_repeats for r in self.images if r.is_reg)
 
     def num_batches(self, dataset: int) -> int:
         bs = self.datasets[dataset].batch_size
@@ -123,7 +124,7 @@ class DatasetGroup:
                 arr = load_image(rec.path, rec.placement, rng, random_crop=sub.random_crop, flip=flip,
                                  color_aug=sub.color_aug)
                 images.append(to_tensor(arr))
-            captions.append(process_caption(rec.caption, sub, rng))
+            captions.append(process_caption(rec.caption, sub, rng, epoch))
             weights.append(self.datasets[rec.dataset].prior_loss_weight if rec.is_reg else 1.0)
             paths.append(rec.path)
         return {
@@ -135,6 +136,18 @@ class DatasetGroup:
         }
 
     # --- caching, reports ---------------------------------------------------------------------
+    def check_text_encoder_caching_allowed(self) -> None:
+        from library.data.text_cache import check_text_encoder_caching_allowed
+
+        check_text_encoder_caching_allowed(self)
+
+    def possible_captions(self) -> list[str]:
+        """Every caption a batch can carry when no caption op is random except whole-caption
+        dropout (see library.data.text_cache); sorted, so caching order is stable."""
+        from library.data.text_cache import possible_captions
+
+        return possible_captions(self)
+
     def check_caching_allowed(self) -> None:
         from library.data.latents import check_caching_allowed
 

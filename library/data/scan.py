@@ -21,8 +21,20 @@ class ScannedSubset:
     config: SubsetConfig
     paths: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
-    # Where each caption came from: an extension, or "class token" / "none".
+    # Where each caption came from: an extension, or "class token" / "none" / "metadata".
     sources: list[str] = field(default_factory=list)
+    # Fine-tuning metadata only: each image's "tags" (for ss_tag_frequency, as kohya counts them)
+    # and "train_resolution" (its precomputed bucket); None elsewhere.
+    tags: list[str | None] = field(default_factory=list)
+    train_resolutions: list[tuple[int, int] | None] = field(default_factory=list)
+
+    def add(self, path: str, caption: str, source: str, tags: str | None = None,
+            train_resolution: tuple[int, int] | None = None) -> None:
+        self.paths.append(path)
+        self.captions.append(caption)
+        self.sources.append(source)
+        self.tags.append(tags)
+        self.train_resolutions.append(train_resolution)
 
 
 @dataclass
@@ -164,9 +176,7 @@ def scan_subset(sub: SubsetConfig, findings: Findings) -> ScannedSubset:
             if not sub.is_reg:  # reg images normally have no captions: the class token is the point
                 findings.uncaptioned.append(image)
             caption, source = (sub.class_tokens, "class token") if sub.class_tokens else ("", "none")
-        result.paths.append(image)
-        result.captions.append(caption)
-        result.sources.append(source)
+        result.add(image, caption, source)
     return result
 
 
@@ -176,4 +186,8 @@ def scan_dataset(config: DatasetConfig, findings: Findings) -> list[ScannedSubse
     if config.train_data_dir and not findings.errors and not any(not s.is_reg for s in config.subsets):
         findings.error(f"no <repeats>_<name> subfolders with images in {config.train_data_dir}.",
                        config.train_data_dir)
+    if config.is_finetune:
+        from library.data.finetune import scan_metadata_subset
+
+        return [scan_metadata_subset(sub, findings) for sub in config.subsets]
     return [scan_subset(sub, findings) for sub in config.subsets]

@@ -12,26 +12,30 @@ from library.data.config import (DATASET_KEYS, SUBSET_KEYS, DatasetConfig, Subse
                                  check_dataset_config, normalize_extension, parse_resolution)
 from library.errors import UserError
 
-BOOL, INT, STR = "true or false", "a whole number", "a string"
+BOOL, INT, STR, FLOAT = "true or false", "a whole number", "a string", "a number"
 
-# Keys a subset may carry; all but image_dir and is_reg may also be set for a whole dataset or in
-# [general] ("ascending" keys in kohya's terms).
+# Keys a subset may carry; all but image_dir, is_reg and metadata_file may also be set for a
+# whole dataset or in [general] ("ascending" keys in kohya's terms).
 SUBSET_TYPES = {
-    "image_dir": STR, "is_reg": BOOL, "num_repeats": INT, "class_tokens": STR,
+    "image_dir": STR, "is_reg": BOOL, "metadata_file": STR, "num_repeats": INT, "class_tokens": STR,
     "caption_extension": STR, "keep_tokens": INT, "shuffle_caption": BOOL, "flip_aug": BOOL,
     "color_aug": BOOL, "random_crop": BOOL, "caption_prefix": STR, "caption_suffix": STR,
+    "caption_separator": STR, "keep_tokens_separator": STR, "secondary_separator": STR,
+    "caption_dropout_rate": FLOAT, "caption_dropout_every_n_epochs": INT,
+    "caption_tag_dropout_rate": FLOAT,
 }
-SUBSET_ONLY = ("image_dir", "is_reg")
+SUBSET_ONLY = ("image_dir", "is_reg", "metadata_file")
+# DreamBooth-only keys: a fine-tuning subset (one with metadata_file) takes its captions from the
+# metadata and has no class token or regularization role, so kohya's schema rejects these there.
+DREAMBOOTH_ONLY = ("is_reg", "class_tokens", "caption_extension")
 DATASET_TYPES = {
     "resolution": "a size", "batch_size": INT, "enable_bucket": BOOL, "min_bucket_reso": INT,
     "max_bucket_reso": INT, "bucket_reso_steps": INT, "bucket_no_upscale": BOOL,
 }
 # kohya keys this toolkit does not implement yet: named as such rather than as typos.
 NOT_YET_SUPPORTED = (
-    "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
-    "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "keep_tokens_separator",
-    "secondary_separator", "caption_separator", "enable_wildcard", "custom_attributes", "alpha_mask",
-    "resize_interpolation", "cache_info", "metadata_file", "conditioning_data_dir",
+    "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "enable_wildcard",
+    "custom_attributes", "alpha_mask", "resize_interpolation", "cache_info", "conditioning_data_dir",
     "validation_seed", "validation_split", "network_multiplier",
 )
 assert set(SUBSET_TYPES) == set(SUBSET_KEYS) and set(DATASET_TYPES) <= set(DATASET_KEYS)
@@ -99,18 +103,22 @@ def _check_types(table: dict, where: str, path: Path) -> dict:
             value = parse_resolution(value, f"'resolution' in {where}", path)
         elif kind == BOOL and not isinstance(value, bool) or \
                 kind == INT and (isinstance(value, bool) or not isinstance(value, int)) or \
+                kind == FLOAT and (isinstance(value, bool) or not isinstance(value, (int, float))) or \
                 kind == STR and not isinstance(value, str):
             raise UserError(f"'{key}' in {where} of {path} must be {kind}; got {value!r}.", path=path,
                             fix=f"write '{key}' as {kind}" + (" (without quotes)." if kind != STR
                                                               else " in quotes."))
         if key == "caption_extension":
             value = normalize_extension(value)
+        if kind == FLOAT:
+            value = float(value)
         out[key] = value
     return out
 
 
 def _resolve_dir(image_dir: str, config_path: Path) -> str:
-    """kohya reads image_dir relative to the working folder; also accept it relative to the file."""
+    """kohya reads image_dir (and metadata_file) relative to the working folder; also accept them
+    relative to the config file."""
     p = Path(image_dir).expanduser()
     if p.is_absolute() or p.exists():
         return str(p)
@@ -147,18 +155,32 @@ def load_dataset_config(config_path, defaults: dict) -> list[DatasetConfig]:
                             fix=f"add a [[datasets.subsets]] with image_dir = \"FOLDER\" after {where}.")
         merged = {**defaults, **general, **dataset}
         config = DatasetConfig(source=str(path), **{k: merged[k] for k in DATASET_KEYS})
+        if not all(isinstance(sub, dict) for sub in subsets):
+            raise UserError(f"a [[datasets.subsets]] of {where} in {path} is not a table.", path=path,
+                            fix="write each subset as a [[datasets.subsets]] table.")
+        kinds = {"metadata_file" in sub for sub in subsets}
+        if len(kinds) > 1:
+            raise UserError(f"{where} in {path} mixes subsets with metadata_file (fine-tuning) and "
+                            "without (DreamBooth folders); kohya does not allow that.", path=path,
+                            fix="put the metadata_file subsets in a [[datasets]] of their own.")
         for si, subset in enumerate(subsets, 1):
             swhere = f"[[datasets.subsets]] #{si} of {where}"
-            if not isinstance(subset, dict):
-                raise UserError(f"{swhere} in {path} is not a table.", path=path,
-                                fix="write each subset as a [[datasets.subsets]] table.")
             _check_keys(subset, SUBSET_TYPES, swhere, path)
             subset = _check_types(subset, swhere, path)
-            if not subset.get("image_dir"):
+            if "metadata_file" in subset:
+                wrong = [k for k in DREAMBOOTH_ONLY if k in subset]
+                if wrong:
+                    raise UserError(f"{swhere} in {path} has metadata_file, so it is a fine-tuning "
+                                    f"subset, which cannot set {', '.join(wrong)}.", path=path,
+                                    fix=f"remove {', '.join(wrong)} from that subset (captions come "
+                                        "from the metadata file).")
+                subset["metadata_file"] = _resolve_dir(subset["metadata_file"], path)
+            elif not subset.get("image_dir"):
                 raise UserError(f"{swhere} in {path} has no image_dir.", path=path,
                                 fix="add image_dir = \"FOLDER\" to that subset.")
-            values = {**merged, **subset}
-            values["image_dir"] = _resolve_dir(values["image_dir"], path)
+            values = {**merged, "image_dir": None, **subset}
+            if values["image_dir"]:
+                values["image_dir"] = _resolve_dir(values["image_dir"], path)
             config.subsets.append(SubsetConfig(**{k: values[k] for k in SUBSET_KEYS if k in values}))
         check_dataset_config(config, path)
         configs.append(config)

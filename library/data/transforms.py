@@ -12,9 +12,10 @@ import torch
 from library.data.buckets import Placement
 from library.data.probe import load_rgb
 
-CAPTION_SEPARATOR = ","
-HUE_SHIFT_MAX = 8          # in OpenCV hue units (0..180), i.e. +-16 degrees
-BRIGHTNESS_JITTER = 0.05   # +-5% gain
+CAPTION_SEPARATOR = ","      # kohya's default --caption_separator; tags are joined with ", "
+COLOR_AUG_PROBABILITY = 0.33  # kohya's color_aug changes about a third of the images
+HUE_SHIFT_MAX = 8            # in OpenCV hue units (0..180), i.e. +-16 degrees
+GAMMA_RANGE = (0.95, 1.05)
 
 
 def resize_and_crop(arr: np.ndarray, placement: Placement, rng: np.random.Generator | None = None,
@@ -37,13 +38,19 @@ def resize_and_crop(arr: np.ndarray, placement: Placement, rng: np.random.Genera
 
 
 def color_jitter(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A small hue shift and brightness change: colours vary without changing what is shown."""
-    hsv = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2HSV)
-    shift = int(round(rng.uniform(-HUE_SHIFT_MAX, HUE_SHIFT_MAX)))
-    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
-    arr = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    gain = 1.0 + rng.uniform(-BRIGHTNESS_JITTER, BRIGHTNESS_JITTER)
-    return np.clip(arr.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    """kohya's weak colour augmentation: a third of the time, either a hue shift or a gamma change,
+    so colours vary without changing what is shown."""
+    if rng.random() > COLOR_AUG_PROBABILITY:
+        return arr
+    if rng.random() < 0.5:
+        hsv = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2HSV)
+        shift = int(round(rng.uniform(-HUE_SHIFT_MAX, HUE_SHIFT_MAX)))
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    # kohya raises the 0..255 values to the power gamma and clips: a brightness change that
+    # leaves black black.
+    gamma = rng.uniform(*GAMMA_RANGE)
+    return np.clip(arr.astype(np.float32) ** gamma, 0, 255).astype(np.uint8)
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -67,20 +74,56 @@ def load_image(path: str, placement: Placement, rng: np.random.Generator | None 
     return arr
 
 
-def process_caption(caption: str, subset, rng: np.random.Generator | None) -> str:
-    """Apply shuffle_caption (keeping the first keep_tokens tags in place), then prefix/suffix.
+def _tags(text: str, separator: str) -> list[str]:
+    return [t.strip() for t in text.split(separator) if t.strip()]
 
-    The prefix and suffix are added after shuffling, as current kohya does, so they stay put
-    and do not count towards keep_tokens.
+
+def process_caption(caption: str, subset, rng: np.random.Generator | None, epoch: int = 0) -> str:
+    """The caption the model sees, in kohya's order: prefix/suffix, whole-caption dropout, then the
+    tag ops (fixed/flexible split, shuffle, tag dropout), then the secondary separator.
+
+    The prefix and suffix are joined to the caption first, as kohya does, so they belong to the
+    first and last tags (and count towards keep_tokens). `epoch` is 0-based;
+    caption_dropout_every_n_epochs counts epochs from 1 as kohya does. With rng=None nothing
+    random happens (used to list the captions for the text-encoder cache).
     """
-    if subset.shuffle_caption and rng is not None and CAPTION_SEPARATOR in caption:
-        tags = [t.strip() for t in caption.split(CAPTION_SEPARATOR) if t.strip()]
-        keep = max(0, subset.keep_tokens)
-        fixed, flex = tags[:keep], tags[keep:]
-        order = rng.permutation(len(flex))
-        caption = ", ".join(fixed + [flex[i] for i in order])
-    parts = (subset.caption_prefix, caption, subset.caption_suffix)
-    return " ".join(p.strip() for p in parts if p and p.strip())
+    if subset.caption_prefix:
+        caption = subset.caption_prefix + " " + caption
+    if subset.caption_suffix:
+        caption = caption + " " + subset.caption_suffix
+    every = subset.caption_dropout_every_n_epochs
+    if every > 0 and (epoch + 1) % every == 0:
+        return ""
+    # Draw only when the option is on, so turning it off does not change other random choices.
+    if subset.caption_dropout_rate > 0 and rng is not None and rng.random() < subset.caption_dropout_rate:
+        return ""
+    caption = caption.split("\n")[0]  # kohya trains on the first line (metadata captions may have more)
+
+    sep, marker = subset.caption_separator, subset.keep_tokens_separator
+    tag_ops = rng is not None and (subset.shuffle_caption or subset.caption_tag_dropout_rate > 0)
+    # The keep_tokens_separator marks "fixed ||| shuffled ||| fixed suffix". kohya leaves the
+    # marker in the text when no tag op runs; it is removed here too, since it is markup and
+    # never meant to be trained on.
+    if tag_ops or (marker and marker in caption):
+        if marker and marker in caption:
+            fixed_text, flex_text = caption.split(marker, 1)
+            flex_text, _, suffix_text = flex_text.partition(marker)
+            fixed, flex, fixed_suffix = _tags(fixed_text, sep), _tags(flex_text, sep), _tags(suffix_text, sep)
+        else:
+            tags = _tags(caption, sep)
+            keep = max(0, subset.keep_tokens)
+            fixed, flex, fixed_suffix = tags[:keep], tags[keep:], []
+        if tag_ops and subset.shuffle_caption:
+            flex = [flex[i] for i in rng.permutation(len(flex))]
+        if tag_ops and subset.caption_tag_dropout_rate > 0:
+            drops = rng.random(len(flex))
+            flex = [t for t, r in zip(flex, drops) if r >= subset.caption_tag_dropout_rate]
+        caption = ", ".join(fixed + flex + fixed_suffix)
+    if subset.secondary_separator:
+        # Tags joined by the secondary separator move and drop together; afterwards they read as
+        # ordinary tags.
+        caption = caption.replace(subset.secondary_separator, sep)
+    return caption
 
 
 def tag_counts(captions) -> dict[str, int]:

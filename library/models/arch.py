@@ -1,9 +1,14 @@
-"""Model architectures: the shipped SD1.5 configs, and configs inferred from checkpoint shapes.
+"""Model architectures: the shipped SD1.5 / SD2.x configs, and configs inferred from checkpoint shapes.
 
 A single-file checkpoint carries no config. Rather than assume SD1.5's sizes, the few numbers that
 vary (channel widths, layer counts, context width) are read from tensor shapes and laid over the
-shipped SD1.5 config, so the real SD1.5 and our tiny test model load through the same code.
-Everything the shapes cannot tell (norm groups, head size, sample size) keeps SD1.x's value.
+shipped config of the family ("sd15" or "sd2"), so the real models and our tiny test models load
+through the same code. Everything the shapes cannot tell (norm groups, sample size) keeps the
+family's value; attention heads follow each family's rule (SD1.x: 8 heads; SD2.x and OpenCLIP:
+heads 64 wide, at least one).
+
+configs/sd2 is SD2-base (512, epsilon). SD2 768-v has the same architecture and differs only in
+the scheduler's prediction_type (v_prediction), which --v_parameterization sets.
 """
 from __future__ import annotations
 
@@ -23,6 +28,16 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x text encoder
 
 def config_dir(kind: str = "sd15") -> Path:
     return CONFIG_ROOT / kind
+
+
+def family(v2: bool) -> str:
+    """The configs/ folder of a model family."""
+    return "sd2" if v2 else "sd15"
+
+
+def heads_64_wide(width: int) -> int:
+    """SD2.x's and OpenCLIP's attention heads are 64 channels wide (tiny models: at least one head)."""
+    return max(1, width // 64)
 
 
 @lru_cache(maxsize=None)
@@ -73,7 +88,10 @@ def infer_unet_config(sd: dict, prefix: str = "") -> dict:
     up_types = ["CrossAttnUpBlock2D" if t.startswith("CrossAttn") else "UpBlock2D" for t in down_types[::-1]]
     attn2 = f"{p}middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     proj_in = sd[f"{p}middle_block.1.proj_in.weight"]
-    cfg = shipped_config("unet")
+    linear = proj_in.ndim == 2  # SD2.x projects with Linear, SD1.x with 1x1 conv
+    cfg = shipped_config("unet", family(linear))
+    if linear:
+        cfg["attention_head_dim"] = [heads_64_wide(c) for c in channels]  # diffusers' name for the head count
     cfg.update(
         in_channels=int(sd[f"{p}input_blocks.0.0.weight"].shape[1]),
         out_channels=int(sd[f"{p}out.2.weight"].shape[0]),
@@ -82,7 +100,7 @@ def infer_unet_config(sd: dict, prefix: str = "") -> dict:
         down_block_types=down_types,
         up_block_types=up_types,
         cross_attention_dim=int(sd[attn2].shape[1]),
-        use_linear_projection=proj_in.ndim == 2,  # SD2.x projects with Linear, SD1.x with 1x1 conv
+        use_linear_projection=linear,
     )
     return cfg
 
@@ -109,20 +127,24 @@ def infer_vae_config(sd: dict, prefix: str = "") -> dict:
     return cfg
 
 
-def infer_text_encoder_config(sd: dict, prefix: str = "") -> dict:
-    """CLIPTextConfig dict from CLIP keys (`embeddings.*`, `encoder.layers.*`) after `prefix`."""
+def infer_text_encoder_config(sd: dict, prefix: str = "", kind: str = "sd15") -> dict:
+    """CLIPTextConfig dict from CLIP keys (`embeddings.*`, `encoder.layers.*`) after `prefix`.
+
+    `kind` "sd2" for SD2.x's OpenCLIP encoder (gelu instead of quick_gelu; same key names once
+    converted, see convert.open_clip_to_diffusers).
+    """
     keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
     p = prefix
     tokens = sd[f"{p}embeddings.token_embedding.weight"]
     hidden = int(tokens.shape[1])
-    cfg = shipped_config("text_encoder")
+    cfg = shipped_config("text_encoder", kind)
     cfg.update(
         vocab_size=int(tokens.shape[0]),
         hidden_size=hidden,
         max_position_embeddings=int(sd[f"{p}embeddings.position_embedding.weight"].shape[0]),
         num_hidden_layers=len(_indices(keys, r"encoder\.layers\.(\d+)\.")),
         intermediate_size=int(sd[f"{p}encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_attention_heads=max(1, hidden // 64),  # CLIP's heads are 64 wide
+        num_attention_heads=heads_64_wide(hidden),  # CLIP's heads are 64 wide
         projection_dim=hidden,
     )
     return cfg

@@ -10,9 +10,12 @@ never copied.
 """
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 
-from library.models.arch import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
+from library.models.arch import OPEN_CLIP_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 
 # ----------------------------------------------------------------------------- LDM -> diffusers
@@ -58,10 +61,109 @@ def text_encoder_to_diffusers(checkpoint: dict) -> dict:
     return out
 
 
+# OpenCLIP (SD2.x) <-> transformers CLIP names inside one transformer layer. The fused attention
+# input projection (`attn.in_proj_*`, rows q, k, v) is split / joined separately.
+_OPEN_CLIP_LAYER = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("attn.out_proj.", "self_attn.out_proj."),
+                    ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")]
+_OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+
+
+def open_clip_layer_count(checkpoint: dict) -> int:
+    """Number of transformer layers of the OpenCLIP text encoder in a checkpoint (24 for SD2.x)."""
+    found = {int(m.group(1)) for k in checkpoint if k.startswith(OPEN_CLIP_PREFIX)
+             and (m := _RESBLOCK.match(k[len(OPEN_CLIP_PREFIX):]))}
+    return max(found) + 1 if found else 0
+
+
+def open_clip_to_diffusers(checkpoint: dict) -> dict:
+    """CLIPTextModel weights (transformers 5 names) from an SD2.x checkpoint's OpenCLIP text encoder.
+
+    SD2.x conditions on the penultimate layer (then `ln_final`), so the last of the file's layers
+    (resblocks.23 of 24) is left out, as diffusers' SD2 text encoders (23 layers) do. The pooled
+    output's `text_projection` and CLIP's `logit_scale` are not used by SD2 and are dropped.
+    Written by hand rather than with diffusers' `convert_open_clip_checkpoint`, which hard-codes
+    layer 23 and the `text_model.` level that transformers 5 removed.
+    """
+    last = open_clip_layer_count(checkpoint) - 1
+    out = {}
+    for key, value in checkpoint.items():
+        if not key.startswith(OPEN_CLIP_PREFIX):
+            continue
+        name = key[len(OPEN_CLIP_PREFIX):]
+        if name in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[name]] = value
+            continue
+        match = _RESBLOCK.match(name)
+        if match is None or int(match.group(1)) == last:
+            continue  # text_projection, logit_scale, the unused last layer
+        layer, rest = f"encoder.layers.{match.group(1)}.", match.group(2)
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = rest.rsplit("_", 1)[1]  # weight / bias
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{layer}self_attn.{proj}.{kind}"] = part.clone()  # own storage: savable later
+            continue
+        for old, new in _OPEN_CLIP_LAYER:
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        out[layer + rest] = value
+    return out
+
+
+def text_encoder_to_open_clip(te_sd: dict) -> dict:
+    """The reverse of `open_clip_to_diffusers`, under `cond_stage_model.model.`, as SD2.x files are laid out.
+
+    The layer SD2 never runs (the file's last) and `text_projection` / `logit_scale` are not in a
+    diffusers text encoder; original-layout loaders (WebUI, ComfyUI) expect them, so they are
+    written as stand-ins that do not change SD2's conditioning: a copy of the last real layer, an
+    identity projection and CLIP's initial logit scale.
+    """
+    top = {v: k for k, v in _OPEN_CLIP_TOP.items()}
+    layer_names = [(new, old) for old, new in _OPEN_CLIP_LAYER]
+    out = {}
+    te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items() if not k.endswith("position_ids")}
+    for key, value in te_sd.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        match = re.match(r"encoder\.layers\.(\d+)\.(.+)", key)
+        if match is None:
+            continue
+        layer, rest = f"transformer.resblocks.{match.group(1)}.", match.group(2)
+        if rest.startswith("self_attn.q_proj."):
+            kind = rest.rsplit(".", 1)[1]
+            parts = [te_sd[f"encoder.layers.{match.group(1)}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+            out[f"{layer}attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+            continue
+        if rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            continue
+        for new, old in layer_names:
+            if rest.startswith(new):
+                rest = old + rest[len(new):]
+                break
+        out[layer + rest] = value
+    n = 1 + max(int(m.group(1)) for k in out if (m := _RESBLOCK.match(k)))
+    for key in [k for k in out if k.startswith(f"transformer.resblocks.{n - 1}.")]:
+        out[key.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.", 1)] = out[key].clone()
+    width = out["token_embedding.weight"].shape[1]
+    dtype = out["token_embedding.weight"].dtype
+    out["text_projection"] = torch.eye(width, dtype=dtype)
+    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+
+
 def ldm_to_diffusers(checkpoint: dict, unet_config: dict, vae_config: dict) -> tuple[dict, dict, dict]:
     """(unet, vae, text_encoder) state dicts from a full LDM checkpoint."""
-    return (unet_to_diffusers(checkpoint, unet_config), vae_to_diffusers(checkpoint, vae_config),
-            text_encoder_to_diffusers(checkpoint))
+    te = open_clip_to_diffusers(checkpoint) if is_open_clip(checkpoint) else text_encoder_to_diffusers(checkpoint)
+    return unet_to_diffusers(checkpoint, unet_config), vae_to_diffusers(checkpoint, vae_config), te
+
+
+def is_open_clip(checkpoint: dict) -> bool:
+    """True for SD2.x checkpoints (OpenCLIP text encoder under `cond_stage_model.model.`)."""
+    return any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint)
 
 
 # ----------------------------------------------------------------------------- diffusers -> LDM
@@ -178,6 +280,7 @@ def text_encoder_to_ldm(te_sd: dict) -> dict:
     return out
 
 
-def diffusers_to_ldm(unet_sd: dict, vae_sd: dict, te_sd: dict) -> dict:
-    """One LDM checkpoint dict from diffusers/transformers state dicts."""
-    return {**unet_to_ldm(unet_sd), **vae_to_ldm(vae_sd), **text_encoder_to_ldm(te_sd)}
+def diffusers_to_ldm(unet_sd: dict, vae_sd: dict, te_sd: dict, v2: bool = False) -> dict:
+    """One LDM checkpoint dict from diffusers/transformers state dicts (v2: OpenCLIP text encoder)."""
+    te = text_encoder_to_open_clip(te_sd) if v2 else text_encoder_to_ldm(te_sd)
+    return {**unet_to_ldm(unet_sd), **vae_to_ldm(vae_sd), **te}

@@ -1,9 +1,14 @@
-"""Load a Stable Diffusion 1.x model from a local diffusers folder or a single-file checkpoint.
+"""Load a Stable Diffusion 1.x / 2.x model from a local diffusers folder or a single-file checkpoint.
 
 Single files are read once (memory-mapped for .safetensors) and their tensors are assigned into
 models built on the meta device, so nothing is randomly initialised and no weight is held twice.
 Architectures are inferred from tensor shapes (see arch.py), and every mismatch between file and
 model is a UserError naming the file rather than a silently half-initialised model.
+
+SD1 or SD2 is read from the weights (SD2.x: OpenCLIP text encoder, Linear attention projections);
+a `--v2` flag that says otherwise only gets a warning, since the weights cannot be loaded any
+other way. v-prediction (SD2 768-v) is not visible in the weights: it comes from
+`v_parameterization` (--v_parameterization), or else from a diffusers folder's scheduler config.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from library.errors import UserError
 from library.models import arch, convert
 from library.models.checkpoint_io import check_exists, load_state_dict
 
-_SD1_ONLY = "this tool currently trains Stable Diffusion 1.x models (SD1.4, SD1.5 and fine-tunes of them)"
+_SUPPORTED = "this tool trains Stable Diffusion 1.x and 2.x models (SD1.5, SD2.1 and fine-tunes of them)"
 
 
 @dataclass
@@ -34,41 +39,64 @@ class SDModel:
 
 
 def load_sd_model(path, vae_path=None, v2: bool = False, dtype: torch.dtype = torch.float32,
-                  device="cpu") -> SDModel:
+                  device="cpu", v_parameterization: bool | None = None) -> SDModel:
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler.
 
     `path`: a diffusers folder, or a single-file checkpoint in the original SD layout
     (.safetensors, or .ckpt/.pt/.bin read with torch's weights-only loader). `vae_path` replaces
-    the model's VAE (a diffusers VAE folder or a single-file VAE).
+    the model's VAE (a diffusers VAE folder or a single-file VAE). `v2` is what the user said
+    (--v2); the returned `SDModel.v2` is what the weights are. `v_parameterization` True/False sets
+    the scheduler's prediction type (v_prediction/epsilon); None keeps the folder's.
     """
-    if v2:
-        raise UserError(
-            "SD2.x models (--v2) are not yet supported; " + _SD1_ONLY + ".",
-            fix="train on an SD1.x checkpoint, or leave out --v2 if the model is SD1.x.")
     path = check_exists(path, "model")
     if vae_path is not None:
         check_exists(vae_path, "VAE", flag="the VAE path (--vae)")
     folder = path if path.is_dir() else None
     # The cheap parts first, so that a broken tokenizer or scheduler fails before the big reads.
-    tokenizer, scheduler = _tokenizer(folder), make_noise_scheduler(folder)
+    scheduler = make_noise_scheduler(folder, v_parameterization)
     if folder is not None:
+        is_v2 = _folder_is_v2(folder)
+        tokenizer = _tokenizer(folder, is_v2)
         unet, vae, text_encoder = _load_folder(path, dtype, need_vae=vae_path is None)
     else:
-        unet, vae, text_encoder = _load_single_file(path, dtype, need_vae=vae_path is None)
+        unet, vae, text_encoder, is_v2 = _load_single_file(path, dtype, need_vae=vae_path is None)
+        tokenizer = _tokenizer(None, is_v2)
+    _check_v2_flag(path, v2, is_v2)
     if vae_path is not None:
         vae = load_vae(vae_path, dtype)
     unet, vae, text_encoder = (m.to(device=device).eval() for m in (unet, vae, text_encoder))
     return SDModel(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                   noise_scheduler=scheduler, v2=False, model_path=str(path),
+                   noise_scheduler=scheduler, v2=is_v2, model_path=str(path),
                    model_name=path.name if folder is not None else path.stem)
 
 
-def make_noise_scheduler(folder: Path | None = None):
-    """The DDPM scheduler used for training: SD1.5's schedule, or the folder's own betas.
+def _check_v2_flag(path: Path, said_v2: bool, is_v2: bool) -> None:
+    from library.logs import warn_once
+
+    if is_v2 and not said_v2:
+        warn_once(f"{path} is a Stable Diffusion 2.x model (OpenCLIP text encoder), so it is loaded and trained "
+                  "as SD2.x. Pass --v2 to say so (and --v_parameterization for 768-v models such as SD2.1-768; "
+                  "the weights cannot tell).")
+    elif said_v2 and not is_v2:
+        warn_once(f"--v2 was given, but {path} is a Stable Diffusion 1.x model (CLIP ViT-L text encoder), so "
+                  "it is loaded and trained as SD1.x. Leave out --v2 for this model.")
+
+
+def _folder_is_v2(folder: Path) -> bool:
+    """SD2.x UNets use Linear attention projections (SD1.x: 1x1 convs); read from unet/config.json."""
+    try:
+        config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # _load_folder reports the missing or broken config
+    return bool(config.get("use_linear_projection"))
+
+
+def make_noise_scheduler(folder: Path | None = None, v_parameterization: bool | None = None):
+    """The DDPM scheduler used for training: SD1.5's schedule (also SD2's), or the folder's own betas.
 
     Only the fields that define the noise schedule are taken from a folder: real SD folders ship a
     PNDM inference config, whose other settings (e.g. missing clip_sample, which DDPM would turn
-    on) are meaningless for training.
+    on) are meaningless for training. `v_parameterization` True/False overrides prediction_type.
     """
     from diffusers import DDPMScheduler
 
@@ -84,6 +112,16 @@ def make_noise_scheduler(folder: Path | None = None):
                     "prediction_type"):
             if key in data:
                 cfg[key] = data[key]
+    if v_parameterization is not None:
+        wanted = "v_prediction" if v_parameterization else "epsilon"
+        if theirs is not None and theirs.is_file() and cfg["prediction_type"] != wanted:
+            from library.logs import warn_once
+
+            hint = ("pass --v_parameterization if this is a v-prediction model (SD2 768-v)"
+                    if cfg["prediction_type"] == "v_prediction" else "leave out --v_parameterization unless you "
+                    "mean to train this model to predict v")
+            warn_once(f"{theirs} says prediction_type={cfg['prediction_type']}, but training uses {wanted}; {hint}.")
+        cfg["prediction_type"] = wanted
     return DDPMScheduler.from_config(cfg)
 
 
@@ -136,30 +174,31 @@ def _load_single_file(path: Path, dtype, need_vae: bool):
         unet_cfg = arch.infer_unet_config(sd, arch.UNET_PREFIX)
         unet_sd = convert.unet_to_diffusers(sd, unet_cfg)
     except (KeyError, IndexError) as err:
-        raise _wrong_architecture(path, f"its UNet keys do not match the SD1.x layout (missing {err})", sd)
-    te_sd = convert.text_encoder_to_diffusers(sd)
+        raise _wrong_architecture(path, f"its UNet keys do not match the SD1.x/SD2.x layout (missing {err})", sd)
+    v2 = convert.is_open_clip(sd)
+    if v2 and convert.open_clip_layer_count(sd) < 2:
+        raise _wrong_architecture(path, "its OpenCLIP text encoder (cond_stage_model.model.*) has fewer than 2 "
+                                        "layers; SD2.x uses the penultimate one", sd)
+    te_sd = convert.open_clip_to_diffusers(sd) if v2 else convert.text_encoder_to_diffusers(sd)
     if "embeddings.token_embedding.weight" not in te_sd:
-        raise _wrong_architecture(path, "it has no CLIP text encoder weights "
-                                        "(cond_stage_model.transformer.text_model.*)", sd)
+        where = "cond_stage_model.model.token_embedding" if v2 else "cond_stage_model.transformer.text_model.*"
+        raise _wrong_architecture(path, f"it has no complete CLIP text encoder weights ({where})", sd)
     try:
-        te_cfg = CLIPTextConfig(**arch.infer_text_encoder_config(te_sd))
+        te_cfg = CLIPTextConfig(**arch.infer_text_encoder_config(te_sd, kind=arch.family(v2)))
     except (KeyError, IndexError) as err:
         raise _wrong_architecture(path, f"its text encoder keys are incomplete (missing {err})", sd)
     unet = _build(lambda: UNet2DConditionModel(**arch.model_kwargs(unet_cfg)), unet_sd, path, "UNet", dtype)
     text_encoder = _build(lambda: CLIPTextModel(te_cfg), te_sd, path, "text encoder", dtype)
     vae = vae_from_state_dict(sd, path, dtype) if need_vae else None
-    return unet, vae, text_encoder
+    return unet, vae, text_encoder, v2
 
 
 def _check_family(path: Path, sd: dict) -> None:
-    """Name the model family when a file is not SD1.x, instead of a list of missing keys."""
+    """Name the model family when a file is not SD1.x/SD2.x, instead of a list of missing keys."""
     keys = list(sd)
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise _wrong_architecture(path, "it is an SDXL checkpoint (conditioner.embedders.* keys); "
-                                        + _SD1_ONLY)
-    if any(k.startswith(arch.OPEN_CLIP_PREFIX) for k in keys):
-        raise _wrong_architecture(path, "it is an SD2.x checkpoint (OpenCLIP text encoder), which is not "
-                                        "yet supported; " + _SD1_ONLY)
+                                        + _SUPPORTED)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
         raise _wrong_architecture(path, "it is a LoRA file, not a base model")
     if not any(k.startswith(arch.UNET_PREFIX) for k in keys):
@@ -169,8 +208,8 @@ def _check_family(path: Path, sd: dict) -> None:
 
 def _wrong_architecture(path, reason: str, sd: dict | None = None) -> UserError:
     sample = f" Its first keys: {', '.join(list(sd)[:3])}." if sd else ""
-    return UserError(f"cannot use {path} as a Stable Diffusion 1.x model: {reason}.{sample}", path=path,
-                     fix="pass an SD1.x base checkpoint (.safetensors) or a diffusers SD1.x folder.")
+    return UserError(f"cannot use {path} as a Stable Diffusion 1.x/2.x model: {reason}.{sample}", path=path,
+                     fix="pass an SD1.x/SD2.x base checkpoint (.safetensors) or a diffusers folder of one.")
 
 
 def _build(factory, state_dict: dict, path, component: str, dtype):
@@ -191,7 +230,7 @@ def _build(factory, state_dict: dict, path, component: str, dtype):
         raise UserError(
             f"the {component} weights in {path} do not fit the architecture inferred from the file; "
             + "; ".join(parts) + ".", path=path,
-            fix="check that the file is a complete SD1.x checkpoint; re-download it if it was cut short.")
+            fix="check that the file is a complete SD1.x/SD2.x checkpoint; re-download it if it was cut short.")
     # Cast tensors rather than the model: diffusers' Module.to(dtype) warns on every call.
     state_dict = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
                   for k, v in state_dict.items()}
@@ -239,7 +278,7 @@ def _from_pretrained(cls, folder: Path, dtype):
     return model
 
 
-def _tokenizer(folder: Path | None):
+def _tokenizer(folder: Path | None, v2: bool = False):
     if folder is not None and (folder / "tokenizer").is_dir():
         from transformers import CLIPTokenizer
 
@@ -254,4 +293,4 @@ def _tokenizer(folder: Path | None):
                             fix="delete the tokenizer/ folder to use the built-in CLIP tokenizer.") from None
     from library.models.tokenizer import load_clip_tokenizer
 
-    return load_clip_tokenizer(kind="sd1")
+    return load_clip_tokenizer(kind="sd2" if v2 else "sd1")  # SD2 pads with "!", SD1 with <|endoftext|>

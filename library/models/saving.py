@@ -14,9 +14,18 @@ from library.fileio import atomic_dir, save_safetensors_atomic, torch_save_atomi
 from library.models import arch, convert
 
 
-def checkpoint_state_dict(unet, text_encoder, vae, dtype: torch.dtype | None = None) -> dict:
-    """All weights in the original SD layout, on the CPU, floats cast to `dtype` if given."""
-    sd = convert.diffusers_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
+def is_v2_text_encoder(text_encoder) -> bool:
+    """SD2.x's OpenCLIP-H text encoder uses gelu; SD1.x's CLIP ViT-L quick_gelu (same class otherwise)."""
+    return getattr(text_encoder.config, "hidden_act", None) == "gelu"
+
+
+def checkpoint_state_dict(unet, text_encoder, vae, dtype: torch.dtype | None = None, v2: bool | None = None) -> dict:
+    """All weights in the original SD layout, on the CPU, floats cast to `dtype` if given.
+
+    `v2` (default: told by the text encoder) writes the text encoder as SD2.x's OpenCLIP.
+    """
+    v2 = is_v2_text_encoder(text_encoder) if v2 is None else v2
+    sd = convert.diffusers_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), v2=v2)
     out = {}
     for key, value in sd.items():
         value = value.detach()
@@ -27,10 +36,10 @@ def checkpoint_state_dict(unet, text_encoder, vae, dtype: torch.dtype | None = N
 
 
 def save_sd_checkpoint(path, unet, text_encoder, vae, dtype: torch.dtype | None = None,
-                       metadata: dict | None = None) -> Path:
-    """Write a single-file checkpoint that WebUI/ComfyUI load (.safetensors, or .ckpt)."""
+                       metadata: dict | None = None, v2: bool | None = None) -> Path:
+    """Write a single-file checkpoint that WebUI/ComfyUI load (.safetensors, or .ckpt); SD1.x or SD2.x."""
     path = Path(path)
-    sd = checkpoint_state_dict(unet, text_encoder, vae, dtype)
+    sd = checkpoint_state_dict(unet, text_encoder, vae, dtype, v2)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         # safetensors metadata is str -> str only
@@ -51,7 +60,7 @@ def save_diffusers(model, out_dir) -> Path:
         model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         _save_text_encoder(model.text_encoder, tmp / "text_encoder")
-        _save_tokenizer(tmp / "tokenizer")
+        _save_tokenizer(tmp / "tokenizer", "sd2" if getattr(model, "v2", False) else "sd1")
         model.noise_scheduler.save_pretrained(tmp / "scheduler")
         index = arch.shipped_config("model_index")
         index["scheduler"] = ["diffusers", type(model.noise_scheduler).__name__]
@@ -70,8 +79,9 @@ def _save_text_encoder(text_encoder, folder: Path) -> None:
     save_safetensors_atomic(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def _save_tokenizer(folder: Path) -> None:
-    # Every SD1.x model uses the same CLIP tokenizer, so the shipped files are always right.
+def _save_tokenizer(folder: Path, kind: str = "sd1") -> None:
+    # Every SD1.x model uses the same CLIP tokenizer (SD2.x the same vocabulary, padding with "!"),
+    # so the shipped files are always right.
     from library.models.tokenizer import copy_tokenizer_files
 
-    copy_tokenizer_files("sd1", folder)
+    copy_tokenizer_files(kind, folder)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from library.data.loader import BatchFeeder
 from library.training.checkpoint import (TrainState, load_train_state, prune_old, save_train_state,
                                          state_dir_name)
 
@@ -62,6 +63,9 @@ class LoopHooks:
     after_step: Callable[[int], dict] | None = None               # e.g. max-norm; returns extra logs
     sample: Callable[[int | None, int], None] | None = None       # (epoch or None, step)
     want_sample: Callable[[int | None, int], bool] | None = None
+    # (epochs done, step, state.extra) -> True to stop now (early stopping); runs before the epoch's
+    # numbered save, so state folders hold what the hook wrote into state.extra
+    end_epoch: Callable[[int, int, dict], bool] | None = None
 
 
 class _StopFlag:
@@ -123,10 +127,12 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
         hooks.sample(None, 0)
 
     profiler = _Profiler(cfg.output_dir, accelerator) if cfg.profile else None
+    feeder = BatchFeeder(group, cfg.seed, cfg.num_workers, cfg.persistent_workers,
+                         pin_memory=torch.cuda.is_available())
     with _StopFlag() as stop:
         while state.epoch < cfg.num_epochs and state.global_step < cfg.max_train_steps:
             epoch = state.epoch
-            loader = _loader(group, epoch, cfg, start=state.next_batch)
+            loader = feeder.epoch(epoch, start=state.next_batch)
             hooks.trainable.train()
             for index, batch in enumerate(loader, start=state.next_batch):
                 sync = (index + 1) % accum == 0 or index + 1 == n_batches
@@ -169,11 +175,14 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                 state.next_batch = 0
                 progress_logger.end_epoch(state.epoch)
                 done = state.epoch
+                stop_early = bool(hooks.end_epoch and hooks.end_epoch(done, state.global_step, state.extra))
                 if cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 and done < cfg.num_epochs \
                         and state.global_step < cfg.max_train_steps:
                     _save_numbered(accelerator, hooks, cfg, save_state, "epoch", done, state.global_step)
                 if hooks.sample and hooks.want_sample and hooks.want_sample(done, state.global_step):
                     hooks.sample(done, state.global_step)
+                if stop_early:
+                    break  # leaves the while loop: the final save follows
                 continue
             break
 
@@ -228,14 +237,3 @@ class _Profiler:
             self.prof.export_chrome_trace(str(trace))
             self.accelerator.print(f"trace for chrome://tracing or Perfetto: {trace}")
             self.prof = None
-
-
-def _loader(group, epoch: int, cfg: LoopSettings, start: int):
-    dataset = group.epoch_dataset(epoch, cfg.seed, start=start)
-    workers = cfg.num_workers if getattr(dataset, "needs_workers", True) else 0
-    # A private generator: creating a loader must not consume the global RNG (resume stays exact).
-    generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                       generator=generator)
-

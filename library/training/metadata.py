@@ -40,6 +40,24 @@ MINIMUM_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_n
                 "ss_base_model_version"}
 
 
+def base_model_version(v2: bool, v_parameterization: bool) -> str:
+    """kohya's ss_base_model_version: sd_v1, sd_v2, and "_v" appended for v-prediction (sd_v2_v
+    for SD2 768-v). WebUI files a LoRA under SD2 by ss_v2 == "True"."""
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
+
+
+def modelspec_architecture(v2: bool, v_parameterization: bool) -> str:
+    """The ModelSpec architecture kohya writes: SD2 is split into 512 (epsilon) and 768-v."""
+    if not v2:
+        return "stable-diffusion-v1"
+    return "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
+
+
+def _arg_text(value) -> str:
+    """A --network_args value as the user wrote it (kohya stores the strings): (1, 2) -> "1,2"."""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _s(value) -> str:
     return "None" if value is None else str(value)
 
@@ -67,12 +85,13 @@ def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_
         "ss_network_dim": _s(args.network_dim),
         "ss_network_alpha": _s(args.network_alpha),
         "ss_network_dropout": _s(args.network_dropout),
-        "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}) if network_args else "None",
+        "ss_scale_weight_norms": _s(getattr(args, "scale_weight_norms", None)),
+        "ss_network_args": json.dumps({k: _arg_text(v) for k, v in network_args.items()}) if network_args else "None",
         "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": _s(args.full_fp16),
         "ss_full_bf16": _s(args.full_bf16),
         "ss_v2": _s(bool(args.v2)),
-        "ss_base_model_version": "sd_v2" if args.v2 else "sd_v1",
+        "ss_base_model_version": base_model_version(args.v2, args.v_parameterization),
         "ss_clip_skip": _s(args.clip_skip),
         "ss_max_token_length": _s(args.max_token_length),
         "ss_cache_latents": _s(args.cache_latents or args.cache_latents_to_disk),
@@ -80,6 +99,20 @@ def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_
         "ss_noise_offset": _s(args.noise_offset),
         "ss_min_timestep": _s(args.min_timestep),
         "ss_max_timestep": _s(args.max_timestep),
+        # the loss/noise options, under the keys kohya writes (absent flags read as off)
+        "ss_noise_offset_random_strength": _s(getattr(args, "noise_offset_random_strength", False)),
+        "ss_adaptive_noise_scale": _s(getattr(args, "adaptive_noise_scale", None)),
+        "ss_multires_noise_iterations": _s(getattr(args, "multires_noise_iterations", None)),
+        "ss_multires_noise_discount": _s(getattr(args, "multires_noise_discount", 0.3)),
+        "ss_ip_noise_gamma": _s(getattr(args, "ip_noise_gamma", None)),
+        "ss_ip_noise_gamma_random_strength": _s(getattr(args, "ip_noise_gamma_random_strength", False)),
+        "ss_zero_terminal_snr": _s(getattr(args, "zero_terminal_snr", False)),
+        "ss_min_snr_gamma": _s(getattr(args, "min_snr_gamma", None)),
+        "ss_debiased_estimation": _s(bool(getattr(args, "debiased_estimation_loss", False))),
+        "ss_loss_type": _s(getattr(args, "loss_type", "l2")),
+        "ss_huber_schedule": _s(getattr(args, "huber_schedule", "snr")),
+        "ss_huber_c": _s(getattr(args, "huber_c", 0.1)),
+        "ss_huber_scale": _s(getattr(args, "huber_scale", 1.0)),
         "ss_prior_loss_weight": _s(args.prior_loss_weight),
         "ss_max_grad_norm": _s(args.max_grad_norm),
         "ss_optimizer": optimizer_desc,
@@ -91,7 +124,7 @@ def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_
         "ss_v_parameterization": _s(args.v_parameterization),
         # ModelSpec keys that WebUI extensions and ComfyUI read to describe the file
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-v2" if args.v2 else "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": modelspec_architecture(args.v2, args.v_parameterization) + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": args.output_name,
         "modelspec.resolution": f"{res[0]}x{res[1]}",

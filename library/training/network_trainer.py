@@ -20,6 +20,7 @@ from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion, metadata as meta_mod
 from library.training.checkpoint import model_file_name
+from library.training.optim import optimizer_name
 from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
 from library.training.text import encode_tokens, tokenize
 
@@ -31,7 +32,7 @@ def check_arguments(args) -> None:
                             "diffusers folder.")
     if not args.output_dir:
         raise UserError("no output folder given.", fix="pass --output_dir, the folder for the trained files.")
-    if not (args.train_data_dir or args.dataset_config):
+    if not (args.train_data_dir or args.dataset_config or args.in_json):
         raise UserError("no training images given.",
                         fix="pass --train_data_dir (folders named <repeats>_<name>) or --dataset_config.")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
@@ -45,9 +46,28 @@ def check_arguments(args) -> None:
         raise UserError("--min_timestep must be smaller than --max_timestep.", fix="correct one of them.")
     if args.max_timestep is not None and args.max_timestep > 1000:
         raise UserError("--max_timestep must be at most 1000.", fix="pass a value between 1 and 1000.")
+    diffusion.check_loss_arguments(args)
+    optimizer_name(args)  # raises for conflicting optimizer flags before any model is loaded
     if args.resume and not Path(args.resume).is_dir():
         raise UserError("the --resume folder does not exist.", path=args.resume,
                         fix="pass a '-state' folder written by --save_state.")
+    check_network_arguments(args)
+
+
+def check_network_arguments(args) -> None:
+    """The network files exist and fit together, checked before any model is loaded."""
+    if args.dim_from_weights and not args.network_weights:
+        raise UserError("--dim_from_weights needs --network_weights.", fix="add --network_weights FILE.")
+    flags = [("--network_weights", args.network_weights)] if args.network_weights else []
+    flags += [("--base_weights", path) for path in (getattr(args, "base_weights", None) or [])]
+    for flag, path in flags:
+        if not Path(path).is_file():
+            raise UserError(f"the {flag} file does not exist.", path=path, fix=f"pass an existing LoRA file to {flag}.")
+    multipliers = getattr(args, "base_weights_multiplier", None) or []
+    if len(multipliers) > len(getattr(args, "base_weights", None) or []):
+        raise UserError(f"--base_weights_multiplier has {len(multipliers)} values for "
+                        f"{len(args.base_weights or [])} --base_weights files.",
+                        fix="give at most one multiplier per --base_weights file (missing ones are 1).")
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +83,19 @@ def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(device, dtype=dtype)
     else:
         module.to(device)
+
+
+def compile_unet(unet, args, device):
+    """torch.compile the U-Net after the network is applied (its hooks are traced into the graph).
+
+    On CUDA the default mode is reduce-overhead (CUDA graphs): a batch-1 SD1.5 LoRA step is
+    launch-bound, and graphs took it from 178 to 30 ms on an H100 (bench/lora_step_variants.py).
+    Each bucket shape compiles once.
+    """
+    if args.dynamo_backend != "inductor":  # modes belong to inductor; other backends take none
+        return torch.compile(unet, backend=args.dynamo_backend)
+    mode = args.dynamo_mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
 def import_network_module(name: str):
@@ -92,6 +125,10 @@ def train(args) -> dict:
     caching = args.cache_latents or args.cache_latents_to_disk
     if caching:
         group.check_caching_allowed()
+    if args.cache_text_encoder_outputs:
+        from library.data.text_cache import check_text_encoder_caching
+
+        check_text_encoder_caching(group, train_text_encoder=not args.network_train_unet_only)
     print(group.summary(), flush=True)
 
     from library.training.accel import make_accelerator
@@ -103,7 +140,9 @@ def train(args) -> dict:
     from library.models.loading import load_sd_model
 
     t0 = time.perf_counter()
-    model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2)
+    model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
+                          v_parameterization=args.v_parameterization)
+    args.v2 = model.v2  # the weights decide (a wrong --v2 was warned about); the metadata follows
     t_load = time.perf_counter() - t0
     tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
     for module in (text_encoder, vae, unet):
@@ -126,22 +165,10 @@ def train(args) -> dict:
     # the network
     network_module = import_network_module(args.network_module)
     net_kwargs = parse_kv_list(args.network_args, "--network_args")
-    if args.dim_from_weights:
-        if not args.network_weights:
-            raise UserError("--dim_from_weights needs --network_weights.", fix="add --network_weights FILE.")
-        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
-                                                                **net_kwargs)
-    else:
-        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
-                                                neuron_dropout=args.network_dropout, **net_kwargs)
     train_unet = not args.network_train_text_encoder_only
     train_te = not args.network_train_unet_only
-    network.apply_to(text_encoder, unet, train_te, train_unet)
-    if args.network_weights and not args.dim_from_weights:
-        info = network.load_weights(args.network_weights)
-        accelerator.print(f"loaded network weights from {args.network_weights}: {info}")
-    if args.network_multiplier != 1.0:
-        network.set_multiplier(args.network_multiplier)
+    network = build_network(args, network_module, net_kwargs, vae, text_encoder, unet, train_te, train_unet,
+                            print_fn=accelerator.print)
 
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -151,8 +178,19 @@ def train(args) -> dict:
 
     network_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
     to_device(unet, device, weight_dtype)
+    train_unet_model = compile_unet(unet, args, device) if args.torch_compile else unet
     to_device(text_encoder, device, weight_dtype)
     to_device(network, device, network_dtype)
+    text_cache = None
+    if args.cache_text_encoder_outputs:  # the encoder is frozen (checked above): encode each caption once
+        from library.data.text_cache import TextEncoderOutputCache
+
+        t0 = time.perf_counter()
+        text_cache = TextEncoderOutputCache(lambda captions: encode_tokens(
+            text_encoder, tokenize(tokenizer, captions, args.max_token_length).to(device), args.clip_skip))
+        with torch.no_grad(), accelerator.autocast():  # as compute_loss runs, so outputs are equal
+            text_cache.fill(group.possible_captions(), batch_size=args.train_batch_size)
+        t_cache += time.perf_counter() - t0
 
     lr = args.learning_rate
     params = network.prepare_optimizer_params(args.text_encoder_lr if train_te else None,
@@ -161,12 +199,12 @@ def train(args) -> dict:
         params = params[0]
     lr_names = [g.get("name") or ("textencoder" if i == 0 and train_te else "unet") for i, g in enumerate(params)]
 
-    from library.training.optim import build_optimizer, build_scheduler
+    from library.training.optim import adaptive_lr_logs, build_optimizer, build_scheduler
 
     optimizer, optimizer_desc = build_optimizer(args, params, device.type)
     max_train_steps, num_epochs = steps_and_epochs(group.num_batches_per_epoch, args.gradient_accumulation_steps,
                                                    args.max_train_steps, args.max_train_epochs)
-    lr_scheduler = build_scheduler(args, optimizer, max_train_steps)
+    lr_scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
     network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
     trainable = accelerator.unwrap_model(network)
     params_to_clip = [p for p in trainable.parameters() if p.requires_grad]
@@ -178,7 +216,7 @@ def train(args) -> dict:
         mixed_precision=accelerator.mixed_precision)
     progress = ProgressLogger(accelerator)
     noise_generator = torch.Generator(device=device).manual_seed(args.seed)
-    scheduler = model.noise_scheduler
+    objective = diffusion.DiffusionObjective(args, model.noise_scheduler, device)  # noise/timesteps/loss flags
 
     saved_files: list[Path] = []
 
@@ -189,6 +227,9 @@ def train(args) -> dict:
         if args.no_metadata:  # kohya keeps the few keys loaders need to identify the file
             metadata = {k: v for k, v in metadata.items() if k in meta_mod.MINIMUM_KEYS or k.startswith("modelspec.")}
         trainable.save_weights(str(path), save_dtype, metadata if args.save_model_as == "safetensors" else None)
+        if args.network_module == "networks.lora":  # the file contract, checked on every file we write
+            from library.lora_tools.verify import check_saved_lora
+            check_saved_lora(path, unet, text_encoder)
         accelerator.print(f"saved {path}")
         saved_files.append(path)
         return path
@@ -203,23 +244,24 @@ def train(args) -> dict:
                 # same encoding as the latent cache, so cached and uncached runs train on equal inputs
                 images = batch["images"].to(device, dtype=vae_dtype, non_blocking=True)
                 latents = encode_latents(vae, images).to(weight_dtype)
-        ids = tokenize(tokenizer, batch["captions"]).to(device)
-        with torch.set_grad_enabled(te_trains):
-            hidden = encode_tokens(text_encoder, ids, args.clip_skip)
-        noise = diffusion.sample_noise(latents, noise_generator, args.noise_offset)
-        timesteps = diffusion.sample_timesteps(latents.shape[0], scheduler, noise_generator, device,
-                                               args.min_timestep, args.max_timestep)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, hidden.to(weight_dtype)).sample
-        target = diffusion.prediction_target(scheduler, latents, noise, timesteps, args.v_parameterization)
-        return diffusion.weighted_mean(diffusion.per_sample_mse(pred, target), batch.get("loss_weights"))
+        if text_cache is not None:
+            hidden = text_cache.lookup(batch["captions"], device)
+        else:
+            ids = tokenize(tokenizer, batch["captions"], args.max_token_length).to(device)
+            with torch.set_grad_enabled(te_trains):
+                hidden = encode_tokens(text_encoder, ids, args.clip_skip)
+        noise, noisy, timesteps = objective.noisy_latents(latents, noise_generator)
+        pred = train_unet_model(noisy, timesteps, hidden.to(weight_dtype)).sample
+        return objective.loss(pred, objective.target(latents, noise, timesteps), timesteps, batch)
 
     def after_step(step):
+        logs = adaptive_lr_logs(optimizer, lr_names)  # d*lr of Prodigy / DAdapt, as kohya logs it
         if args.scale_weight_norms:
             keys_scaled, mean_norm, max_norm = trainable.apply_max_norm_regularization(args.scale_weight_norms, device)
-            return {"max_norm/keys_scaled": keys_scaled, "max_norm/average_key_norm": mean_norm,
-                    "max_norm/max_key_norm": max_norm}
-        return {}
+            # kohya's TensorBoard names
+            logs.update({"max_norm/keys_scaled": keys_scaled, "norm/avg_key_norm": mean_norm,
+                         "max_norm/max_key_norm": max_norm})
+        return logs
 
     sampling = _sampling_hooks(args, accelerator, model, output_dir, weight_dtype, device, tracker_dir)
 
@@ -268,6 +310,34 @@ def train(args) -> dict:
     return {"files": saved_files, "state": state, "output_dir": output_dir, "tracker_dir": tracker_dir,
             "step_end_times": progress.step_end_times, "started_at": t_start, "loop_started_at": t_before_loop,
             "model_load_s": t_load, "caching_s": t_cache}
+
+
+def build_network(args, network_module, net_kwargs, vae, text_encoder, unet, train_te=True, train_unet=True,
+                  print_fn=print):
+    """kohya's order: merge --base_weights into the model, create the network (ranks from
+    --network_weights with --dim_from_weights), patch the model, load --network_weights, set
+    --network_multiplier."""
+    multipliers = getattr(args, "base_weights_multiplier", None) or []
+    for i, path in enumerate(getattr(args, "base_weights", None) or []):
+        multiplier = multipliers[i] if i < len(multipliers) else 1.0
+        merged, weights = network_module.create_network_from_weights(multiplier, path, vae, text_encoder, unet,
+                                                                     for_inference=True)
+        # on the CPU in the model's dtype: the model is not on the GPU yet
+        merged.merge_to(text_encoder, unet, weights, None, "cpu")
+        print_fn(f"merged {path} into the base model (multiplier {multiplier})")
+    if args.dim_from_weights:
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
+                                                                **net_kwargs)
+    else:
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+                                                neuron_dropout=args.network_dropout, **net_kwargs)
+    network.apply_to(text_encoder, unet, train_te, train_unet)
+    if args.network_weights:  # also with --dim_from_weights, which only takes the ranks (as kohya)
+        info = network.load_weights(args.network_weights)
+        print_fn(f"loaded network weights from {args.network_weights}: {info}")
+    if args.network_multiplier != 1.0:
+        network.set_multiplier(args.network_multiplier)
+    return network
 
 
 def _sampling_hooks(args, accelerator, model, output_dir, dtype, device, tracker_dir):

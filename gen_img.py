@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Generate images with Stable Diffusion 1.x and LoRAs (command-line compatible with kohya's gen_img.py).
+
+    python gen_img.py --ckpt model.safetensors --outdir out --prompt "a cat --n blurry --d 42" \
+        --network_module networks.lora --network_weights a.safetensors b.safetensors --network_mul 0.8 0.5 \
+        --sampler euler_a --steps 30 --scale 7.5 --images_per_prompt 4 --batch_size 2
+
+Prompts (--prompt, or --from_file with one per line) take kohya's inline options
+--n (negative prompt) --w --h (size) --s (steps) --l (CFG scale) --d (seed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from library import args as A
+from library.errors import UserError, run_cli
+from library.prompts import SAMPLERS
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Text-to-image with Stable Diffusion 1.x and LoRAs.")
+    A.add_config_arguments(parser)
+    m = parser.add_argument_group("model")
+    m.add_argument("--ckpt", type=str, default=None,
+                   help="model: single-file .safetensors/.ckpt (original SD layout) or diffusers folder")
+    m.add_argument("--vae", type=str, default=None, help="replace the model's VAE (.safetensors or diffusers folder)")
+    m.add_argument("--v2", action="store_true", help="the model is SD2.x (detected from the weights when left out)")
+    m.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2.x 768-v models)")
+    m.add_argument("--clip_skip", type=A.positive_int, default=None,
+                   help="use the n-th text-encoder layer from the end (2 = penultimate)")
+    m.add_argument("--fp16", action="store_true", help="fp16 on a CUDA GPU (the CPU always uses fp32)")
+    m.add_argument("--bf16", action="store_true", help="bf16 on a CUDA GPU (the CPU always uses fp32)")
+    m.add_argument("--xformers", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
+    m.add_argument("--sdpa", action="store_true", help="accepted for compatibility; PyTorch SDPA is used")
+
+    n = parser.add_argument_group("networks")
+    n.add_argument("--network_module", type=str, nargs="*", default=None,
+                   help="module of each network (default networks.lora; one name applies to all)")
+    n.add_argument("--network_weights", type=str, nargs="*", default=None, help="LoRA files to apply")
+    n.add_argument("--network_mul", type=float, nargs="*", default=None,
+                   help="one multiplier per LoRA file (default 1 each)")
+
+    g = parser.add_argument_group("generation")
+    g.add_argument("--prompt", type=str, default=None, help="the prompt, with optional inline --n --w --h --s --l --d")
+    g.add_argument("--from_file", type=str, default=None, help="text file of prompts, one per line")
+    g.add_argument("--outdir", type=str, default=None, help="folder for the images")
+    g.add_argument("--images_per_prompt", type=A.positive_int, default=1, help="images per prompt")
+    g.add_argument("--batch_size", type=A.positive_int, default=1, help="images per pipeline call")
+    g.add_argument("--W", type=A.positive_int, default=512, help="width (prompt option --w overrides)")
+    g.add_argument("--H", type=A.positive_int, default=512, help="height (prompt option --h overrides)")
+    g.add_argument("--steps", type=A.positive_int, default=50, help="sampling steps (prompt option --s overrides)")
+    g.add_argument("--scale", type=A.non_negative_float, default=7.5,
+                   help="CFG scale (prompt option --l overrides)")
+    g.add_argument("--sampler", type=str, default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the first image; the next ones count up (prompt option --d overrides)")
+    return parser
+
+
+def read_prompts(args):
+    from library.prompts import parse_prompt_line, read_prompt_file
+
+    defaults = dict(steps=args.steps, scale=args.scale)
+    if bool(args.prompt) == bool(args.from_file):
+        raise UserError("give exactly one of --prompt and --from_file.",
+                        fix='pass --prompt "a photo of a cat" or --from_file prompts.txt.')
+    if args.from_file:
+        return read_prompt_file(args.from_file, (args.W, args.H), flag="--from_file", **defaults)
+    return [parse_prompt_line(args.prompt, (args.W, args.H), **defaults)]
+
+
+def network_list(args):
+    """(module names, files, multipliers), one each per --network_weights file."""
+    from library.lora_tools.cli import ratios_for
+    from library.models.checkpoint_io import check_exists
+
+    files = args.network_weights or []
+    if not files:
+        if args.network_mul or args.network_module:
+            raise UserError("--network_module / --network_mul were given without --network_weights.",
+                            fix="add --network_weights with the LoRA file(s).")
+        return [], [], []
+    muls = ratios_for(files, args.network_mul, "--network_weights", "--network_mul")
+    for path in files:  # before the model is loaded
+        check_exists(path, "LoRA file", flag="--network_weights")
+    modules = args.network_module or ["networks.lora"]
+    if len(modules) == 1:
+        modules = modules * len(files)
+    if len(modules) != len(files):
+        raise UserError(f"--network_module has {len(modules)} names for {len(files)} --network_weights files.",
+                        fix="give one --network_module, or one per file.")
+    return modules, files, muls
+
+
+def precision(args):
+    import torch
+
+    from library.logs import warn_once
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    if args.fp16 or args.bf16:
+        warn_once("no CUDA GPU: generating in fp32 on the CPU (--fp16/--bf16 apply on a GPU).")
+    return torch.device("cpu"), torch.float32
+
+
+def main(argv=None):
+    args = A.parse_args(setup_parser(), argv)
+    if not args.ckpt:
+        raise UserError("no model given.", fix="pass --ckpt with a .safetensors checkpoint or a diffusers folder.")
+    if not args.outdir:
+        raise UserError("no output folder given.", fix="pass --outdir, the folder for the images.")
+    prompts = read_prompts(args)
+    modules, files, muls = network_list(args)
+
+    from tqdm.auto import tqdm
+
+    from library import generation as gen
+    from library.fileio import check_writable_dir
+    from library.models.loading import load_sd_model
+
+    out_dir = check_writable_dir(args.outdir, "--outdir")
+    device, dtype = precision(args)
+    model = load_sd_model(args.ckpt, vae_path=args.vae, v2=args.v2, dtype=dtype, device=device,
+                          v_parameterization=args.v_parameterization or None)
+    networks = gen.apply_networks(model, modules, files, muls, device, dtype)
+    pipe = gen.build_pipeline(model, args.sampler)
+    jobs, seed = gen.plan_jobs(prompts, args.images_per_prompt, args.seed)
+    print(f"{len(jobs)} images, seed {seed}, {args.sampler}, {device.type} {str(dtype).removeprefix('torch.')}")
+    stamp = gen.timestamp()
+    with tqdm(total=len(jobs), desc="images", unit="image") as bar:
+        for batch in gen.batches(jobs, args.batch_size):
+            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip)):
+                text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip)
+                gen.save_png(image, out_dir, stamp, job, text)
+                bar.update(1)
+    print(f"wrote {len(jobs)} images to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,170 @@
+"""Text-to-image for gen_img.py: prompts -> jobs (one per image, each with its seed) -> batches -> PNGs.
+
+Each image's starting noise comes from its own CPU generator seeded with its seed, so an image is
+the same whatever the batch size and on CPU or GPU (up to float rounding), and diffusers'
+pipeline with that seed reproduces it. PNGs carry WebUI's `parameters` text (PNG Info).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library.prompts import SamplePrompt, make_scheduler, webui_sampler_name
+
+
+@dataclass
+class Job:
+    prompt: SamplePrompt
+    seed: int
+    index: int  # running number of the image in this run
+
+
+@dataclass
+class AppliedNetwork:
+    path: Path
+    multiplier: float
+    network: object
+    short_hash: str | None  # WebUI's LoRA hash (sha256 of the tensor data, 12 digits), for the infotext
+
+
+def plan_jobs(prompts: list[SamplePrompt], images_per_prompt: int, seed: int | None) -> tuple[list[Job], int]:
+    """One job per image. A prompt's `--d S` gives its images S, S+1, ...; the others count up from
+    the run's seed (random when not given). Returns (jobs, the run's seed)."""
+    base = random.randint(0, 2**31 - 1) if seed is None else seed
+    jobs = []
+    for p in prompts:
+        for k in range(images_per_prompt):
+            n = len(jobs)
+            jobs.append(Job(p, (p.seed + k) if p.seed is not None else base + n, n))
+    return jobs, base
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Consecutive jobs that can share a pipeline call (same size, steps and CFG scale)."""
+    def settings(job):
+        return job.prompt.width, job.prompt.height, job.prompt.steps, job.prompt.scale
+
+    out: list[list[Job]] = []
+    for job in jobs:
+        if out and len(out[-1]) < batch_size and settings(job) == settings(out[-1][0]):
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def apply_networks(model, module_names: list[str], files: list[str], multipliers: list[float], device,
+                   dtype) -> list[AppliedNetwork]:
+    """Patch each LoRA into the model at its multiplier; a module the model lacks is an error."""
+    from library.lora_tools.model_fit import check_fits, target_layers
+    from library.lora_tools.weights import read_lora
+    from library.training.network_trainer import import_network_module
+    from networks.lora_format import data_section_sha256
+
+    layers = target_layers(model.unet, model.text_encoder)
+    applied = []
+    for name, path, mul in zip(module_names, files, multipliers):
+        lora = read_lora(path)
+        check_fits(lora, layers, "--ckpt")
+        module = import_network_module(name)
+        network, weights = module.create_network_from_weights(mul, str(path), model.vae, model.text_encoder,
+                                                              model.unet, weights_sd=lora.state_dict())
+        network.apply_to(model.text_encoder, model.unet)
+        network.load_state_dict(weights)
+        network.to(device, dtype).eval()
+        short = data_section_sha256(lora.path)[:12] if lora.path.suffix == ".safetensors" else None
+        applied.append(AppliedNetwork(lora.path, mul, network, short))
+    return applied
+
+
+def build_pipeline(model, sampler: str):
+    """The diffusers pipeline over our loaded components. (A ControlNet pipeline goes here once
+    the project has ControlNets: same components plus the ControlNet, control images per batch.)"""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=make_scheduler(sampler, scheduler_source(model)),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(leave=False, desc="denoising")
+    return pipe
+
+
+def scheduler_source(model):
+    """What the sampler's config comes from: a diffusers folder's own scheduler_config.json (as
+    diffusers' from_pretrained + Scheduler.from_config(pipe.scheduler.config) does, e.g. its
+    timestep_spacing), else the SD1.5 schedule the loader made."""
+    import json
+    from types import SimpleNamespace
+
+    path = Path(model.model_path) / "scheduler" / "scheduler_config.json"
+    if path.is_file():  # the loader has already read this JSON, so it parses
+        return SimpleNamespace(config=json.loads(path.read_text(encoding="utf-8")))
+    return model.noise_scheduler
+
+
+@torch.no_grad()
+def run_batch(pipe, batch: list[Job], clip_skip: int | None = None):
+    """Float images in [0, 1], HWC numpy arrays, one per job.
+
+    The prompts are encoded here (the training code's encoder call, kohya's clip_skip rule):
+    diffusers' own clip_skip reaches for `text_encoder.text_model`, which transformers 5 removed.
+    Without clip_skip this is exactly what the pipeline computes from the prompt strings.
+    """
+    from library.training.text import encode_captions
+
+    p = batch[0].prompt
+    device = pipe.text_encoder.device
+    prompts = encode_captions(pipe.tokenizer, pipe.text_encoder, [j.prompt.prompt for j in batch], clip_skip, device)
+    negatives = encode_captions(pipe.tokenizer, pipe.text_encoder, [j.prompt.negative for j in batch], clip_skip,
+                                device)
+    generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+    return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, width=p.width, height=p.height,
+                num_inference_steps=p.steps, guidance_scale=p.scale, generator=generators, output_type="np").images
+
+
+def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetwork],
+             clip_skip: int | None = None) -> str:
+    """WebUI's `parameters` text; the LoRAs appear as <lora:name:mul> so WebUI can redo the image."""
+    p = job.prompt
+    tags = "".join(f" <lora:{n.path.stem}:{n.multiplier:g}>" for n in networks)
+    lines = [p.prompt + tags]
+    if p.negative:
+        lines.append(f"Negative prompt: {p.negative}")
+    fields = [f"Steps: {p.steps}", f"Sampler: {webui_sampler_name(sampler)}", f"CFG scale: {p.scale:g}",
+              f"Seed: {job.seed}", f"Size: {p.width}x{p.height}", f"Model: {model_name}"]
+    if clip_skip and clip_skip > 1:
+        fields.append(f"Clip skip: {clip_skip}")
+    hashes = [f"{n.path.stem}: {n.short_hash}" for n in networks if n.short_hash]
+    if hashes:
+        fields.append(f'Lora hashes: "{", ".join(hashes)}"')
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(image, out_dir: Path, stamp: str, job: Job, text: str) -> Path:
+    """Write im_<stamp>_<index>_<seed>.png atomically (a new name if that one exists)."""
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from library.fileio import atomic_path
+
+    name = f"im_{stamp}_{job.index:03d}_{job.seed}"
+    path, n = out_dir / f"{name}.png", 0
+    while path.exists():
+        n += 1
+        path = out_dir / f"{name}_{n}.png"
+    info = PngInfo()
+    info.add_text("parameters", text)
+    pixels = (np.clip(image, 0, 1) * 255).round().astype("uint8")
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d%H%M%S")
