@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+EXTRA  := $(VENV)/.extra-$(shell cksum requirements-extra.txt | cut -d' ' -f1)
 # one torch thread unless told otherwise: on 2 shared cores, 2 threads were measured up to 8x slower
 THREADS := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
@@ -15,13 +16,18 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)
 
+# optional optimizers, so their tests run (no-deps: they need nothing beyond torch)
+$(EXTRA): requirements-extra.txt $(STAMP)
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-extra.txt
+	@rm -f $(VENV)/.extra-*; touch $(EXTRA)
+
 demo: setup
 	$(THREADS) $(VPY) tools/demo.py
 
-test: setup
+test: setup $(EXTRA)
 	$(THREADS) $(VPY) -m pytest -q -p no:cacheprovider tests
 
-test-fast: setup
+test-fast: setup $(EXTRA)
 	$(THREADS) $(VPY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 gui: setup
