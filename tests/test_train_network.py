@@ -217,3 +217,14 @@ def test_samples_during_training_with_clip_skip(tiny_model, tmp_path):
                                 f"--sample_prompts={prompts}", "--sample_at_first", "--sample_every_n_steps=2"))
     samples = sorted((out / "sample").glob("*.png"))
     assert len(samples) == 2 and all("_5.png" in p.name for p in samples)  # before training and at step 2
+
+
+def test_frozen_text_encoder_outputs_are_cached_automatically(tiny_model, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2)
+    run_train_network(base_args(tiny_model.single_file, data, tmp_path / "auto", "--max_train_steps=2",
+                                "--network_train_unet_only"))
+    assert "its outputs are cached" in capsys.readouterr().out
+    run_train_network(base_args(tiny_model.single_file, data, tmp_path / "shuffled", "--max_train_steps=2",
+                                "--network_train_unet_only", "--shuffle_caption"))
+    assert "its outputs are cached" not in capsys.readouterr().out  # shuffled captions change every step

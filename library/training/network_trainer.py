@@ -85,6 +85,19 @@ def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(device)
 
 
+AUTO_TEXT_CACHE_MAX_CAPTIONS = 2000  # about 0.5 GB of SD1 hidden states in fp32
+
+
+def text_outputs_cacheable(group) -> bool:
+    from library.data.text_cache import check_text_encoder_caching_allowed
+
+    try:
+        check_text_encoder_caching_allowed(group)
+        return len(group.possible_captions()) <= AUTO_TEXT_CACHE_MAX_CAPTIONS
+    except UserError:
+        return False
+
+
 def compile_unet(unet, args, device):
     """torch.compile the U-Net after the network is applied (its hooks are traced into the graph).
 
@@ -129,6 +142,11 @@ def train(args) -> dict:
         from library.data.text_cache import check_text_encoder_caching
 
         check_text_encoder_caching(group, train_text_encoder=not args.network_train_unet_only)
+    elif args.network_train_unet_only and text_outputs_cacheable(group):
+        # A frozen encoder and fixed captions give the same hidden states every step: encode once.
+        args.cache_text_encoder_outputs = True
+        print("note: the text encoder is frozen and the captions are fixed, so its outputs are cached "
+              "(as --cache_text_encoder_outputs).")
     print(group.summary(), flush=True)
 
     from library.training.accel import make_accelerator
