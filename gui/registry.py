@@ -80,5 +80,10 @@ def available(entries=None) -> list[LoadedScript]:
     return out
 
 
+def present(entries=None) -> list[ScriptEntry]:
+    """The scripts whose file exists (nothing imported yet)."""
+    return [e for e in entries or SCRIPTS if e.path.is_file()]
+
+
 def missing(entries=None) -> list[ScriptEntry]:
     return [e for e in entries or SCRIPTS if not e.path.is_file()]

@@ -383,14 +383,16 @@ def _check_value(action: argparse.Action, value, source: str):
     """Apply the action's type and choices to a value that came from a config file."""
     if value is None:
         return None
-    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
-        items = value if isinstance(value, list) else [value]
-        return [_check_value(_Single(action), v, source) for v in items]
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    # flags first: their nargs is 0, which would otherwise read as a list
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise UserError(f"'{action.dest}' in {source} must be true or false, got {value!r}.",
                             fix=f"write {action.dest} = true or {action.dest} = false.")
         return value
+    if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 0):
+        items = value if isinstance(value, list) else [value]
+        return [_check_value(_Single(action), v, source) for v in items]
     if action.type is not None:
         try:
             value = action.type(value)

@@ -72,3 +72,16 @@ def test_unwritable_output_dir_fails_before_loading(tmp_path, tiny_model):
 def test_missing_data_source_and_model_flags():
     proc = cli("--output_dir=/tmp/x")
     assert proc.returncode == 2 and "--pretrained_model_name_or_path" in proc.stderr
+
+
+def test_config_file_flags_are_booleans(tmp_path):
+    import train_network
+    from library import args as A
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("cache_latents = false\nflip_aug = true\nnetwork_args = [\"conv_dim=4\"]\n")
+    args = A.parse_args(train_network.setup_parser(), [f"--config_file={cfg}"])
+    assert args.cache_latents is False and args.flip_aug is True and args.network_args == ["conv_dim=4"]
+    cfg.write_text('cache_latents = "yes"\n')
+    with pytest.raises(UserError, match="cache_latents"):
+        A.parse_args(train_network.setup_parser(), [f"--config_file={cfg}"])

@@ -1,0 +1,272 @@
+"""One tab per script: preset bar, the generated form, the exact command, and run buttons."""
+from __future__ import annotations
+
+import os
+import tkinter as tk
+from pathlib import Path
+from tkinter import filedialog, ttk
+
+from gui import layout, presets, preflight
+from gui.forms import Form
+from gui.registry import LoadedScript
+from gui.runner import display_command, launch_argv
+from gui.specs import flag_args
+
+NO_PRESET = "(defaults: choose a preset)"
+
+
+class ScriptTab(ttk.Frame):
+    def __init__(self, master, app, loaded: LoadedScript):
+        super().__init__(master, padding=(4, 4))
+        self.app, self.loaded, self.entry = app, loaded, loaded.entry
+        self.script = self.entry.stem
+        self.preset_path: Path | None = None
+        self.saved_text: str | None = None     # the preset file's text when loaded/saved
+        self.unknown: dict = {}                # keys of a loaded preset this script does not know
+        self.preset_name: str | None = None
+        self._preview_job = None
+        self._build_presetbar()
+        self.notes = ttk.Label(self, text="", style="Warn.TLabel", wraplength=int(1100 * app.scale),
+                               justify="left")
+        self.form = Form(self, loaded.parser, kind=self.entry.kind, on_change=self.changed,
+                         help_wrap=int(380 * app.scale))
+        self._build_commandbar()   # packed at the bottom before the form: a short window shrinks the form
+        self.form.scroll.pack(fill="both", expand=True)
+        self.update_preview()
+
+    # -- building --------------------------------------------------------------------------
+    def _build_presetbar(self):
+        bar = ttk.Frame(self)
+        bar.pack(fill="x", pady=(0, 4))
+        # packed first so a narrow window clips the preset buttons, not the search box
+        self.filter_var = tk.StringVar(self)
+        self.filter_entry = ttk.Entry(bar, textvariable=self.filter_var, width=18)
+        self.filter_entry.pack(side="right")
+        ttk.Label(bar, text="Find option (Ctrl+F):").pack(side="right", padx=(8, 4))
+        self.filter_var.trace_add("write", lambda *a: self.form.set_filter(self.filter_var.get()))
+        ttk.Label(bar, text="Preset:").pack(side="left")
+        self.preset_var = tk.StringVar(self, value=NO_PRESET)
+        self.preset_box = ttk.Combobox(bar, textvariable=self.preset_var, state="readonly", width=30)
+        self.preset_box.pack(side="left", padx=4)
+        self.preset_box.bind("<<ComboboxSelected>>", lambda e: self.load_selected())
+        self.save_button = ttk.Button(bar, text="Save", command=self.save, underline=0)
+        self.save_button.pack(side="left")
+        ttk.Button(bar, text="Save as…", command=self.save_as).pack(side="left", padx=(4, 0))
+        ttk.Button(bar, text="Open file…", command=self.open_file).pack(side="left", padx=(4, 0))
+        ttk.Button(bar, text="Defaults", command=self.reset).pack(side="left", padx=(4, 0))
+        self.refresh_presets()
+
+    def _build_commandbar(self):
+        box = ttk.Frame(self)
+        box.pack(side="bottom", fill="x", pady=(4, 0))
+        row = ttk.Frame(box)
+        row.pack(fill="x")
+        ttk.Label(row, text="Command:").pack(side="left")
+        self.cmd_var = tk.StringVar(self)
+        self.cmd_entry = ttk.Entry(row, textvariable=self.cmd_var, state="readonly", font="TkFixedFont")
+        self.cmd_entry.pack(side="left", fill="x", expand=True, padx=4)
+        ttk.Button(row, text="Copy", command=self.copy_command).pack(side="left")
+        self.style_var = tk.StringVar(self, value="config file")
+        ttk.Combobox(row, textvariable=self.style_var, values=["config file", "flags"], state="readonly",
+                     width=10).pack(side="left", padx=(4, 0))
+        self.launcher_var = tk.StringVar(self, value=self.app.launcher)
+        ttk.Combobox(row, textvariable=self.launcher_var, values=["python", "accelerate"], state="readonly",
+                     width=10).pack(side="left", padx=(4, 0))
+        for var in (self.style_var, self.launcher_var):
+            var.trace_add("write", lambda *a: self.update_preview())
+        actions = ttk.Frame(box)
+        actions.pack(fill="x", pady=(4, 0))
+        self.start_button = ttk.Button(actions, text="▶ Start (F5)", style="Accent.TButton",
+                                       command=lambda: self.app.start_tab(self))
+        self.start_button.pack(side="left")
+        ttk.Button(actions, text="Check", command=lambda: self.app.check_tab(self)).pack(side="left", padx=4)
+        ttk.Button(actions, text="Add to queue", command=lambda: self.app.queue_tab.add_from(self)).pack(side="left")
+        if self.log_option():
+            ttk.Button(actions, text="TensorBoard", command=lambda: self.app.open_tensorboard(self)).pack(
+                side="left", padx=4)
+        # packed last: on a narrow window these are clipped, the buttons stay
+        self.state_label = ttk.Label(actions, text="", style="Warn.TLabel")
+        self.state_label.pack(side="left", padx=(12, 0))
+        self.cwd_label = ttk.Label(actions, text="", style="Muted.TLabel")
+        self.cwd_label.pack(side="left", padx=(12, 0))
+
+    # -- presets ---------------------------------------------------------------------------
+    def refresh_presets(self):
+        self.preset_files = presets.list_presets(self.script)
+        labels = [f"{p.label} (built-in)" if p.builtin else p.label for p in self.preset_files]
+        self.preset_box.configure(values=labels)
+
+    def load_selected(self):
+        index = self.preset_box.current()
+        if 0 <= index < len(self.preset_files):
+            self.load_file(self.preset_files[index].path)
+
+    def known(self) -> set[str]:
+        return {a.dest for a in self.loaded.parser._actions}
+
+    def load_file(self, path, remember: bool = True) -> presets.Preset:
+        path = Path(path)
+        preset = presets.load(path, self.known(), self.script)
+        self.apply_preset(preset)
+        builtin = presets.BUILTIN_DIR in path.parents
+        # a built-in preset is a starting point: Save writes a user copy, never the built-in file
+        self.preset_path = None if builtin else path
+        self.preset_name = preset.name or path.stem
+        self.saved_text = self.preset_text() if remember and not builtin else None
+        label = next((f"{p.label} (built-in)" if p.builtin else p.label
+                      for p in self.preset_files if p.path == path), self.preset_name)
+        self.preset_var.set(label)
+        self.update_preview()
+        return preset
+
+    def apply_preset(self, preset: presets.Preset):
+        self.unknown = dict(preset.unknown)
+        self.form.set_values(preset.values)
+        self.show_notes(preset.notes)
+
+    def show_notes(self, notes: list[str]):
+        if notes:
+            self.notes.configure(text="\n".join(notes))
+            self.notes.pack(fill="x", before=self.form.scroll, pady=(0, 4))
+        else:
+            self.notes.pack_forget()
+
+    def values(self) -> tuple[dict, dict]:
+        return self.form.values()
+
+    def preset_text(self, name: str | None = None) -> str:
+        values, _ = self.values()
+        return presets.dump(self.script, values, self.form.order(), self.unknown, name or self.preset_name)
+
+    def save(self):
+        if self.preset_path is None:
+            return self.save_as()
+        return self.save_to(self.preset_path)
+
+    def save_to(self, path) -> Path | None:
+        values, problems = self.values()
+        if problems:
+            self.form.mark(problems)
+            self.app.show_problems(self, [preflight.Problem(d, m) for d, m in problems.items()],
+                                   heading="Fix these values before saving the preset:")
+            return None
+        path = Path(path)
+        self.preset_name = self.preset_name or path.stem
+        text = self.preset_text()
+        from library.fileio import write_text_atomic
+
+        write_text_atomic(path, text)
+        self.preset_path, self.saved_text = path, text
+        self.refresh_presets()
+        self.preset_var.set(self.preset_name)
+        self.update_preview()
+        self.app.status(f"saved {path}")
+        return path
+
+    def save_as(self):
+        folder = presets.user_dir(self.script)
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = filedialog.asksaveasfilename(parent=self, initialdir=str(folder), defaultextension=".toml",
+                                              filetypes=[("TOML preset", "*.toml")],
+                                              initialfile=presets.safe_filename(self.preset_name or "my preset"))
+        if chosen:
+            self.preset_name = Path(chosen).stem
+            return self.save_to(chosen)
+        return None
+
+    def open_file(self):
+        chosen = filedialog.askopenfilename(parent=self, filetypes=[("TOML", "*.toml"), ("all", "*")])
+        if chosen:
+            self.load_file(chosen)
+
+    def reset(self):
+        self.unknown = {}
+        self.preset_path, self.saved_text, self.preset_name = None, None, None
+        self.preset_var.set(NO_PRESET)
+        self.form.set_values({})
+        self.show_notes([])
+
+    @property
+    def dirty(self) -> bool:
+        return self.saved_text is None or self.preset_text() != self.saved_text
+
+    # -- command ---------------------------------------------------------------------------
+    def run_file(self) -> Path:
+        """The file the run reads: the preset itself when it is saved and unchanged."""
+        if self.preset_path is not None and not self.dirty:
+            return self.preset_path
+        return presets.gui_home() / "runs" / f"{self.script}.toml"
+
+    def write_run_file(self) -> Path:
+        path = self.run_file()
+        if path != self.preset_path:
+            from library.fileio import write_text_atomic
+
+            write_text_atomic(path, self.preset_text())
+        return path
+
+    def argv(self, config_path=None, style: str = "config file") -> list[str]:
+        values, _ = self.values()
+        specs = self.form.specs
+        if style == "flags":
+            args = [w for s in specs if s.dest in values for w in flag_args(s, values[s.dest])]
+        else:
+            args = ["--config_file", str(config_path or self.run_file())] + preflight.cli_args(specs, values)
+        return launch_argv(self.entry.path, args, self.launcher_var.get())
+
+    def command_text(self) -> str:
+        return display_command(self.argv(style=self.style_var.get()), self.app.cwd)
+
+    def changed(self):
+        # typing fires this per key: update the preview once the burst is over
+        if self._preview_job is None:
+            self._preview_job = self.after(150, self.update_preview)
+
+    def update_preview(self):
+        self._preview_job = None
+        self.cmd_var.set(self.command_text())
+        self.cwd_label.configure(text=f"in {self.app.cwd}" +
+                                 ("" if self.style_var.get() == "flags" else f"  ·  reads {self.run_file()}"))
+        self.state_label.configure(text="" if not self.dirty else
+                                   ("● unsaved changes" if self.preset_path else "● not saved as a preset"))
+
+    def copy_command(self):
+        if self.style_var.get() != "flags":
+            self.write_run_file()   # so the copied command works when pasted
+        self.clipboard_clear()
+        self.clipboard_append(self.command_text())
+        self.app.status("command copied to the clipboard")
+
+    def cancel_timers(self):
+        if self._preview_job is not None:
+            self.after_cancel(self._preview_job)
+            self._preview_job = None
+
+    # -- for checks and runs ---------------------------------------------------------------
+    def snapshot(self) -> dict:
+        values, problems = self.values()
+        return {"parser": self.loaded.parser, "script": self.script, "kind": self.entry.kind,
+                "specs": self.form.specs, "values": values,
+                "path_kinds": {d: f.path_kind for d, f in self.form.fields.items()},
+                "parse_problems": problems, "required": self.form.required}
+
+    def _folder(self, value, values=None) -> Path | None:
+        if not value:
+            return None
+        p = Path(os.path.expanduser(str(value)))
+        return p if p.is_absolute() else Path(self.app.cwd) / p
+
+    def image_folder(self, values: dict | None = None) -> Path | None:
+        """Where a run of these values writes images (samples, generated images)."""
+        values = self.values()[0] if values is None else values
+        for dest, sub in layout.IMAGE_DIRS:
+            if values.get(dest):
+                return self._folder(values[dest]) / sub if sub else self._folder(values[dest])
+        return None
+
+    def logging_folder(self) -> Path | None:
+        values = self.values()[0]
+        return next((self._folder(values[d]) for d in layout.LOG_DIRS if values.get(d)), None)
+
+    def log_option(self) -> str | None:
+        return next((d for d in layout.LOG_DIRS if d in self.form.fields), None)
