@@ -21,6 +21,7 @@ def setup_parser() -> argparse.ArgumentParser:
     A.add_config_arguments(parser)
     A.add_model_arguments(parser)
     A.add_dataset_arguments(parser)
+    A.add_masked_loss_arguments(parser)
     A.add_training_arguments(parser)
     A.add_optimizer_arguments(parser)
     A.add_sampling_arguments(parser)

@@ -130,6 +130,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--color_aug", action="store_true",
                    help="weak colour augmentation (not with latent caching)")
     g.add_argument("--random_crop", action="store_true", help="random crops instead of center crops")
+    g.add_argument("--alpha_mask", action="store_true",
+                   help="use each image's alpha channel as a loss mask (transparent = not trained; images "
+                        "without alpha are trained everywhere)")
     g.add_argument("--enable_bucket", action="store_true",
                    help="aspect-ratio bucketing: train each image at the bucket nearest its aspect ratio")
     g.add_argument("--min_bucket_reso", type=positive_int, default=256, help="smallest bucket side")
@@ -212,9 +215,19 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     lg = parser.add_argument_group("logging")
     lg.add_argument("--logging_dir", type=str, default=None, help="folder for TensorBoard logs")
     lg.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"],
-                    help="logger (tensorboard when --logging_dir is given)")
-    lg.add_argument("--log_prefix", type=str, default=None, help="prefix of each run's log folder name")
-    lg.add_argument("--log_tracker_name", type=str, default=None, help="name of the tracker run")
+                    help="logger (tensorboard when --logging_dir is given); wandb and all (both) need "
+                         "pip install wandb and run offline unless WANDB_MODE is set")
+    lg.add_argument("--log_prefix", type=str, default=None,
+                    help="prefix of each run's log folder name (<logging_dir>/<prefix><time>)")
+    lg.add_argument("--log_tracker_name", type=str, default=None,
+                    help="tracker name: the TensorBoard subfolder and the wandb project (default: the script's)")
+    lg.add_argument("--log_tracker_config", type=str, default=None,
+                    help="TOML of tracker init arguments, e.g. [wandb] with entity, tags, notes")
+    lg.add_argument("--log_config", action="store_true",
+                    help="store the training arguments in the trackers (TensorBoard hparams, wandb config)")
+    lg.add_argument("--wandb_run_name", type=str, default=None, help="name of the wandb run")
+    lg.add_argument("--wandb_api_key", type=str, default=None,
+                    help="wandb API key, for WANDB_MODE=online (kept out of --log_config)")
     lg.add_argument("--log_every_n_steps", type=positive_int, default=1,
                     help="log loss and lr every N steps (fewer host syncs on a GPU)")
     lg.add_argument("--profile", action="store_true",
@@ -314,17 +327,30 @@ def add_loss_arguments(parser: argparse.ArgumentParser, group=None) -> None:
                         "images' alpha channel (--alpha_mask)")
 
 
+def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """kohya's mask-image folder for --masked_loss. A separate group because train_controlnet.py
+    has a --conditioning_data_dir of its own (conditioning images, not loss masks). The flag joins
+    the parser's dataset group when it has one, so forms show it beside the other dataset flags."""
+    g = next((grp for grp in parser._action_groups if grp.title == "dataset"), None) \
+        or parser.add_argument_group("dataset")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="with --masked_loss: folder of mask images named like the training images (white = "
+                        "train, black = ignore)")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.prompts import SAMPLERS
+
     g = parser.add_argument_group("sampling")
     g.add_argument("--sample_prompts", type=str, default=None,
-                   help="prompt file (.txt, one prompt per line with kohya's --n --w --h --s --l --d options)")
+                   help="prompt file: .txt (one prompt per line with kohya's --n --w --h --s --l --d --ss "
+                        "options), .toml ([[prompt]] tables, or [prompt] with a subset list) or .json (a list)")
     g.add_argument("--sample_every_n_steps", type=positive_int, default=None, help="sample every N steps")
-    g.add_argument("--sample_every_n_epochs", type=positive_int, default=None, help="sample every N epochs")
+    g.add_argument("--sample_every_n_epochs", type=positive_int, default=None,
+                   help="sample every N epochs (then --sample_every_n_steps is ignored, as in kohya)")
     g.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
-    g.add_argument("--sample_sampler", type=str, default="ddim",
-                   choices=["ddim", "euler", "euler_a", "dpmsolver++", "k_euler", "k_euler_a", "pndm",
-                            "lms", "heun", "dpm_2", "ddpm"],
-                   help="sampler for the sample images")
+    g.add_argument("--sample_sampler", type=str, default="ddim", choices=list(SAMPLERS),
+                   help="sampler for the sample images (a prompt's --ss overrides it; lms needs scipy)")
 
 
 # --- parsing with --config_file -----------------------------------------------------------------

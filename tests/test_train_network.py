@@ -228,3 +228,16 @@ def test_frozen_text_encoder_outputs_are_cached_automatically(tiny_model, tmp_pa
     run_train_network(base_args(tiny_model.single_file, data, tmp_path / "shuffled", "--max_train_steps=2",
                                 "--network_train_unet_only", "--shuffle_caption"))
     assert "its outputs are cached" not in capsys.readouterr().out  # shuffled captions change every step
+
+
+def test_last_epoch_end_is_handled_when_the_last_step_ends_it(tiny_model, tmp_path):
+    """2 images x 1 repeat, 2 epochs = 4 steps: the 4th step ends epoch 2, which still gets its samples."""
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks disk", count=2)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a sks disk --w 64 --h 64 --s 1 --d 1\n")
+    out = tmp_path / "out"
+    result = run_train_network(base_args(tiny_model.single_file, data, out, "--max_train_epochs=2",
+                                         f"--sample_prompts={prompts}", "--sample_every_n_epochs=1"))
+    assert result["state"].epoch == 2 and result["state"].global_step == 4
+    assert len(list((out / "sample").glob("*e000002*.png"))) == 1

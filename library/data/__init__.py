@@ -9,6 +9,7 @@
 
 Modules: config (settings, flags), toml_config (--dataset_config), scan (folders, captions),
 finetune (--in_json metadata), probe (image checks), buckets, transforms (pixels, captions),
+masks (--alpha_mask / conditioning_data_dir loss masks),
 build (checks + group), group (batches), loader (DataLoaders, persistent workers), latents (VAE
 caching), text_cache (--cache_text_encoder_outputs), report (summary, ss_* metadata).
 """

@@ -88,6 +88,10 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int | None = None,
     scanned = [scan_dataset(c, findings) for c in configs]
     all_paths = [p for subs in scanned for s in subs for p in s.paths]
     probed = probe_images(all_paths, workers)
+    from library.data.masks import match_conditioning
+
+    masks = match_conditioning([s for subs in scanned for s in subs],
+                               {p: size for p, (size, _) in probed.items() if size}, findings, workers)
     planners = [BucketPlanner(c.resolution, c.enable_bucket, c.min_bucket_reso, c.max_bucket_reso,
                               c.bucket_reso_steps, c.bucket_no_upscale) for c in configs]
 
@@ -110,7 +114,7 @@ def build_dataset_group(configs: list[DatasetConfig], seed: int | None = None,
                     bad.append((path, reason))
                     continue
                 records.append(ImageRecord(path, caption, size, placement, d, s, sub.config.is_reg,
-                                           sub.config.num_repeats, source, tags))
+                                           sub.config.num_repeats, source, tags, conditioning=masks.get(path)))
 
     bad_text = [f"{p}: {why}." for p, why in bad]
     if findings.errors or (bad and not skip_bad_images):

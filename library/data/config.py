@@ -41,6 +41,10 @@ class SubsetConfig:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     metadata_file: str | None = None  # kohya fine-tuning metadata JSON (--in_json)
+    # Loss masks (see library.data.masks): the images' alpha channel, or a mask image with the
+    # same name in this folder (only with --masked_loss, as in kohya).
+    alpha_mask: bool = False
+    conditioning_data_dir: str | None = None
 
     @property
     def name(self) -> str:
@@ -147,6 +151,10 @@ def flag_defaults(args) -> dict:
         "caption_dropout_rate": float(_arg(args, "caption_dropout_rate", 0.0)),
         "caption_dropout_every_n_epochs": int(_arg(args, "caption_dropout_every_n_epochs", 0)),
         "caption_tag_dropout_rate": float(_arg(args, "caption_tag_dropout_rate", 0.0)),
+        "alpha_mask": bool(_arg(args, "alpha_mask", False)),
+        # kohya reads mask images only for --masked_loss; other trainers (ControlNet) use the same
+        # flag for their own conditioning images, which must not become loss masks.
+        "conditioning_data_dir": _arg(args, "conditioning_data_dir") if _arg(args, "masked_loss") else None,
         # kohya: --dataset_repeats is the repeats of an --in_json dataset and the default
         # num_repeats of every dataset-config subset that does not set its own.
         "num_repeats": int(_arg(args, "dataset_repeats", 1)),
@@ -182,6 +190,8 @@ def dreambooth_subsets(base_dir: str | None, is_reg: bool, defaults: dict) -> li
             continue  # kohya skips "0_name" folders; the scanner says so
         values = dict(defaults, image_dir=str(sub), num_repeats=repeats, is_reg=is_reg,
                       class_tokens=match.group(2) or "")
+        if is_reg:  # --conditioning_data_dir holds masks for the training images only
+            values["conditioning_data_dir"] = None
         subsets.append(SubsetConfig(**_subset_kwargs(values)))
     return subsets
 
@@ -202,12 +212,12 @@ def dataset_configs_from_args(args) -> list[DatasetConfig]:
         if ignored:
             print(f"note: {', '.join(ignored)} ignored because --dataset_config is given "
                   f"(the folders come from {config_path}).", flush=True)
-        return load_dataset_config(config_path, defaults)
+        return check_mask_sources(load_dataset_config(config_path, defaults), args, config_path)
 
     train_dir = _arg(args, "train_data_dir")
     in_json = _arg(args, "in_json")
     if in_json:
-        return [finetune_config(args, defaults, train_dir, in_json)]
+        return check_mask_sources([finetune_config(args, defaults, train_dir, in_json)], args)
     if not train_dir:
         raise UserError("no training images given: neither --train_data_dir nor --dataset_config is set.",
                         fix="pass --train_data_dir FOLDER (holding subfolders like 10_dog) or "
@@ -217,7 +227,34 @@ def dataset_configs_from_args(args) -> list[DatasetConfig]:
     config = DatasetConfig(subsets=subsets, source="--train_data_dir", train_data_dir=str(train_dir),
                            reg_data_dir=_arg(args, "reg_data_dir"), **_dataset_kwargs(defaults))
     check_dataset_config(config)
-    return [config]
+    return check_mask_sources([config], args)
+
+
+def check_mask_sources(configs: list[DatasetConfig], args, path=None) -> list[DatasetConfig]:
+    """kohya's rules for loss masks, checked before any image is read: mask images only with
+    --masked_loss, --masked_loss only with a mask source, and one source per dataset (a batch comes
+    from one dataset and carries one kind of mask)."""
+    masked_loss = bool(_arg(args, "masked_loss", False))
+    subsets = [s for c in configs for s in c.subsets]
+    with_dir = [s for s in subsets if s.conditioning_data_dir]
+    if with_dir and not masked_loss:
+        raise UserError(f"conditioning_data_dir is set for {with_dir[0].name} in {path}, but mask images are "
+                        "only used with --masked_loss.", path=path,
+                        fix="add --masked_loss, or remove conditioning_data_dir from the dataset config.")
+    if masked_loss and not any(s.alpha_mask or s.conditioning_data_dir for s in subsets):
+        raise UserError("--masked_loss needs masks, but no dataset has any.", path=path,
+                        fix="add --alpha_mask (masks from the images' transparency) or --conditioning_data_dir "
+                            "FOLDER (a mask image per training image, same file name; white = train), or set "
+                            "alpha_mask / conditioning_data_dir in the dataset config; or drop --masked_loss.")
+    for i, config in enumerate(configs, 1):
+        alpha = [s.name for s in config.subsets if s.alpha_mask]
+        folders = [s.name for s in config.subsets if s.conditioning_data_dir]
+        if alpha and folders:
+            raise UserError(f"dataset #{i} ({config.source}) takes masks both from alpha channels ({', '.join(alpha)}) "
+                            f"and from mask images ({', '.join(folders)}); a dataset uses one kind.", path=path,
+                            fix="use either --alpha_mask or --conditioning_data_dir, or put the subsets in "
+                                "separate [[datasets]] of the dataset config.")
+    return configs
 
 
 def finetune_config(args, defaults: dict, train_dir: str | None, in_json: str) -> DatasetConfig:

@@ -14,7 +14,7 @@ import torch
 
 from library.data.buckets import Placement
 from library.data.config import DatasetConfig
-from library.data.transforms import load_image, process_caption, to_tensor
+from library.data.transforms import load_sample, process_caption, to_tensor
 
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1  # separate random streams for order and augmentation
 
@@ -31,6 +31,7 @@ class ImageRecord:
     repeats: int               # times per epoch; for reg images after balancing (0 = unused)
     caption_source: str = ""   # caption file extension used, or "class token" / "none" / "metadata"
     tags: str | None = None    # fine-tuning metadata's "tags" (kohya's tag frequency counts these)
+    conditioning: str | None = None  # its mask image (conditioning_data_dir), see library.data.masks
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class DatasetGroup:
         self.images = images
         self.seed = 0 if seed is None else int(seed)
         self.latents: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # With cached latents: image index -> {batch key: (mask, flipped mask or None)}, uint8.
+        self.masks: dict[int, dict[str, tuple]] = {}
         self.latents_cached = False
         # dataset -> {bucket: [image index repeated `repeats` times]}, buckets in sorted order.
         self.buckets: list[dict[tuple[int, int], list[int]]] = []
@@ -109,21 +112,34 @@ class DatasetGroup:
 
     def make_batch(self, ref: BatchRef, epoch: int, position: int, seed: int | None = None) -> dict:
         """Load (or take cached latents for) one batch. `position` is its index in the epoch."""
+        from library.data import masks
+
         seed = self.seed if seed is None else seed
         rng = _rng(seed, epoch, _AUGMENT_STREAM, position)
-        latents, images, captions, weights, paths = [], [], [], [], []
+        want_alpha, want_cond = masks.dataset_mask_kinds(self.datasets[ref.dataset])
+        latents, images, captions, weights, paths, alphas, conds = [], [], [], [], [], [], []
         for idx in ref.items:
             rec = self.images[idx]
             sub = self.subset_of(rec)
             # Draw in a fixed order so every item consumes the generator the same way.
             flip = bool(sub.flip_aug and rng.random() < 0.5)
+            alpha = cond = None
             if self.latents_cached:
                 plain, flipped = self.latents[idx]
-                latents.append(flipped if flip and flipped is not None else plain)
+                use_flip = flip and flipped is not None
+                latents.append(flipped if use_flip else plain)
+                cached = self.masks.get(idx, {})
+                alpha = cached.get(masks.ALPHA_KEY, (None, None))[1 if use_flip else 0]
+                cond = cached.get(masks.CONDITIONING_KEY, (None, None))[1 if use_flip else 0]
             else:
-                arr = load_image(rec.path, rec.placement, rng, random_crop=sub.random_crop, flip=flip,
-                                 color_aug=sub.color_aug)
+                arr, alpha, cond = load_sample(rec.path, rec.placement, rng, random_crop=sub.random_crop, flip=flip,
+                                               color_aug=sub.color_aug, alpha=sub.alpha_mask,
+                                               conditioning=rec.conditioning if sub.conditioning_data_dir else None)
                 images.append(to_tensor(arr))
+            if want_alpha:
+                alphas.append(masks.alpha_tensor(alpha, rec.placement.bucket))
+            if want_cond:
+                conds.append(masks.conditioning_tensor(cond, rec.placement.bucket))
             captions.append(process_caption(rec.caption, sub, rng, epoch))
             weights.append(self.datasets[rec.dataset].prior_loss_weight if rec.is_reg else 1.0)
             paths.append(rec.path)
@@ -133,6 +149,9 @@ class DatasetGroup:
             "captions": captions,
             "loss_weights": torch.tensor(weights, dtype=torch.float32),
             "image_paths": paths,
+            # None when the dataset has no masks, so the loss is unmasked (see library.data.masks)
+            masks.ALPHA_KEY: torch.stack(alphas) if alphas else None,
+            masks.CONDITIONING_KEY: torch.stack(conds) if conds else None,
         }
 
     # --- caching, reports ---------------------------------------------------------------------

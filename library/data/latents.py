@@ -8,6 +8,8 @@ by `vae.config.scaling_factor` here, so batches carry latents ready for the UNet
 
 A disk cache file is reused only if the image (size + mtime), its bucket/resize/crop, the VAE
 weights and config, and the encode dtype all match what produced it; otherwise it is rebuilt.
+Loss masks (library.data.masks) are cached with the latents, plain and flipped, in memory and in
+the same file (uint8), so a cached run still gets its masks without reading images.
 """
 from __future__ import annotations
 
@@ -65,10 +67,24 @@ def check_caching_allowed(group) -> None:
                 "--random_crop (and those keys in the dataset config). flip_aug works with caching.")
 
 
-def _image_meta(rec, dtype, fingerprint: str) -> dict[str, str]:
+# Batch mask key -> tensor name in the cache file (see library.data.masks).
+MASK_TENSORS = {"alpha_masks": "alpha_mask", "conditioning_images": "conditioning"}
+
+
+def _mask_keys(group, i: int) -> tuple[str, ...]:
+    """The masks image i carries in its batches, which its cache holds too."""
+    rec = group.images[i]
+    sub = group.subset_of(rec)
+    keys = ("alpha_masks",) if sub.alpha_mask else ()
+    if sub.conditioning_data_dir and rec.conditioning:
+        keys += ("conditioning_images",)
+    return keys
+
+
+def _image_meta(rec, dtype, fingerprint: str, mask_keys=()) -> dict[str, str]:
     st = os.stat(rec.path)
     p = rec.placement
-    return {
+    meta = {
         "format": CACHE_FORMAT,
         "image_bytes": str(st.st_size),
         "image_mtime_ns": str(st.st_mtime_ns),
@@ -78,10 +94,22 @@ def _image_meta(rec, dtype, fingerprint: str) -> dict[str, str]:
         "vae": fingerprint,
         "dtype": str(dtype),
     }
+    if "alpha_masks" in mask_keys:  # the alpha plane comes from the image file itself
+        meta["alpha_mask"] = "1"
+    if "conditioning_images" in mask_keys:  # a changed or replaced mask image rebuilds the file
+        cst = os.stat(rec.conditioning)
+        meta["conditioning"] = f"{os.path.abspath(rec.conditioning)}|{cst.st_size}|{cst.st_mtime_ns}"
+    return meta
 
 
-def _load_valid(path: str, expected: dict, need_flip: bool):
-    """The cached (latents, flipped latents) if the file matches `expected`, else None."""
+def _tensor_names(need_flip: bool, mask_keys=()) -> list[str]:
+    names = ["latents"] + [MASK_TENSORS[k] for k in mask_keys]
+    return names + [n + "_flipped" for n in names] if need_flip else names
+
+
+def _load_valid(path: str, expected: dict, need_flip: bool, mask_keys=()):
+    """{"latents": [plain, flipped], mask key: [plain, flipped], ...} if the file matches `expected`
+    and holds every tensor needed (flipped ones only with flip_aug), else None."""
     if not os.path.isfile(path):
         return None
     try:
@@ -91,22 +119,32 @@ def _load_valid(path: str, expected: dict, need_flip: bool):
             meta = f.metadata() or {}
             if any(meta.get(k) != v for k, v in expected.items()):
                 return None
-            keys = set(f.keys())
-            if need_flip and "latents_flipped" not in keys:
+            names = _tensor_names(need_flip, mask_keys)
+            if not set(names) <= set(f.keys()):
                 return None
-            plain = f.get_tensor("latents")
-            flipped = f.get_tensor("latents_flipped") if need_flip else None
-        return plain, flipped
+            tensors = {n: f.get_tensor(n) for n in names}
     except Exception:  # a damaged cache file is simply rebuilt
         return None
+    out = {"latents": [tensors["latents"].float(), None]}
+    out.update({k: [tensors[MASK_TENSORS[k]], None] for k in mask_keys})
+    if need_flip:
+        out["latents"][1] = tensors["latents_flipped"].float()
+        for k in mask_keys:
+            out[k][1] = tensors[MASK_TENSORS[k] + "_flipped"]
+    return out
 
 
 def _load_pixels(job, group):
-    from library.data.transforms import load_image, to_tensor
+    """(image tensor for the VAE, {mask key: uint8 mask}) of one (image, flip) job."""
+    from library.data.masks import to_cache
+    from library.data.transforms import load_sample, to_tensor
 
     idx, flip = job
     rec = group.images[idx]
-    return to_tensor(load_image(rec.path, rec.placement, None, flip=flip))
+    keys = _mask_keys(group, idx)
+    arr, alpha, cond = load_sample(rec.path, rec.placement, None, flip=flip, alpha="alpha_masks" in keys,
+                                   conditioning=rec.conditioning if "conditioning_images" in keys else None)
+    return to_tensor(arr), to_cache(alpha, cond)
 
 
 def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtype=None, progress=True):
@@ -123,15 +161,17 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
     fingerprint = vae_fingerprint(vae) if to_disk else ""
     used = [i for i, r in enumerate(group.images) if r.repeats > 0]
     needs_flip = {i: bool(group.subset_of(group.images[i]).flip_aug) for i in used}
+    mask_keys = {i: _mask_keys(group, i) for i in used}
 
-    results: dict[int, list] = {}
+    # image index -> {"latents": [plain, flipped], mask key: [plain, flipped]}
+    results: dict[int, dict[str, list]] = {}
     todo = []
     for i in used:
         if to_disk:
-            expected = _image_meta(group.images[i], dtype, fingerprint)
-            hit = _load_valid(cache_path_for(group.images[i].path), expected, needs_flip[i])
+            expected = _image_meta(group.images[i], dtype, fingerprint, mask_keys[i])
+            hit = _load_valid(cache_path_for(group.images[i].path), expected, needs_flip[i], mask_keys[i])
             if hit is not None:
-                results[i] = [hit[0].float(), None if hit[1] is None else hit[1].float()]
+                results[i] = hit
                 continue
         todo.append(i)
 
@@ -153,32 +193,41 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
     bar = tqdm(total=len(jobs), desc="caching latents", unit="img", disable=not progress or not jobs)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for chunk in chunks:
-            pixels = torch.stack(list(pool.map(lambda j: _load_pixels(j, group), chunk)))
+            loaded = list(pool.map(lambda j: _load_pixels(j, group), chunk))
+            pixels = torch.stack([px for px, _ in loaded])
             latents = encode_latents(vae, pixels.to(device=device, dtype=dtype)).float().cpu()
-            for (i, flip), z in zip(chunk, latents):
-                results.setdefault(i, [None, None])[1 if flip else 0] = z.clone()
+            for (i, flip), z, (_, found_masks) in zip(chunk, latents, loaded):
+                side = 1 if flip else 0
+                entry = results.setdefault(i, {})
+                entry.setdefault("latents", [None, None])[side] = z.clone()
+                for key, mask in found_masks.items():
+                    entry.setdefault(key, [None, None])[side] = mask
             if to_disk:
                 # Written as soon as an image is complete, so an interrupted run keeps its work.
-                done = {i for i, _ in chunk if results[i][0] is not None
-                        and (results[i][1] is not None or not needs_flip[i])}
-                _write_cache_files(group, sorted(done), results, dtype, fingerprint)
+                done = {i for i, _ in chunk if results[i]["latents"][0] is not None
+                        and (results[i]["latents"][1] is not None or not needs_flip[i])}
+                _write_cache_files(group, sorted(done), results, dtype, fingerprint, mask_keys)
             bar.update(len(chunk))
     bar.close()
-    group.latents = {i: (results[i][0], results[i][1]) for i in used}
+    group.latents = {i: tuple(results[i]["latents"]) for i in used}
+    group.masks = {i: {k: tuple(v) for k, v in results[i].items() if k != "latents"} for i in used if mask_keys[i]}
     group.latents_cached = True
 
 
-def _write_cache_files(group, indices, results, dtype, fingerprint) -> None:
+def _write_cache_files(group, indices, results, dtype, fingerprint, mask_keys) -> None:
     from library.fileio import save_safetensors_atomic
 
     for i in indices:
         rec = group.images[i]
-        tensors = {"latents": results[i][0]}
-        if results[i][1] is not None:
-            tensors["latents_flipped"] = results[i][1]
+        tensors = {}
+        for key, (plain, flipped) in results[i].items():
+            name = MASK_TENSORS.get(key, key)
+            tensors[name] = plain
+            if flipped is not None:
+                tensors[name + "_flipped"] = flipped
         path = cache_path_for(rec.path)
         try:
-            save_safetensors_atomic(tensors, path, metadata=_image_meta(rec, dtype, fingerprint))
+            save_safetensors_atomic(tensors, path, metadata=_image_meta(rec, dtype, fingerprint, mask_keys[i]))
         except OSError as err:
             raise UserError(f"cannot write the latent cache file {path} ({err.strerror or err}).",
                             path=path, fix="make the image folder writable, or drop "

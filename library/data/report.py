@@ -86,6 +86,10 @@ def summary(group) -> str:
             ops = _caption_ops_text(sub)
             if ops:
                 lines.append(f"      caption ops: {ops}")
+            if sub.alpha_mask:
+                lines.append("      loss mask: the images' alpha channel (opaque = trained)")
+            if sub.conditioning_data_dir:
+                lines.append(f"      loss mask: mask images in {sub.conditioning_data_dir} (white = trained)")
         train = sum(r.repeats for r in group.images if r.dataset == d and not r.is_reg)
         reg = sum(r.repeats for r in group.images if r.dataset == d and r.is_reg)
         lines.append(f"  total per epoch: {train} train images x repeats" +

@@ -22,9 +22,10 @@ SUBSET_TYPES = {
     "color_aug": BOOL, "random_crop": BOOL, "caption_prefix": STR, "caption_suffix": STR,
     "caption_separator": STR, "keep_tokens_separator": STR, "secondary_separator": STR,
     "caption_dropout_rate": FLOAT, "caption_dropout_every_n_epochs": INT,
-    "caption_tag_dropout_rate": FLOAT,
+    "caption_tag_dropout_rate": FLOAT, "alpha_mask": BOOL, "conditioning_data_dir": STR,
 }
-SUBSET_ONLY = ("image_dir", "is_reg", "metadata_file")
+# conditioning_data_dir is one folder's masks, so it belongs to that folder's subset (as in kohya).
+SUBSET_ONLY = ("image_dir", "is_reg", "metadata_file", "conditioning_data_dir")
 # DreamBooth-only keys: a fine-tuning subset (one with metadata_file) takes its captions from the
 # metadata and has no class token or regularization role, so kohya's schema rejects these there.
 DREAMBOOTH_ONLY = ("is_reg", "class_tokens", "caption_extension")
@@ -35,7 +36,7 @@ DATASET_TYPES = {
 # kohya keys this toolkit does not implement yet: named as such rather than as typos.
 NOT_YET_SUPPORTED = (
     "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "enable_wildcard",
-    "custom_attributes", "alpha_mask", "resize_interpolation", "cache_info", "conditioning_data_dir",
+    "custom_attributes", "resize_interpolation", "cache_info",
     "validation_seed", "validation_split", "network_multiplier",
 )
 assert set(SUBSET_TYPES) == set(SUBSET_KEYS) and set(DATASET_TYPES) <= set(DATASET_KEYS)
@@ -178,9 +179,12 @@ def load_dataset_config(config_path, defaults: dict) -> list[DatasetConfig]:
             elif not subset.get("image_dir"):
                 raise UserError(f"{swhere} in {path} has no image_dir.", path=path,
                                 fix="add image_dir = \"FOLDER\" to that subset.")
-            values = {**merged, "image_dir": None, **subset}
-            if values["image_dir"]:
-                values["image_dir"] = _resolve_dir(values["image_dir"], path)
+            # The flag's mask folder (--conditioning_data_dir) does not apply to subsets of a config file;
+            # there each subset names its own, as in kohya.
+            values = {**merged, "image_dir": None, "conditioning_data_dir": None, **subset}
+            for key in ("image_dir", "conditioning_data_dir"):
+                if values[key]:
+                    values[key] = _resolve_dir(values[key], path)
             config.subsets.append(SubsetConfig(**{k: values[k] for k in SUBSET_KEYS if k in values}))
         check_dataset_config(config, path)
         configs.append(config)

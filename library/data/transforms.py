@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from library.data.buckets import Placement
+from library.data.masks import load_conditioning, load_rgba
 from library.data.probe import load_rgb
 
 CAPTION_SEPARATOR = ","      # kohya's default --caption_separator; tags are joined with ", "
@@ -18,23 +19,40 @@ HUE_SHIFT_MAX = 8            # in OpenCV hue units (0..180), i.e. +-16 degrees
 GAMMA_RANGE = (0.95, 1.05)
 
 
-def resize_and_crop(arr: np.ndarray, placement: Placement, rng: np.random.Generator | None = None,
-                    random_crop: bool = False) -> np.ndarray:
-    """Resize an HxWx3 uint8 image to cover the bucket, then crop to it (centered unless random)."""
-    h, w = arr.shape[:2]
+def crop_origin(placement: Placement, rng: np.random.Generator | None = None,
+                random_crop: bool = False) -> tuple[int, int]:
+    """(left, top) of the bucket-sized window in the resized image: centred, or random. Drawn once
+    per image, so its masks are cut from the same window."""
     rw, rh = placement.resized
-    if (rw, rh) != (w, h):
-        # INTER_AREA averages source pixels when shrinking (no aliasing); Lanczos is sharpest up.
-        interp = cv2.INTER_AREA if rw * rh < w * h else cv2.INTER_LANCZOS4
-        arr = cv2.resize(arr, (rw, rh), interpolation=interp)
     bw, bh = placement.bucket
     extra_x, extra_y = rw - bw, rh - bh
     if random_crop and rng is not None:
-        left = int(rng.integers(0, extra_x + 1))
-        top = int(rng.integers(0, extra_y + 1))
-    else:
-        left, top = extra_x // 2, extra_y // 2
+        return int(rng.integers(0, extra_x + 1)), int(rng.integers(0, extra_y + 1))
+    return extra_x // 2, extra_y // 2
+
+
+def resize_to(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an HxW(xC) uint8 array to (w, h)."""
+    h, w = arr.shape[:2]
+    rw, rh = size
+    if (rw, rh) == (w, h):
+        return arr
+    # INTER_AREA averages source pixels when shrinking (no aliasing); Lanczos is sharpest up.
+    interp = cv2.INTER_AREA if rw * rh < w * h else cv2.INTER_LANCZOS4
+    return cv2.resize(np.ascontiguousarray(arr), (rw, rh), interpolation=interp)
+
+
+def fit(arr: np.ndarray, placement: Placement, origin: tuple[int, int]) -> np.ndarray:
+    """Resize to cover the bucket and cut the bucket-sized window at `origin`."""
+    arr = resize_to(arr, placement.resized)
+    (left, top), (bw, bh) = origin, placement.bucket
     return arr[top:top + bh, left:left + bw]
+
+
+def resize_and_crop(arr: np.ndarray, placement: Placement, rng: np.random.Generator | None = None,
+                    random_crop: bool = False) -> np.ndarray:
+    """Resize an HxWx3 uint8 image to cover the bucket, then crop to it (centered unless random)."""
+    return fit(arr, placement, crop_origin(placement, rng, random_crop))
 
 
 def color_jitter(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -65,13 +83,36 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
 def load_image(path: str, placement: Placement, rng: np.random.Generator | None = None, *,
                random_crop=False, flip=False, color_aug=False) -> np.ndarray:
     """Read, resize, crop and augment one image; returns HxWx3 uint8 at the bucket size."""
-    arr = np.asarray(load_rgb(path))
-    arr = resize_and_crop(arr, placement, rng, random_crop)
+    return load_sample(path, placement, rng, random_crop=random_crop, flip=flip, color_aug=color_aug)[0]
+
+
+def load_sample(path: str, placement: Placement, rng: np.random.Generator | None = None, *,
+                random_crop=False, flip=False, color_aug=False, alpha=False,
+                conditioning: str | None = None):
+    """The image and its loss masks with the same resize, crop and flip:
+    (HxWx3 uint8, alpha HxW uint8 or None, conditioning image HxWx3 uint8 or None).
+
+    The random draws are the same whatever masks are asked for (crop, then colour), so turning
+    masks on does not change the crops or colours of a seeded run.
+    """
+    if alpha:
+        rgba = np.asarray(load_rgba(path))
+        arr, alpha_plane = rgba[..., :3], rgba[..., 3]
+    else:
+        arr, alpha_plane = np.asarray(load_rgb(path)), None
+    size = (arr.shape[1], arr.shape[0])
+    origin = crop_origin(placement, rng, random_crop)
+    arr = fit(arr, placement, origin)
+    if alpha_plane is not None:
+        alpha_plane = fit(alpha_plane, placement, origin)
+    cond = fit(load_conditioning(conditioning, size), placement, origin) if conditioning else None
     if flip:
         arr = arr[:, ::-1]
-    if color_aug and rng is not None:
+        alpha_plane = None if alpha_plane is None else alpha_plane[:, ::-1]
+        cond = None if cond is None else cond[:, ::-1]
+    if color_aug and rng is not None:  # colour changes the picture only, never a mask
         arr = color_jitter(arr, rng)
-    return arr
+    return arr, alpha_plane, cond
 
 
 def _tags(text: str, separator: str) -> list[str]:

@@ -66,6 +66,9 @@ class LoopHooks:
     # (epochs done, step, state.extra) -> True to stop now (early stopping); runs before the epoch's
     # numbered save, so state folders hold what the hook wrote into state.extra
     end_epoch: Callable[[int, int, dict], bool] | None = None
+    # Gets the run's live TrainState once, after a resume and before the first step: for trainers
+    # that write their own checkpoints (with state) on their own schedule, e.g. train_dual_unet.
+    on_state: Callable[[TrainState], None] | None = None
 
 
 class _StopFlag:
@@ -113,6 +116,8 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
         state.max_train_steps = cfg.max_train_steps
         accelerator.print(f"resumed from {cfg.resume}: step {state.global_step}, epoch {state.epoch + 1}, "
                           f"batch {state.next_batch}")
+    if hooks.on_state:
+        hooks.on_state(state)
 
     def save_state(name: str) -> Path | None:
         if not accelerator.is_main_process:
@@ -169,22 +174,21 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                     raise StopRequested(path)
                 if step >= cfg.max_train_steps:
                     break
-            else:
-                # the epoch ran to its end
-                state.epoch += 1
-                state.next_batch = 0
-                progress_logger.end_epoch(state.epoch)
-                done = state.epoch
-                stop_early = bool(hooks.end_epoch and hooks.end_epoch(done, state.global_step, state.extra))
-                if cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 and done < cfg.num_epochs \
-                        and state.global_step < cfg.max_train_steps:
-                    _save_numbered(accelerator, hooks, cfg, save_state, "epoch", done, state.global_step)
-                if hooks.sample and hooks.want_sample and hooks.want_sample(done, state.global_step):
-                    hooks.sample(done, state.global_step)
-                if stop_early:
-                    break  # leaves the while loop: the final save follows
-                continue
-            break
+            if state.next_batch < n_batches:
+                break  # max_train_steps was reached inside the epoch: the final save follows
+            # The epoch ran to its end (its last batch may also have been the last step).
+            state.epoch += 1
+            state.next_batch = 0
+            progress_logger.end_epoch(state.epoch)
+            done = state.epoch
+            stop_early = bool(hooks.end_epoch and hooks.end_epoch(done, state.global_step, state.extra))
+            if cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 and done < cfg.num_epochs \
+                    and state.global_step < cfg.max_train_steps:
+                _save_numbered(accelerator, hooks, cfg, save_state, "epoch", done, state.global_step)
+            if hooks.sample and hooks.want_sample and hooks.want_sample(done, state.global_step):
+                hooks.sample(done, state.global_step)
+            if stop_early:
+                break  # the final save follows
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -128,7 +128,9 @@ def train(args) -> dict:
     output_dir = check_writable_dir(args.output_dir, "--output_dir")
     tracker_dir = None
     if args.logging_dir or args.log_with:
-        tracker_dir = str(check_writable_dir(args.logging_dir or output_dir / "logs", "--logging_dir"))
+        from library.training.accel import run_log_dir  # kohya's <logging_dir>/<log_prefix><time>
+
+        tracker_dir = run_log_dir(check_writable_dir(args.logging_dir or output_dir / "logs", "--logging_dir"), args)
 
     # Dataset preflight first: bad images or folders fail in seconds, before any model is loaded.
     from library.data import build_dataset_group, dataset_configs_from_args, encode_latents
@@ -298,8 +300,9 @@ def train(args) -> dict:
                       sample=sampling[0], want_sample=sampling[1])
 
     if tracker_dir:
-        run_name = (args.log_prefix or "") + (args.log_tracker_name or "network_train") + time.strftime("%Y%m%d%H%M%S")
-        accelerator.init_trackers(run_name)
+        from library.training.accel import init_trackers
+
+        init_trackers(accelerator, args, "network_train")
     t_before_loop = time.perf_counter()
     try:
         state = run_training(accelerator, group, optimizer, lr_scheduler, hooks, settings, noise_generator, progress)
@@ -363,23 +366,25 @@ def _sampling_hooks(args, accelerator, model, output_dir, dtype, device, tracker
         return None, None
     from library.training.sampling import generate_samples, read_prompt_file
 
+    # read (and every --ss sampler checked) now, not at the first sample
     prompts = read_prompt_file(args.sample_prompts, tuple(args.resolution or (512, 512)))
 
     def want(epoch, step):
+        """kohya's rule: --sample_at_first at step 0; with --sample_every_n_epochs only at epoch ends
+        (--sample_every_n_steps is then ignored); else every N steps."""
         if step == 0 and epoch is None:
             return args.sample_at_first
-        if epoch is not None:
-            return bool(args.sample_every_n_epochs) and epoch % args.sample_every_n_epochs == 0
-        return bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
+        if args.sample_every_n_epochs:
+            return epoch is not None and epoch % args.sample_every_n_epochs == 0
+        return epoch is None and bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
 
     def sample(epoch, step):
         if not accelerator.is_main_process:
             return
         model.vae.to(device)
-        tracker = accelerator.get_tracker("tensorboard", unwrap=False) if tracker_dir else None
         prefix = f"{args.output_name}_" + (f"e{epoch:06d}" if epoch is not None else f"{step:06d}")
         generate_samples(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                          base_scheduler=model.noise_scheduler, prompts=prompts, sampler=args.sample_sampler,
                          out_dir=output_dir / "sample", name_prefix=prefix, device=device, dtype=dtype,
-                         clip_skip=args.clip_skip, seed_base=args.seed, tracker=tracker, step=step)
+                         clip_skip=args.clip_skip, seed_base=args.seed, trackers=accelerator.trackers, step=step)
     return sample, want

@@ -1,6 +1,8 @@
-"""Sample images during training from a prompt file in kohya's format (see library.prompts).
+"""Sample images during training from a prompt file in kohya's formats (see library.prompts).
 
-Sampling never disturbs the training RNG, so a run with samples resumes exactly like one without.
+Images go to `<output_dir>/sample/` (kohya's names) and to the trackers: TensorBoard as images
+`sample/NN`, wandb as `sample_NN`. Each prompt may name its own sampler (`--ss`). Sampling never
+disturbs the training RNG, so a run with samples resumes exactly like one without.
 """
 from __future__ import annotations
 
@@ -31,11 +33,22 @@ class _KeepRng:
 @torch.no_grad()
 def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prompts: list[SamplePrompt],
                      sampler: str, out_dir: Path, name_prefix: str, device, dtype=torch.float32,
-                     clip_skip: int | None = None, seed_base: int = 0, tracker=None, step: int = 0) -> list[Path]:
+                     clip_skip: int | None = None, seed_base: int = 0, tracker=None, trackers=(),
+                     step: int = 0) -> list[Path]:
+    """Write one PNG per prompt and log it to `trackers` (accelerate trackers; `tracker` is the
+    older single-TensorBoard-tracker form)."""
     from diffusers import StableDiffusionPipeline
 
+    trackers = list(trackers) + ([tracker] if tracker is not None else [])
+    schedulers = {}  # one scheduler object per sampler name used in this call
+
+    def scheduler_for(name: str):
+        if name not in schedulers:
+            schedulers[name] = make_scheduler(name, base_scheduler)
+        return schedulers[name]
+
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler(sampler, base_scheduler), safety_checker=None,
+                                   scheduler=scheduler_for(sampler), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     out_dir = Path(out_dir)
@@ -49,6 +62,7 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
         for i, p in enumerate(prompts):
             seed = p.seed if p.seed is not None else seed_base + i
             generator = torch.Generator(device="cpu").manual_seed(seed)
+            pipe.scheduler = scheduler_for(p.sampler or sampler)
             with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
                 # Our own text path (clip_skip included): diffusers' clip_skip needs the pre-5
                 # transformers layout, and this way samples see exactly what training sees.
@@ -63,10 +77,22 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
-            if tracker is not None:
-                import numpy as np
-
-                tracker.writer.add_image(f"sample/{i:02d}", np.asarray(image), step, dataformats="HWC")
+            log_sample_image(trackers, i, image, step, p.prompt)
     if was_training:
         unet.train()
     return written
+
+
+def log_sample_image(trackers, index: int, image, step: int, caption: str = "") -> None:
+    """One sample image to each tracker that takes images (TensorBoard, wandb)."""
+    import numpy as np
+
+    for tracker in trackers:
+        name = getattr(tracker, "name", "")
+        if name == "tensorboard":
+            tracker.writer.add_image(f"sample/{index:02d}", np.asarray(image), step, dataformats="HWC")
+        elif name == "wandb":
+            import wandb
+
+            # kohya's key; commit=False keeps it on the step of the losses logged just before
+            tracker.log({f"sample_{index:02d}": wandb.Image(image, caption=caption)}, step=step, commit=False)
