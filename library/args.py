@@ -353,6 +353,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                    help="sampler for the sample images (a prompt's --ss overrides it; lms needs scipy)")
 
 
+def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("validation")
+    g.add_argument("--validation_split", type=unit_float, default=0.0,
+                   help="share of the training images held out for a validation loss (0 = none)")
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="seed of the validation split and of its fixed noise (default: --seed)")
+    g.add_argument("--validate_every_n_steps", type=positive_int, default=None,
+                   help="validate every N steps (default: at the end of every epoch)")
+    g.add_argument("--validate_every_n_epochs", type=positive_int, default=None, help="validate every N epochs")
+    g.add_argument("--max_validation_steps", type=positive_int, default=None,
+                   help="at most this many validation batches per validation")
+
+
 # --- parsing with --config_file -----------------------------------------------------------------
 
 def _flatten(table: dict, prefix: str = "") -> dict[str, tuple[object, str]]:

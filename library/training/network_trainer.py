@@ -23,6 +23,7 @@ from library.training.checkpoint import model_file_name
 from library.training.optim import optimizer_name
 from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
 from library.training.text import encode_tokens, tokenize
+from library.training.validation import split_validation, validation_loss
 
 
 def check_arguments(args) -> None:
@@ -137,6 +138,11 @@ def train(args) -> dict:
 
     group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
+    validation_seed = args.validation_seed if args.validation_seed is not None else args.seed
+    group, val_group = split_validation(group, args.validation_split, validation_seed)
+    if val_group is not None:
+        print(f"validation: {len(val_group.images)} held-out images, scored with fixed noise "
+              f"(seed {validation_seed})", flush=True)
     caching = args.cache_latents or args.cache_latents_to_disk
     if caching:
         group.check_caching_allowed()
@@ -173,7 +179,8 @@ def train(args) -> dict:
     if caching:
         to_device(vae, device, vae_dtype)
         with torch.no_grad():
-            group.cache_latents(vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
+            for g in (group, val_group) if val_group is not None else (group,):
+                g.cache_latents(vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
                                 device=device, dtype=vae_dtype)
         vae.to("cpu")
         if device.type == "cuda":
@@ -256,7 +263,8 @@ def train(args) -> dict:
 
     te_trains = train_te and any(p.requires_grad for n, p in trainable.named_parameters() if "lora_te" in n)
 
-    def compute_loss(batch):
+    def compute_loss(batch, generator=None):
+        generator = generator or noise_generator  # validation passes a fixed one
         with torch.no_grad():
             if batch.get("latents") is not None:
                 latents = batch["latents"].to(device, dtype=weight_dtype, non_blocking=True)
@@ -270,12 +278,27 @@ def train(args) -> dict:
             ids = tokenize(tokenizer, batch["captions"], args.max_token_length).to(device)
             with torch.set_grad_enabled(te_trains):
                 hidden = encode_tokens(text_encoder, ids, args.clip_skip)
-        noise, noisy, timesteps = objective.noisy_latents(latents, noise_generator)
+        noise, noisy, timesteps = objective.noisy_latents(latents, generator)
         pred = train_unet_model(noisy, timesteps, hidden.to(weight_dtype)).sample
         return objective.loss(pred, objective.target(latents, noise, timesteps), timesteps, batch)
 
+    def validate() -> dict:
+        trainable.eval()  # no dropout: the same weights give the same number
+        with accelerator.autocast():
+            loss = validation_loss(val_group, validation_seed, compute_loss, device, args.max_validation_steps)
+        trainable.train()
+        return {"loss/validation": loss}
+
+    def end_epoch(epoch, step, extra):
+        if val_group is not None and not args.validate_every_n_steps \
+                and epoch % (args.validate_every_n_epochs or 1) == 0 and accelerator.trackers:
+            accelerator.log(validate(), step=step)
+        return False
+
     def after_step(step):
         logs = adaptive_lr_logs(optimizer, lr_names)  # d*lr of Prodigy / DAdapt, as kohya logs it
+        if val_group is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+            logs.update(validate())
         if args.scale_weight_norms:
             keys_scaled, mean_norm, max_norm = trainable.apply_max_norm_regularization(args.scale_weight_norms, device)
             # kohya's TensorBoard names
@@ -297,7 +320,7 @@ def train(args) -> dict:
         profile=args.profile)
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
-                      sample=sampling[0], want_sample=sampling[1])
+                      sample=sampling[0], want_sample=sampling[1], end_epoch=end_epoch)
 
     if tracker_dir:
         from library.training.accel import init_trackers
