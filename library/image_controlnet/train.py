@@ -1,0 +1,204 @@
+"""The run: data -> model (backbone weights, freezing) -> optimizer/schedule -> resume -> epochs ->
+checkpoints, TensorBoard, curve PNGs, summary.
+
+Resume: a checkpoint whose trainable parts (--freeze_generator / --freeze_backbone) match the run
+continues exactly (weights, optimizer, scheduler, scaler, epoch, step, best loss, history, RNG). If
+they differ, it is the seed's two-stage recipe (stage 1 frozen generator, stage 2 everything): the
+weights are loaded and a new stage starts at epoch 0 with a fresh optimizer, and the run says so.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import numpy as np
+import torch
+
+from library.errors import UserError
+from library.fileio import check_writable_dir
+from library.image_controlnet import steps as S
+from library.image_controlnet.checkpoint import read_checkpoint, save_checkpoint
+from library.image_controlnet.data import load_pairs
+from library.image_controlnet.dataset import PairDataset
+from library.image_controlnet.model import ImageControlNet, ModelConfig, num_generator_stages
+from library.logs import format_seconds, format_summary, warn_once
+from library.training.checkpoint import _rng_states, _set_rng_states
+
+ARCH_FLAGS = ("backbone", "image_size", "feature_dim", "pose_dim", "num_control_layers")
+STRIDES = {"small": 8, "iresnet50": 16, "iresnet100": 16, "resnet50": 32}
+
+
+def model_config(args, defaults: dict, ckpt: dict | None) -> ModelConfig:
+    """The architecture: from the flags, or from the checkpoint for flags left at their defaults."""
+    values = {k: getattr(args, k) for k in ARCH_FLAGS}
+    if ckpt is not None:
+        clash = [f"--{k} {values[k]} (checkpoint: {ckpt['config'][k]})" for k in ARCH_FLAGS
+                 if values[k] != ckpt["config"][k] and values[k] != defaults.get(k)]
+        if clash:
+            raise UserError(f"the --resume checkpoint was trained with a different model: {'; '.join(clash)}.",
+                            path=args.resume, fix="drop those flags (the checkpoint's values are used) or "
+                                                  "start a new run without --resume.")
+        values = {k: ckpt["config"][k] for k in ARCH_FLAGS}
+        taken = [f"--{k} {values[k]}" for k in ARCH_FLAGS if values[k] != getattr(args, k)]
+        if taken:
+            print(f"model settings from the checkpoint: {' '.join(taken)}", flush=True)
+    stages = num_generator_stages(STRIDES[values["backbone"]])
+    if values["num_control_layers"] > stages:
+        raise UserError(f"--num_control_layers {values['num_control_layers']} is more than the {stages} generator "
+                        f"stages of --backbone {values['backbone']}.", fix=f"use --num_control_layers 1 to {stages}.")
+    if values["image_size"] % STRIDES[values["backbone"]] and values["backbone"] != "resnet50":
+        raise UserError(f"--image_size {values['image_size']} is not a multiple of {STRIDES[values['backbone']]}, "
+                        f"the downsampling of --backbone {values['backbone']}.",
+                        fix=f"use an --image_size divisible by {STRIDES[values['backbone']]}, e.g. 112.")
+    return ModelConfig(**values)
+
+
+def set_trainable(model: ImageControlNet, freeze_generator: bool, freeze_backbone: bool) -> list:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if freeze_generator:
+        model.generator.requires_grad_(False)
+    if freeze_backbone:
+        model.encoder.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _prepare_model(args, config, ckpt):
+    model = ImageControlNet(config)
+    notes = []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    elif args.backbone_weights:
+        from library.image_controlnet.backbones import load_backbone_weights
+
+        notes += load_backbone_weights(model.encoder, args.backbone_weights, config.backbone)
+    elif config.backbone != "small":
+        warn_once(f"NO PRETRAINED WEIGHTS: --backbone {config.backbone} starts from random weights. Face "
+                  "features then have to be learned from your data alone, which needs far more data and "
+                  "epochs. Pass a local file with --backbone_weights (InsightFace arcface iresnet .pth, "
+                  "or torchvision's ImageNet resnet50 state dict).")
+    freeze_backbone = args.freeze_backbone if args.freeze_backbone is not None else bool(args.backbone_weights)
+    return model, freeze_backbone, notes
+
+
+def train(args, defaults: dict | None = None) -> dict:
+    """Run training from parsed arguments; returns the summary numbers (also printed)."""
+    started = time.perf_counter()
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    config = model_config(args, defaults or {}, ckpt)
+    seed_everything(args.seed)
+    report = load_pairs(args.data_dir, args.image_dir, val_fraction=args.val_fraction, seed=args.seed)
+    save_dir = check_writable_dir(args.save_dir, "--save_dir")
+    log_dir = check_writable_dir(args.log_dir, "--log_dir")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.use_amp and device.type == "cpu":
+        warn_once("--use_amp without a CUDA GPU: training uses bf16 autocast on the CPU.")
+
+    model, freeze_backbone, notes = _prepare_model(args, config, ckpt)
+    trainable = {"freeze_generator": bool(args.freeze_generator), "freeze_backbone": bool(freeze_backbone)}
+    params = set_trainable(model, args.freeze_generator, freeze_backbone)
+    model.to(device)
+    train_pairs = [p for p in report.pairs if p.split == "train"]
+    val_pairs = [p for p in report.pairs if p.split == "val"]
+    if not val_pairs:
+        warn_once("no validation pairs (all identities are in training): best_model.pth is chosen by the "
+                  "training loss. Set --val_fraction or give items \"split\": \"val\".")
+    train_ds = PairDataset(train_pairs, config.image_size, config.pose_dim)
+    val_ds = PairDataset(val_pairs, config.image_size, config.pose_dim)
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(S.group_sizes(len(train_ds), args.batch_size, args.gradient_accumulation_steps))
+    scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch, args.lr_warmup_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and device.type == "cuda")
+
+    start_epoch, global_step, best, history = 0, 0, math.inf, {}
+    if ckpt is not None and ckpt["trainable"] == trainable:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"]:  # empty when saved without fp16 AMP (e.g. on a CPU); a new scale is fine then
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, global_step, best = ckpt["epoch"], ckpt["global_step"], ckpt["best_val_loss"]
+        history = {k: list(v) for k, v in ckpt["history"].items()}
+        _set_rng_states(ckpt["rng"], None)
+        notes.append(f"resumed from {args.resume} after epoch {start_epoch} (step {global_step})")
+    elif ckpt is not None:
+        notes.append(f"new training stage from the weights of {args.resume}: its frozen parts {ckpt['trainable']} "
+                     f"differ from this run's {trainable}, so the optimizer and the epoch count start fresh")
+    for note in notes:
+        print(note, flush=True)
+    print(f"{report.notes[0]}; {sum(p.numel() for p in params):,} trainable of "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}", flush=True)
+    if start_epoch >= args.epochs:
+        print(f"nothing to train: the checkpoint already has {start_epoch} epochs (--epochs {args.epochs}).")
+        return {"epochs": start_epoch}
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from library.image_controlnet import tblog
+
+    writer = SummaryWriter(str(log_dir))
+    tblog.log_pose_histograms(writer, train_pairs, start_epoch)
+    shown = list(range(0, len(val_ds), max(1, len(val_ds) // 8)))[:8] if len(val_ds) else []
+    run_args = {k: v for k, v in vars(args).items()}
+    progress = tqdm(total=args.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc="steps",
+                    dynamic_ncols=True)
+    metrics = {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            metrics, taken = S.train_epoch(model, train_ds, optimizer, scheduler, scaler, epoch=epoch, args=args,
+                                           device=device, params=params, progress=progress)
+            global_step += taken
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            if len(val_ds):
+                metrics.update(S.evaluate(model, val_ds, args=args, device=device))
+            done = epoch + 1
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+            tblog.log_epoch(writer, metrics, done)
+            if shown and (done % args.image_log_interval == 0 or done == args.epochs or epoch == start_epoch):
+                tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, use_amp=args.use_amp), done)
+            writer.flush()
+            score = metrics.get("val_loss", metrics["train_loss"])
+            state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=done,
+                         global_step=global_step, history=history, trainable=trainable, args=run_args)
+            if score < best:
+                best = score
+                save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=_rng_states(None), **state)
+            if done % args.save_interval == 0 or done == args.epochs:
+                save_checkpoint(save_dir / f"checkpoint_epoch_{done}.pth", best_val_loss=best, rng=_rng_states(None),
+                                **state)
+                tblog.save_curves(history, save_dir / f"training_curves_epoch_{done}.png", f"epoch {done}")
+            progress.write(f"epoch {done}/{args.epochs}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr"))
+    finally:
+        progress.close()
+        writer.close()
+    tblog.save_curves(history, save_dir / "final_training_curves.png", f"final ({args.epochs} epochs)")
+    summary = {"epochs": args.epochs, "best_val_loss": best, **metrics}
+    rows = [("epochs", args.epochs), ("optimizer steps", global_step), ("best loss", f"{best:.5f}")]
+    if "val_psnr" in metrics:
+        rows.append(("val PSNR", f"{metrics['val_psnr']:.2f} dB (copying the source: "
+                                  f"{metrics['val_copy_psnr']:.2f} dB)"))
+        rows.append(("pose head error", f"{metrics['val_pose_error_deg']:.2f} deg (mean over angles)"))
+    rows += [("checkpoints", str(save_dir)), ("TensorBoard", f"tensorboard --logdir {log_dir}"),
+             ("time", format_seconds(time.perf_counter() - started))]
+    print(format_summary("ImageControlNet training finished", rows), flush=True)
+    return summary
