@@ -27,3 +27,14 @@ def tiny_model(tmp_path_factory):
     from library.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_model():
+    """The toy-world base (library/toy): pretrained once per clone, cached in .cache/toy/<version>/.
+
+    Read-only: tests must copy it before changing anything in it.
+    """
+    from library.toy.build import ensure_toy_model
+
+    return ensure_toy_model()

@@ -25,7 +25,10 @@ COLOURS = {
     "yellow": (0.90, 0.85, 0.15),
     "green": (0.15, 0.80, 0.25),
 }
-BASE_COLOURS = ("red", "blue", "yellow")
+# Two colours: measured, a base pretrained for minutes told red from blue but confused red with
+# yellow (one channel apart), so a third base colour only made the base worse. (Yellow stays in the
+# palette for other worlds built on this module.)
+BASE_COLOURS = ("red", "blue")
 SHAPES = ("circle", "square")
 NEW_TOKEN = "sks"  # kohya users' habitual rare token; the base never saw it
 NEW_COLOUR = "green"
