@@ -7,11 +7,17 @@
 
 Prompts (--prompt, or --from_file with one per line) take kohya's inline options
 --n (negative prompt) --w --h (size) --s (steps) --l (CFG scale) --d (seed).
+
+With a ControlNet (train_controlnet.py's output, or any SD1.x ControlNet):
+
+    python gen_img.py --ckpt model.safetensors --outdir out --prompt "a room" \
+        --controlnet output/controlnet --control_image edges.png --control_scale 0.8
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from library import args as A
 from library.errors import UserError, run_cli
@@ -40,6 +46,16 @@ def setup_parser() -> argparse.ArgumentParser:
     n.add_argument("--network_weights", type=str, nargs="*", default=None, help="LoRA files to apply")
     n.add_argument("--network_mul", type=float, nargs="*", default=None,
                    help="one multiplier per LoRA file (default 1 each)")
+
+    c = parser.add_argument_group("controlnet")
+    c.add_argument("--controlnet", "--control_net_models", type=str, default=None,
+                   help="a ControlNet: the controlnet/ folder train_controlnet.py wrote, a training output folder, "
+                        "or a single .safetensors file")
+    c.add_argument("--control_image", "--guide_image_path", type=str, nargs="*", default=None,
+                   help="conditioning image(s), resized to each image's size; one for every prompt, or several "
+                        "used in turn, one per generated image")
+    c.add_argument("--control_scale", "--control_net_weights", type=float, default=1.0,
+                   help="strength of the ControlNet (0 = off, 1 = as trained)")
 
     g = parser.add_argument_group("generation")
     g.add_argument("--prompt", type=str, default=None, help="the prompt, with optional inline --n --w --h --s --l --d")
@@ -93,6 +109,24 @@ def network_list(args):
     return modules, files, muls
 
 
+def control_images(args) -> list[str]:
+    """The conditioning images, checked before the model loads."""
+    from library.models.checkpoint_io import check_exists
+
+    if not args.controlnet:
+        if args.control_image:
+            raise UserError("--control_image was given without --controlnet.",
+                            fix="add --controlnet with the ControlNet folder or file, or drop --control_image.")
+        return []
+    if not args.control_image:
+        raise UserError("--controlnet needs a conditioning image.",
+                        fix="pass --control_image with the image the ControlNet should follow (edges, pose, heatmap...).")
+    check_exists(args.controlnet, "ControlNet", flag="--controlnet")
+    for path in args.control_image:
+        check_exists(path, "conditioning image", flag="--control_image")
+    return list(args.control_image)
+
+
 def precision(args):
     import torch
 
@@ -113,6 +147,7 @@ def main(argv=None):
         raise UserError("no output folder given.", fix="pass --outdir, the folder for the images.")
     prompts = read_prompts(args)
     modules, files, muls = network_list(args)
+    controls = control_images(args)
 
     from tqdm.auto import tqdm
 
@@ -125,14 +160,20 @@ def main(argv=None):
     model = load_sd_model(args.ckpt, vae_path=args.vae, v2=args.v2, dtype=dtype, device=device,
                           v_parameterization=args.v_parameterization or None)
     networks = gen.apply_networks(model, modules, files, muls, device, dtype)
-    pipe = gen.build_pipeline(model, args.sampler)
+    control = None
+    if controls:
+        from library.controlnet.model import load_controlnet
+
+        controlnet = load_controlnet(args.controlnet, model.unet, model.vae, dtype=dtype).to(device)
+        control = gen.Control(Path(args.controlnet), controls, args.control_scale, controlnet)
+    pipe = gen.build_pipeline(model, args.sampler, control)
     jobs, seed = gen.plan_jobs(prompts, args.images_per_prompt, args.seed)
     print(f"{len(jobs)} images, seed {seed}, {args.sampler}, {device.type} {str(dtype).removeprefix('torch.')}")
     stamp = gen.timestamp()
     with tqdm(total=len(jobs), desc="images", unit="image") as bar:
         for batch in gen.batches(jobs, args.batch_size):
-            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip)):
-                text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip)
+            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip, control)):
+                text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip, control)
                 gen.save_png(image, out_dir, stamp, job, text)
                 bar.update(1)
     print(f"wrote {len(jobs)} images to {out_dir}")

@@ -81,14 +81,39 @@ def apply_networks(model, module_names: list[str], files: list[str], multipliers
     return applied
 
 
-def build_pipeline(model, sampler: str):
-    """The diffusers pipeline over our loaded components. (A ControlNet pipeline goes here once
-    the project has ControlNets: same components plus the ControlNet, control images per batch.)"""
-    from diffusers import StableDiffusionPipeline
+@dataclass
+class Control:
+    """A ControlNet and its conditioning images (image i of the run uses images[i % len])."""
+    path: Path
+    images: list[str]
+    scale: float
+    controlnet: object
 
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=make_scheduler(sampler, scheduler_source(model)),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    def batch_condition(self, batch: list[Job]) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1], each image resized to its job's size."""
+        import numpy as np
+        from PIL import Image
+
+        from library.data.probe import load_rgb
+
+        p = batch[0].prompt
+        arrays = [np.asarray(load_rgb(self.images[j.index % len(self.images)]).resize((p.width, p.height),
+                                                                                    Image.BICUBIC))
+                  for j in batch]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def build_pipeline(model, sampler: str, control: Control | None = None):
+    """diffusers' stock pipeline over our loaded components (its ControlNet pipeline with a ControlNet)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    parts = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+                 scheduler=make_scheduler(sampler, scheduler_source(model)), safety_checker=None,
+                 feature_extractor=None, requires_safety_checker=False)
+    if control is None:
+        pipe = StableDiffusionPipeline(**parts)
+    else:
+        pipe = StableDiffusionControlNetPipeline(controlnet=control.controlnet, **parts)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
     return pipe
 
@@ -107,7 +132,7 @@ def scheduler_source(model):
 
 
 @torch.no_grad()
-def run_batch(pipe, batch: list[Job], clip_skip: int | None = None):
+def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Control | None = None):
     """Float images in [0, 1], HWC numpy arrays, one per job.
 
     The prompts are encoded here (the training code's encoder call, kohya's clip_skip rule):
@@ -122,12 +147,17 @@ def run_batch(pipe, batch: list[Job], clip_skip: int | None = None):
     negatives = encode_captions(pipe.tokenizer, pipe.text_encoder, [j.prompt.negative for j in batch], clip_skip,
                                 device)
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+    extra = {}
+    if control is not None:
+        extra = dict(image=control.batch_condition(batch).to(device, pipe.unet.dtype),
+                     controlnet_conditioning_scale=float(control.scale))
     return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, width=p.width, height=p.height,
-                num_inference_steps=p.steps, guidance_scale=p.scale, generator=generators, output_type="np").images
+                num_inference_steps=p.steps, guidance_scale=p.scale, generator=generators, output_type="np",
+                **extra).images
 
 
 def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetwork],
-             clip_skip: int | None = None) -> str:
+             clip_skip: int | None = None, control: Control | None = None) -> str:
     """WebUI's `parameters` text; the LoRAs appear as <lora:name:mul> so WebUI can redo the image."""
     p = job.prompt
     tags = "".join(f" <lora:{n.path.stem}:{n.multiplier:g}>" for n in networks)
@@ -138,6 +168,9 @@ def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetw
               f"Seed: {job.seed}", f"Size: {p.width}x{p.height}", f"Model: {model_name}"]
     if clip_skip and clip_skip > 1:
         fields.append(f"Clip skip: {clip_skip}")
+    if control is not None:  # as WebUI's ControlNet extension writes it, so PNG Info shows it
+        fields.append(f'ControlNet 0: "Model: {control.path.stem}, Weight: {control.scale:g}, '
+                      f'Image: {Path(control.images[job.index % len(control.images)]).name}"')
     hashes = [f"{n.path.stem}: {n.short_hash}" for n in networks if n.short_hash]
     if hashes:
         fields.append(f'Lora hashes: "{", ".join(hashes)}"')

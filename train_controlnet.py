@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Train a ControlNet for Stable Diffusion 1.x, a UNet LoRA on a frozen ControlNet, or both (joint).
+
+    python train_controlnet.py --pretrained_model_name_or_path model.safetensors --train_data_dir data \
+        --conditioning_data_dir cond --output_dir out --learning_rate 1e-5            # a ControlNet
+    python train_controlnet.py ... --train_listing radar_data/metadata.jsonl --conditioning_type radar_heatmap \
+        --range_max 200 --vel_max 40 --heatmap_sigma 8 --loss_weight_factor 30        # radar heatmaps
+    python train_controlnet.py ... --train_unet_lora --controlnet_path out/controlnet --lora_rank 16
+    python train_controlnet.py ... --joint --lora_learning_rate 5e-5 --stage2_loss_weight_factor 60
+    python train_controlnet.py --config config.yaml                                    # the seed's YAML
+
+Every option can also come from a TOML file of flag names, or from the seed guide's sections
+(project / model / data / training / controlnet / early_stopping / stage1 / stage2) in TOML or YAML.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from library import args as A
+from library.errors import run_cli
+
+RADAR_AXES_HELP = ("radar axes: column x = (v + vel_max) / (2 vel_max) * (W - 1), row y = (1 - r / range_max) * (H - 1) "
+                   "(range 0 at the bottom)")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a ControlNet (and a UNet LoRA on it) for Stable Diffusion 1.x.")
+    A.add_config_arguments(parser)
+    A.add_model_arguments(parser)
+    A.add_dataset_arguments(parser)
+    A.add_training_arguments(parser)
+    A.add_optimizer_arguments(parser)
+
+    c = parser.add_argument_group("controlnet")
+    c.add_argument("--conditioning_type", type=str, default="auto", choices=["auto", "image", "radar_heatmap"],
+                   help="what conditions the ControlNet: conditioning images, or radar targets drawn as heatmaps "
+                        "(auto: radar when the listing has 'targets')")
+    c.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="folder of conditioning images with the same base names as the training images")
+    c.add_argument("--train_listing", type=str, default=None,
+                   help="metadata.jsonl (one {file_name, text, conditioning_file_name | targets, split} per line) "
+                        "or a .toml with [[items]]; paths relative to its folder")
+    c.add_argument("--validation_split", type=A.unit_float, default=0.0,
+                   help="share of the images kept for the validation loss (listing entries with "
+                        "\"split\": \"val\" are used instead when present)")
+    c.add_argument("--controlnet_model_name_or_path", type=str, default=None,
+                   help="continue training this ControlNet (folder or .safetensors) instead of copying the base UNet")
+    c.add_argument("--range_max", type=A.positive_float, default=200.0, help="largest range; " + RADAR_AXES_HELP)
+    c.add_argument("--vel_max", type=A.positive_float, default=40.0, help="largest |velocity|; " + RADAR_AXES_HELP)
+    c.add_argument("--heatmap_sigma", type=A.positive_float, default=8.0,
+                   help="Gaussian width of each target in pixels of the training image (use the same at inference)")
+    c.add_argument("--loss_weight_factor", type=A.non_negative_float, default=0.0,
+                   help="loss weight 1 + factor x heatmap (at latent size), normalised: 0 is the plain loss")
+    c.add_argument("--use_focal_loss", action="store_true",
+                   help="also weigh each latent pixel by |error|^focal_gamma (a focal re-weighting of the MSE)")
+    c.add_argument("--focal_gamma", type=A.non_negative_float, default=2.0, help="exponent of --use_focal_loss")
+
+    s = parser.add_argument_group("stages")
+    s.add_argument("--train_unet_lora", action="store_true",
+                   help="stage 2: train only a UNet LoRA; the ControlNet (--controlnet_path), UNet, VAE and "
+                        "text encoder stay frozen")
+    s.add_argument("--controlnet_path", type=str, default=None, help="the trained ControlNet for --train_unet_lora")
+    s.add_argument("--lora_rank", type=A.positive_int, default=16, help="rank of the UNet LoRA")
+    s.add_argument("--lora_alpha", type=A.positive_float, default=None,
+                   help="LoRA alpha (default: the rank, i.e. scale 1 as in PEFT-based scripts)")
+    s.add_argument("--lora_learning_rate", type=A.positive_float, default=None,
+                   help="learning rate of the LoRA (default --learning_rate)")
+    s.add_argument("--joint", action="store_true",
+                   help="two stages: ControlNet only, then ControlNet + UNet LoRA (outputs in final/)")
+    s.add_argument("--stage2_max_train_steps", type=A.positive_int, default=None, help="joint: steps of stage 2")
+    s.add_argument("--stage2_max_train_epochs", type=A.positive_int, default=None, help="joint: epochs of stage 2")
+    s.add_argument("--stage2_learning_rate", type=A.positive_float, default=None,
+                   help="joint: the ControlNet's learning rate in stage 2 (default 0.1 x --learning_rate)")
+    s.add_argument("--stage2_loss_weight_factor", type=A.non_negative_float, default=None,
+                   help="joint: --loss_weight_factor of stage 2 (default: stage 1's)")
+    s.add_argument("--from_scratch", action="store_true", help="joint: train stage 1 again even if it finished")
+
+    e = parser.add_argument_group("early stopping and checkpoints")
+    e.add_argument("--early_stopping_patience", type=A.positive_int, default=None,
+                   help="stop after this many epochs without improvement of the validation loss (or, without a "
+                        "validation split, of the epoch mean of the weighted training loss)")
+    e.add_argument("--early_stopping_min_delta", type=A.non_negative_float, default=0.0,
+                   help="smallest decrease that counts as an improvement")
+    e.add_argument("--checkpoints_total_limit", type=A.positive_int, default=None,
+                   help="keep only the last N numbered checkpoints (--save_steps is --save_every_n_steps)")
+    return parser
+
+
+ALIASES = {"--config": "--config_file", "--save_steps": "--save_every_n_steps",
+           "--resume_from_checkpoint": "--resume"}
+
+
+def normalise_argv(argv) -> list[str]:
+    """The seed's and diffusers' spellings of a few flags."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        out.append(ALIASES.get(flag, flag) + eq + value if flag in ALIASES else arg)
+    return out
+
+
+def main(argv=None):
+    from library.controlnet.config import parse_args
+
+    args = parse_args(setup_parser(), normalise_argv(sys.argv[1:] if argv is None else argv))
+    from library.controlnet.stages import train
+
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
