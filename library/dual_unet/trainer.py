@@ -1,0 +1,294 @@
+"""The body of train_dual_unet.py, built from the same steps as train_network.
+
+Order of work as in library/training/network_trainer.py: checks and pair preflight (seconds) ->
+load the base -> latent caching -> two UNets (the second a weight-sharing twin) with one LoRA
+each -> optimizer and schedule over both LoRAs -> the shared loop (library.training.loop) ->
+final checkpoint and summary. What differs: a batch is a pair, the objective is
+library/dual_unet/step.py's, and every --validate_every steps a validation loss decides the best
+checkpoint, while rolling checkpoints and sample pairs are written on their own schedules.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import time
+
+import torch
+
+from library.dual_unet import data, model as model_mod, outputs, step as step_mod
+from library.errors import UserError
+from library.fileio import check_writable_dir
+from library.logs import ProgressLogger, format_seconds, format_summary
+from library.training import diffusion
+from library.training.checkpoint import save_train_state
+from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
+from library.training.network_trainer import seed_everything, to_device
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def check_arguments(args) -> None:
+    for flag, value in (("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+                        ("--output_dir", args.output_dir)):
+        if not value:
+            raise UserError(f"{flag} is missing.", fix=f"pass {flag} (see train_dual_unet.py --help).")
+    mods = tuple(args.modalities)
+    if len(mods) != 2 or mods[0].lower() == mods[1].lower() or not all(_NAME.match(m) for m in mods):
+        raise UserError(f"--modalities needs two different names of letters, digits, _ or - (got {' '.join(mods)}).",
+                        fix="pass e.g. --modalities cf fa; they name the data folders and the LoRA files.")
+    if args.max_steps:  # the seed's name for --max_train_steps
+        args.max_train_steps = args.max_steps
+    if args.offset_noise_strength is not None:  # the seed's name for --noise_offset
+        if args.noise_offset is not None and args.noise_offset != args.offset_noise_strength:
+            raise UserError("--offset_noise_strength and --noise_offset are the same setting with two values.",
+                            fix="pass only one of them.")
+        args.noise_offset = args.offset_noise_strength or None
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 8, which the VAE needs.",
+                        fix="pass e.g. --resolution 512.")
+    diffusion.check_loss_arguments(args)
+    from library.training.optim import optimizer_name
+
+    optimizer_name(args)
+
+
+def _lora_metadata(args, modality: str, partner: str, n_pairs: int, optimizer_desc: str, max_steps: int,
+                   num_epochs: int, batches: int, mixed_precision: str) -> dict:
+    """kohya's ss_* metadata for one modality's LoRA file, so WebUI and kohya tools describe it."""
+    import json
+
+    from library.training import metadata as meta_mod
+
+    ns = argparse.Namespace(**{**vars(args), "network_module": "networks.lora", "network_dim": args.unet_lora_rank,
+                               "network_alpha": args.unet_lora_alpha, "text_encoder_lr": None,
+                               "unet_lr": args.learning_rate, "prior_loss_weight": 1.0,
+                               "resolution": (args.resolution, args.resolution),
+                               "output_name": f"{args.name or 'dual_unet'}_{modality}"})
+    meta = meta_mod.training_metadata(ns, group_meta={"ss_num_train_images": str(n_pairs)},
+                                      optimizer_desc=optimizer_desc, max_train_steps=max_steps, num_epochs=num_epochs,
+                                      num_batches_per_epoch=batches, network_args={}, mixed_precision=mixed_precision)
+    meta["ss_training_comment"] = json.dumps({"dual_unet": {"modality": modality, "partner": partner,
+                                                            "hf_lambda": args.hf_lambda,
+                                                            "struct_lambda": args.struct_lambda,
+                                                            "struct_loss": args.struct_loss}})
+    return meta
+
+
+def train(args) -> dict:
+    t_start = time.perf_counter()
+    check_arguments(args)
+    if args.seed is None:
+        args.seed = random.randint(0, 2**31 - 1)
+    args.unet_lora_alpha = args.unet_lora_alpha or float(args.unet_lora_rank)  # the seed's alpha = rank
+    run = outputs.RunFolder(check_writable_dir(args.output_dir, "--output_dir"), args.name)
+    resume = outputs.resolve_resume(args.resume, run)
+    train_group, val_group = data.build_datasets(args)  # every file checked before a model loads
+    print(train_group.summary(val_group), flush=True)
+
+    from library.models.loading import load_sd_model
+    from library.training.accel import make_accelerator
+
+    seed_everything(args.seed)
+    accelerator, weight_dtype = make_accelerator(args, str(run.logs))
+    device = accelerator.device
+    t0 = time.perf_counter()
+    model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
+                          v_parameterization=args.v_parameterization)
+    args.v2 = model.v2
+    t_load = time.perf_counter() - t0
+    for module in (model.text_encoder, model.vae, model.unet):
+        module.requires_grad_(False)
+    vae_dtype = torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
+    to_device(model.vae, device, vae_dtype)
+    t0 = time.perf_counter()
+    if args.cache_latents or args.cache_latents_to_disk:
+        for group in (g for g in (train_group, val_group) if g is not None):
+            group.cache_latents(model.vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
+                                device=device, dtype=vae_dtype)
+    t_cache = time.perf_counter() - t0
+
+    # The base UNet goes to its device and dtype *before* it is twinned (see model.py).
+    to_device(model.unet, device, weight_dtype)
+    to_device(model.text_encoder, device, weight_dtype)
+    from library.args import parse_kv_list
+
+    make = model_mod.new_networks(args.unet_lora_rank, args.unet_lora_alpha, args.network_dropout,
+                                  parse_kv_list(args.network_args, "--network_args"))
+    dual = model_mod.attach(model, args.modalities, make, tuple(args.prompts or ("", "")), device, args.clip_skip)
+    if args.gradient_checkpointing:
+        for unet in dual.unets:
+            unet.enable_gradient_checkpointing()
+    params = []
+    for network, modality in zip(dual.networks, dual.modalities):
+        network.to(device, torch.float32)
+        for group in network.prepare_optimizer_params(None, args.learning_rate, args.learning_rate):
+            params.append({**group, "name": f"{group.get('name', 'unet')}_{modality}"})
+    lr_names = [g["name"] for g in params]
+
+    from library.training.optim import build_optimizer, build_scheduler
+
+    optimizer, optimizer_desc = build_optimizer(args, params, device.type)
+    max_train_steps, num_epochs = steps_and_epochs(train_group.num_batches_per_epoch, args.gradient_accumulation_steps,
+                                                   args.max_train_steps, args.max_train_epochs)
+    lr_scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
+    trainable, optimizer, lr_scheduler = accelerator.prepare(dual.trainable(), optimizer, lr_scheduler)
+    trainable = accelerator.unwrap_model(trainable)
+    params_to_clip = [p for g in params for p in g["params"]]
+    objective = diffusion.DiffusionObjective(args, model.noise_scheduler, device)
+    noise_generator = torch.Generator(device=device).manual_seed(args.seed)
+    weights = dict(hf_lambda=args.hf_lambda, struct_lambda=args.struct_lambda, struct_kind=args.struct_loss)
+
+    def latents_of(batch):
+        out = []
+        for side in (0, 1):
+            if batch.get(f"latents_{side}") is not None:
+                out.append(batch[f"latents_{side}"].to(device, dtype=weight_dtype))
+            else:
+                from library.data import encode_latents
+
+                out.append(encode_latents(model.vae, batch[f"images_{side}"].to(device, dtype=vae_dtype)).to(weight_dtype))
+        return out
+
+    records: list[dict] = []
+
+    def compute_loss(batch):
+        terms = step_mod.paired_losses(dual, objective, latents_of(batch), noise_generator, **weights)
+        records.append(terms)
+        return terms["loss"]
+
+    live = {}  # the loop's TrainState (hooks.on_state), read when a checkpoint is written
+    scaler = getattr(accelerator, "scaler", None)
+    mods = dual.modalities
+    info = {"format": "dual_unet/1", "modalities": list(mods), "prompts": list(dual.prompts),
+            "base_model": str(args.pretrained_model_name_or_path), "vae": args.vae, "v2": bool(args.v2),
+            "v_parameterization": bool(args.v_parameterization), "clip_skip": args.clip_skip,
+            "resolution": args.resolution, "unet_lora_rank": args.unet_lora_rank,
+            "unet_lora_alpha": args.unet_lora_alpha, "hf_lambda": args.hf_lambda,
+            "struct_lambda": args.struct_lambda, "struct_loss": args.struct_loss, "seed": args.seed}
+    metas = [_lora_metadata(args, m, p, len(train_group.pairs), optimizer_desc, max_train_steps, num_epochs,
+                            train_group.num_batches_per_epoch, accelerator.mixed_precision)
+             for m, p in ((mods[0], mods[1]), (mods[1], mods[0]))]
+    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(args.save_precision)
+    writer = outputs.CheckpointWriter(
+        run, dual, info, metas, save_dtype, args.save_model_as, args.keep_last,
+        lambda path: save_train_state(path, live["state"], trainable, optimizer, lr_scheduler, noise_generator, scaler),
+        accelerator.print)
+    resumed_from = None
+    train_log = val_log = None
+
+    def on_state(state):
+        nonlocal train_log, val_log, resumed_from
+        live["state"] = state
+        state.extra.setdefault("dual_unet", {"best_val": None, "best_step": None, "saved_step": None,
+                                             "validated_step": None})
+        resumed_from = state.global_step if resume else None
+        train_log = outputs.TextLog(run.training_log, ["step", "epoch", *step_mod.TERMS, "lr"], resumed_from)
+        val_log = outputs.TextLog(run.validation_log, ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"],
+                                  resumed_from)
+        if state.global_step == 0 and args.validate_every:  # the base alone (zero LoRAs): the baseline
+            log_validation(0, 0)
+
+    def validate(step_no: int, epoch: int) -> dict:
+        book = live["state"].extra["dual_unet"]
+        book["validated_step"] = step_no
+        if val_group is None or not accelerator.is_main_process:
+            return {}
+        with accelerator.autocast():
+            vals = step_mod.validation_losses(
+                dual, val_group, lambda: diffusion.DiffusionObjective(args, model.noise_scheduler, device,
+                                                                      rng=random.Random(step_mod.VALIDATION_SEED)),
+                latents_of, device, **weights)
+        improved = book["best_val"] is None or vals["loss"] < book["best_val"]
+        if improved:
+            book.update(best_val=vals["loss"], best_step=step_no)
+        val_log.write({"step": step_no, **{f"val_{k}": v for k, v in vals.items()}, "best": int(improved)})
+        if improved:
+            writer.save_best(epoch, step_no, {"val_loss": vals["loss"]})
+        return {f"val/{k}": v for k, v in vals.items()}
+
+    def log_validation(step_no: int, epoch: int) -> None:
+        val_logs = validate(step_no, epoch)
+        if accelerator.trackers and val_logs:
+            accelerator.log(val_logs, step=step_no)
+
+    def save_latest(step_no: int, epoch: int):
+        book = live["state"].extra["dual_unet"]
+        book["saved_step"] = step_no
+        if accelerator.is_main_process:
+            return writer.save_latest(epoch, step_no, {"best_val_loss": book["best_val"]})
+
+    def after_step(step_no: int) -> dict:
+        state = live["state"]
+        logs = {}
+        if step_no % args.log_every_n_steps == 0 or step_no == max_train_steps:
+            terms = step_mod.mean_terms(records)
+            records.clear()
+            logs = {f"loss/{k}": v for k, v in terms.items()}
+            train_log.write({"step": step_no, "epoch": state.epoch + 1, **terms, "lr": optimizer.param_groups[0]["lr"]})
+        if args.validate_every and step_no % args.validate_every == 0:
+            log_validation(step_no, state.epoch)
+        if args.save_every_n_steps and step_no % args.save_every_n_steps == 0 and step_no < max_train_steps:
+            save_latest(step_no, state.epoch)
+        return logs
+
+    def save_model(kind, epoch, step_no):
+        book = live["state"].extra["dual_unet"]
+        if book["validated_step"] != step_no:  # the final weights get a validation too
+            log_validation(step_no, epoch)
+        if book["saved_step"] != step_no:
+            save_latest(step_no, epoch)
+        return run.checkpoint(step_no)
+
+    from library.dual_unet.sampling import generate_pairs, grid, save_pairs
+
+    def want_sample(epoch, step_no):
+        if epoch is not None or not args.sample_every or not args.num_sample_pairs:
+            return False
+        return step_no % args.sample_every == 0 and (step_no > 0 or args.sample_at_first)
+
+    def sample(epoch, step_no):
+        if not accelerator.is_main_process:
+            return
+        seeds = [args.seed + i for i in range(args.num_sample_pairs)]  # the same noise at every sample step
+        a, b = generate_pairs(model, dual, seeds, resolution=args.resolution, steps=args.sample_steps, device=device,
+                              dtype=weight_dtype, sampler=args.sample_sampler)
+        save_pairs(run.samples(step_no), a, b, mods)
+        tracker = accelerator.get_tracker("tensorboard", unwrap=False) if accelerator.trackers else None
+        if tracker is not None:
+            tracker.writer.add_image("samples/pairs", grid(a, b), step_no, dataformats="HWC")
+
+    settings = LoopSettings(
+        max_train_steps=max_train_steps, num_epochs=num_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm, output_dir=run.root, output_name="dual_unet", seed=args.seed, resume=resume,
+        num_workers=min(args.max_data_loader_n_workers, 8), persistent_workers=args.persistent_data_loader_workers,
+        log_every_n_steps=args.log_every_n_steps, profile=args.profile)
+    hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
+                      params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
+                      sample=sample, want_sample=want_sample, on_state=on_state)
+    accelerator.init_trackers((args.log_prefix or "") + (args.log_tracker_name or "dual_unet")
+                              + time.strftime("%Y%m%d%H%M%S"))
+    progress = ProgressLogger(accelerator)
+    t_loop = time.perf_counter()
+    try:
+        state = run_training(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
+                             progress)
+    except StopRequested as stop:
+        progress.close()
+        accelerator.end_training()
+        accelerator.print(f"stopped. State saved in {stop.state_path}; continue with --resume latest (or "
+                          f"--resume \"{stop.state_path}\") and the same other arguments.")
+        raise SystemExit(130)
+    accelerator.end_training()
+    book = state.extra["dual_unet"]
+    rows = [("run folder", run.root), ("LoRA files", ", ".join(f"{m}.{args.save_model_as}" for m in mods)),
+            ("latest checkpoint", run.checkpoint(state.global_step)),
+            ("best checkpoint", f"{run.best} (step {book['best_step']}, val loss {book['best_val']:.5f})"
+             if book["best_val"] is not None else "- (no validation pairs)"),
+            ("steps", state.global_step), ("average loss (last 100 steps)", f"{progress.average_loss:.4f}"),
+            ("model load / latent caching", f"{format_seconds(t_load)} / {format_seconds(t_cache)}"),
+            ("training time", format_seconds(time.perf_counter() - t_loop)),
+            ("TensorBoard logs", f"{run.logs}  (tensorboard --logdir \"{run.logs}\")")]
+    accelerator.print(format_summary("training finished", rows))
+    return {"run": run, "state": state, "dual": dual, "model": model, "total_s": time.perf_counter() - t_start,
+            "step_end_times": progress.step_end_times}
