@@ -24,11 +24,16 @@ $(EXTRA): requirements-extra.txt $(STAMP)
 demo: setup
 	$(THREADS) $(VPY) tools/demo.py
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist), one torch thread each; a file's
+# tests stay in one process so its module fixtures (trained models) are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(THREADS) $(VPY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 test: setup $(EXTRA)
-	$(THREADS) $(VPY) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 test-fast: setup $(EXTRA)
-	$(THREADS) $(VPY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 gui: setup
 	$(VPY) -m gui

@@ -26,6 +26,7 @@ def setup_parser() -> argparse.ArgumentParser:
     A.add_optimizer_arguments(parser)
     A.add_sampling_arguments(parser)
     A.add_validation_arguments(parser)
+    A.add_trainer_automation_arguments(parser)
 
     g = parser.add_argument_group("network")
     g.add_argument("--network_module", type=str, default="networks.lora", help="network module to train")

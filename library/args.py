@@ -164,22 +164,32 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
     g.add_argument("--output_name", type=str, default=None,
                    help="base name of the trained files (default 'last')")
-    g.add_argument("--train_batch_size", type=positive_int, default=1, help="batch size")
+    g.add_argument("--train_batch_size", type=positive_int, default=1,
+                   help="batch size (per process: N processes train on N x this many images per step)")
     g.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
     g.add_argument("--max_train_epochs", type=positive_int, default=None,
                    help="epochs to train (overrides --max_train_steps)")
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
-                   help="batches accumulated into one optimizer step")
+    g.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", type=positive_int, default=1,
+                   help="batches accumulated into one optimizer step (Lightning's --accumulate_grad_batches "
+                        "works too)")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in backward to save memory (slower)")
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
-                   help="mixed precision (fp16 needs CUDA; without it training runs in fp32)")
+                   help="mixed precision (fp16 needs CUDA; without it training runs in fp32). Lightning's "
+                        "--precision 16-mixed|bf16-mixed|32 is accepted too")
+    # Lightning's spelling of --mixed_precision, applied by training.accel.make_accelerator; one widget
+    # (mixed_precision) in the GUI is enough, so it is not listed
+    g.add_argument("--precision", type=str, default=None,
+                   choices=["16-mixed", "bf16-mixed", "32", "32-true", "16", "bf16"], help=argparse.SUPPRESS)
     g.add_argument("--full_fp16", action="store_true", help="fp16 training including gradients")
     g.add_argument("--full_bf16", action="store_true", help="bf16 training including gradients")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
-    g.add_argument("--seed", type=int, default=None, help="random seed (a run is reproducible with a seed)")
-    g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
-                   help="clip gradients to this norm; 0 turns clipping off")
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed: model init, data order, augmentations and noise all follow from it, so a "
+                        "run is reproducible (also with several processes)")
+    g.add_argument("--max_grad_norm", "--gradient_clip_val", type=non_negative_float, default=1.0,
+                   help="clip gradients to this norm; 0 turns clipping off (Lightning's --gradient_clip_val works "
+                        "too)")
     g.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (always used)")
     g.add_argument("--xformers", action="store_true", help="accepted for compatibility; SDPA is used")
     g.add_argument("--mem_eff_attn", action="store_true", help="accepted for compatibility; SDPA is used")
@@ -209,8 +219,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also save the training state (optimizer, scheduler, RNG, data position) for --resume")
     s.add_argument("--save_state_on_train_end", action="store_true",
                    help="save the training state at the end even without --save_state")
-    s.add_argument("--resume", type=str, default=None,
-                   help="continue from a state folder written by --save_state")
+    s.add_argument("--resume", "--resume_from_checkpoint", type=str, default=None,
+                   help="continue from a state folder written by --save_state (--resume_from_checkpoint works "
+                        "too)")
 
     lg = parser.add_argument_group("logging")
     lg.add_argument("--logging_dir", type=str, default=None, help="folder for TensorBoard logs")
@@ -349,14 +360,49 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_every_n_epochs", type=positive_int, default=None,
                    help="sample every N epochs (then --sample_every_n_steps is ignored, as in kohya)")
     g.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
+    g.add_argument("--log_images_every_n_steps", type=positive_int, default=None,
+                   help="log the --sample_prompts images (each prompt and a grid of all) to TensorBoard/wandb "
+                        "and <output_dir>/sample every N steps: --sample_every_n_steps under Lightning's name")
     g.add_argument("--sample_sampler", type=str, default="ddim", choices=list(SAMPLERS),
                    help="sampler for the sample images (a prompt's --ss overrides it; lms needs scipy)")
 
 
+def fast_dev_run_steps(value):
+    """--fast_dev_run: a bare flag (or true) is 2 steps; a number is that many; 0 or false is off."""
+    if isinstance(value, bool):
+        return 2 if value else 0
+    text = str(value).strip().lower()
+    if text in ("true", "yes"):
+        return 2
+    if text in ("false", "no"):
+        return 0
+    return non_negative_int(text)
+
+
+def add_trainer_automation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Lightning-style trainer automation handled by library.training.loop (pass
+    loop.automation_settings(args) to LoopSettings and use loop.prepare_group for --overfit_batches)."""
+    g = parser.add_argument_group("trainer automation")
+    g.add_argument("--save_top_k", type=positive_int, default=None,
+                   help="keep the K model files with the best --monitor value (<output_name>-top-step*.safetensors, "
+                        "listed in <output_name>-top_k.json) besides the last one")
+    g.add_argument("--monitor", type=str, default=None,
+                   help="metric for --save_top_k: any logged name, e.g. loss/validation (the default with a "
+                        "validation split), loss/epoch (the default without), loss/average")
+    g.add_argument("--monitor_mode", type=str, default="min", choices=["min", "max"],
+                   help="whether a lower (min) or higher (max) --monitor value is better")
+    g.add_argument("--overfit_batches", type=positive_int, default=None,
+                   help="debugging: train on the first N batches only, the same ones every epoch")
+    g.add_argument("--fast_dev_run", type=fast_dev_run_steps, default=0, nargs="?", const=2,
+                   help="debugging: train N steps (2 for the bare flag) and validate N batches, writing nothing "
+                        "(no model, state, samples or logs)")
+
+
 def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("validation")
-    g.add_argument("--validation_split", type=unit_float, default=0.0,
-                   help="share of the training images held out for a validation loss (0 = none)")
+    g.add_argument("--validation_split", "--val_split", type=unit_float, default=0.0,
+                   help="share of the training images held out for a validation loss (0 = none); the same "
+                        "images for the same --validation_seed (Lightning's --val_split works too)")
     g.add_argument("--validation_seed", type=int, default=None,
                    help="seed of the validation split and of its fixed noise (default: --seed)")
     g.add_argument("--validate_every_n_steps", type=positive_int, default=None,

@@ -87,6 +87,26 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (created if missing) while the block runs, so that parallel
+    processes (test workers, two demos) wait for one build of a cached model instead of each
+    building it. POSIX only; elsewhere there is no lock, and two processes just both build."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def check_writable_dir(path, flag: str) -> Path:
     """Create `path` if needed and prove we can write there; raise a UserError if not."""
     from library.errors import UserError

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from library.controlnet.radar import RadarAxes
+from library.fileio import file_lock, write_json_atomic
 from library.toy import world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,9 +281,10 @@ def radar_toy_base() -> Path:
                                     default=str).encode()).hexdigest()[:12]
     folder = cache_root() / key
     model = folder / "model"
-    if not (folder / "stats.json").is_file():
-        log(f"building the base model in {folder} (cached for later runs)")
-        stats = build_base(model)
-        (folder / "stats.json").write_text(json.dumps(stats, indent=2))
-        log(f"base built: {stats}")
+    with file_lock(folder.with_name(f".{key}.lock")):  # parallel test workers wait for one build
+        if not (folder / "stats.json").is_file():  # written last: the model folder is complete
+            log(f"building the base model in {folder} (cached for later runs)")
+            stats = build_base(model)
+            write_json_atomic(folder / "stats.json", stats)
+            log(f"base built: {stats}")
     return model

@@ -51,3 +51,28 @@ def test_check_writable_dir_names_flag_and_folder(tmp_path):
     with pytest.raises(UserError) as err:
         check_writable_dir(blocker / "out", "--output_dir")
     assert "--output_dir" in str(err.value) and str(blocker / "out") in str(err.value)
+
+
+def test_file_lock_makes_a_second_holder_wait(tmp_path):
+    import threading
+    import time
+
+    from library.fileio import file_lock
+
+    lock = tmp_path / "sub" / ".build.lock"
+    events = []
+    inside = threading.Event()
+
+    def second():
+        inside.wait()
+        with file_lock(lock):
+            events.append("second in")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with file_lock(lock):
+        inside.set()
+        time.sleep(0.3)  # the second holder must still be waiting here
+        events.append("first out")
+    thread.join(5)
+    assert events == ["first out", "second in"]

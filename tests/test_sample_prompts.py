@@ -115,6 +115,8 @@ def test_samples_during_training_reach_tensorboard(tiny_model, tmp_path):
     assert {n.rsplit("_", 1)[1] for n in names} == {"5.png", "6.png"}  # the prompts' seeds
     acc = EventAccumulator(str(next(logs.rglob("events.out.tfevents.*")).parent), size_guidance={IMAGES: 0})
     acc.Reload()
-    assert sorted(acc.Tags()[IMAGES]) == ["sample/00", "sample/01"]
+    assert sorted(acc.Tags()[IMAGES]) == ["sample/00", "sample/01", "sample/grid"]
     events = acc.Images("sample/01")
     assert [e.step for e in events] == [0, 2] and (events[0].width, events[0].height) == (64, 64)
+    grids = acc.Images("sample/grid")  # both prompts side by side
+    assert [e.step for e in grids] == [0, 2] and (grids[0].width, grids[0].height) == (128, 64)

@@ -1,9 +1,11 @@
 """The dataset group the trainers use: images placed in buckets, and deterministic batches.
 
 An epoch's batches depend only on (seed, epoch): images are shuffled inside each bucket and the
-batch order is shuffled with a generator seeded from those two numbers, and per-batch
-augmentations use a generator seeded from (seed, epoch, batch position). So a resumed run that
-skips the first k batches of an epoch sees exactly what an uninterrupted run would have.
+batch order is shuffled with a generator seeded from those two numbers, and each image's
+augmentations use a generator seeded from (seed, epoch, batch position, place in the batch). So a
+resumed run that skips the first k batches of an epoch sees exactly what an uninterrupted run would
+have, and a process that builds only its share of a batch (several processes, see
+library.data.loader) gives each image what a single process would.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ class DatasetGroup:
         # With cached latents: image index -> {batch key: (mask, flipped mask or None)}, uint8.
         self.masks: dict[int, dict[str, tuple]] = {}
         self.latents_cached = False
+        # Processes that share each batch (set_batch_scale): batches hold batch_size x this many images.
+        self.batch_scale = 1
         # dataset -> {bucket: [image index repeated `repeats` times]}, buckets in sorted order.
         self.buckets: list[dict[tuple[int, int], list[int]]] = []
         for d in range(len(datasets)):
@@ -79,8 +83,18 @@ class DatasetGroup:
         """Regularization images times their folder's repeats, before balancing (kohya's count)."""
         return sum(self.subset_of(r).num_repeats for r in self.images if r.is_reg)
 
+    def batch_size(self, dataset: int) -> int:
+        """Images per batch of one dataset: its batch size (per process) x the processes sharing it."""
+        return self.datasets[dataset].batch_size * self.batch_scale
+
+    def set_batch_scale(self, processes: int) -> None:
+        """Make every batch global: `processes` x the per-process batch size, so that the processes,
+        each taking its share (library.data.loader.shard_bounds), train on what one process with the
+        multiplied batch size would."""
+        self.batch_scale = max(1, int(processes))
+
     def num_batches(self, dataset: int) -> int:
-        bs = self.datasets[dataset].batch_size
+        bs = self.batch_size(dataset)
         return sum(-(-len(items) // bs) for items in self.buckets[dataset].values())
 
     @property
@@ -98,7 +112,7 @@ class DatasetGroup:
         rng = _rng(seed, epoch, _SHUFFLE_STREAM)
         refs = []
         for d, buckets in enumerate(self.buckets):
-            bs = self.datasets[d].batch_size
+            bs = self.batch_size(d)
             for bucket, items in buckets.items():
                 order = rng.permutation(len(items))
                 shuffled = [items[i] for i in order]
@@ -110,18 +124,24 @@ class DatasetGroup:
         seed = self.seed if seed is None else seed
         return EpochDataset(self, self.batches_for_epoch(epoch, seed), epoch, seed, start)
 
-    def make_batch(self, ref: BatchRef, epoch: int, position: int, seed: int | None = None) -> dict:
-        """Load (or take cached latents for) one batch. `position` is its index in the epoch."""
+    def make_batch(self, ref: BatchRef, epoch: int, position: int, seed: int | None = None,
+                   first: int = 0, count: int | None = None) -> dict:
+        """Load (or take cached latents for) one batch. `position` is its index in the epoch;
+        `first`/`count` build only those items of it (a process's share), with the same
+        augmentations the whole batch would give them."""
         from library.data import masks
 
         seed = self.seed if seed is None else seed
-        rng = _rng(seed, epoch, _AUGMENT_STREAM, position)
         want_alpha, want_cond = masks.dataset_mask_kinds(self.datasets[ref.dataset])
         latents, images, captions, weights, paths, alphas, conds = [], [], [], [], [], [], []
-        for idx in ref.items:
+        stop = len(ref.items) if count is None else first + count
+        for slot in range(first, stop):
+            idx = ref.items[slot]
             rec = self.images[idx]
             sub = self.subset_of(rec)
-            # Draw in a fixed order so every item consumes the generator the same way.
+            # Each item has its own generator, drawn in a fixed order (flip, crop, colour, caption),
+            # so an item's augmentations do not depend on which other items are built with it.
+            rng = _rng(seed, epoch, _AUGMENT_STREAM, position, slot)
             flip = bool(sub.flip_aug and rng.random() < 0.5)
             alpha = cond = None
             if self.latents_cached:
@@ -207,3 +227,15 @@ class EpochDataset(torch.utils.data.Dataset):
             raise IndexError(i)
         pos = self.start + i
         return self.group.make_batch(self.refs[pos], self.epoch, pos, self.seed)
+
+    def shard_item(self, i: int, rank: int, world: int) -> dict:
+        """This process's share of item i (see library.data.loader.shard_bounds), built alone."""
+        from library.data.loader import shard_bounds
+
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        pos = self.start + i
+        shard = shard_bounds(len(self.refs[pos].items), rank, world)
+        batch = self.group.make_batch(self.refs[pos], self.epoch, pos, self.seed, shard.offset, shard.count)
+        batch["shard"] = shard
+        return batch

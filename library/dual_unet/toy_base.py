@@ -17,7 +17,6 @@ second process wait for the first build.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -148,31 +147,15 @@ def pretrain(recipe: BaseRecipe = BaseRecipe(), log=print):
     return unet, vae, text_encoder, stats
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks: two builds would just both build
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_toy_base(recipe: BaseRecipe = BaseRecipe(), cache_root=None, log=print) -> Path:
     """The cached base folder for `recipe` (a diffusers folder), built first if missing."""
-    from library.fileio import write_json_atomic
+    from library.fileio import file_lock, write_json_atomic
     from library.models.loading import SDModel, make_noise_scheduler
     from library.models.saving import save_diffusers
 
     root = Path(cache_root or CACHE_ROOT) / version(recipe)
     folder, info = root / "base", root / "info.json"
-    with _lock(root.with_name(f".{root.name}.lock")):
+    with file_lock(root.with_name(f".{root.name}.lock")):
         if info.is_file():  # written last: the folder is complete
             return folder
         log(f"building the paired toy base into {root} (once; a few minutes on one CPU thread)")

@@ -13,7 +13,6 @@ a lock file makes a second process (a parallel test run) wait for the first buil
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.fileio import atomic_dir, atomic_path, write_json_atomic
+from library.fileio import atomic_dir, atomic_path, file_lock, write_json_atomic
 from library.toy import world
 from library.toy.pretrain import Recipe, pretrain
 
@@ -100,23 +99,6 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-@contextlib.contextmanager
-def _build_lock(path: Path):
-    """An exclusive lock on `path` (POSIX); elsewhere no lock: two builds then just both build."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_toy_model(cache_root=None, recipe: Recipe = Recipe(), log=None) -> ToyModelPaths:
     """The cached build for `recipe`, built first if it is missing (minutes on one CPU thread)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -124,7 +106,7 @@ def ensure_toy_model(cache_root=None, recipe: Recipe = Recipe(), log=None) -> To
     paths = ToyModelPaths.at(cache)
     if paths.complete():
         return paths
-    with _build_lock(cache.with_name(f".{cache.name}.lock")):
+    with file_lock(cache.with_name(f".{cache.name}.lock")):
         if paths.complete():  # another process built it while we waited
             return paths
         log(f"building the toy-world base model into {cache} (once; a few minutes on one CPU thread)")

@@ -41,6 +41,47 @@ def model_file_name(output_name: str, ext: str, epoch: int | None = None, step: 
     return f"{output_name}.{ext}"
 
 
+def top_k_file_name(output_name: str, ext: str, step: int) -> str:
+    """--save_top_k files: last-top-step00000100.safetensors (no clash with the numbered saves)."""
+    return model_file_name(f"{output_name}-top", ext, step=step)
+
+
+class TopKCheckpoints:
+    """--save_top_k: the k model files with the best values of the monitored metric so far.
+
+    `entries` (best first) is plain data, kept in the state folders' `extra`, so a resumed run
+    goes on with the same list. A new value must be strictly better than the worst kept one to
+    replace it once k files exist; NaN never counts.
+    """
+
+    def __init__(self, k: int, monitor: str, mode: str = "min", entries: list | None = None):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be min or max, not {mode!r}")
+        self.k, self.monitor, self.mode = int(k), monitor, mode
+        self.entries: list[dict] = list(entries or [])
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.mode == "min" else a > b
+
+    def wants(self, value: float, step: int) -> bool:
+        value = float(value)
+        if value != value or any(e["step"] == step for e in self.entries):
+            return False
+        return len(self.entries) < self.k or self._better(value, self.entries[-1]["value"])
+
+    def add(self, value: float, epoch: int, step: int, path: Path) -> list[Path]:
+        """Record a saved file; returns the files that dropped out of the best k (to delete)."""
+        entry = {"value": float(value), "epoch": int(epoch), "step": int(step), "file": Path(path).name}
+        at = next((i for i, e in enumerate(self.entries) if self._better(entry["value"], e["value"])),
+                  len(self.entries))
+        self.entries.insert(at, entry)
+        dropped, self.entries = self.entries[self.k:], self.entries[:self.k]
+        return [Path(path).parent / e["file"] for e in dropped]
+
+    def index(self) -> dict:
+        return {"monitor": self.monitor, "mode": self.mode, "k": self.k, "best_first": self.entries}
+
+
 def state_dir_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
     return Path(model_file_name(output_name, "x", epoch, step)).stem + "-state"
 

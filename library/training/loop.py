@@ -6,6 +6,21 @@ callback; the loop owns everything else. Data order comes from the dataset group
 
 Ctrl+C (or the GUI's Stop) does not kill a step half-way: the loop finishes the current optimizer
 step, saves a state folder, says how to resume, and exits.
+
+Several processes (accelerate launch / torchrun; DDP): build the group with `prepare_group(group,
+accelerator.num_processes)` before counting steps, pass the trainable module unwrapped (no
+accelerator.prepare of it; DeepSpeed and FSDP excepted), and draw noise through
+DiffusionObjective.noisy_latents from a generator seeded the same on every process. Then every
+process takes its share of each global batch (library.data.loader), draws its share of the global
+batch's noise, weights its loss by its share, and the loop averages the gradients before clipping
+and the optimizer step: the processes stay identical, and a run equals one process with the
+batch size multiplied by the number of processes. Files, trackers, samples and the progress bar
+belong to the main process; validation and logged losses are means over all processes.
+
+Trainer automation (Lightning's names in brackets): `save_top_k` / `monitor` / `monitor_mode`
+keep the k best model files by a logged metric [ModelCheckpoint], `fast_dev_run` trains a few steps,
+validates once and writes nothing, `prepare_group(..., overfit_batches=N)` trains on the first N
+batches only [overfit_batches].
 """
 from __future__ import annotations
 
@@ -18,9 +33,12 @@ from typing import Callable
 
 import torch
 
-from library.data.loader import BatchFeeder
-from library.training.checkpoint import (TrainState, load_train_state, prune_old, save_train_state,
-                                         state_dir_name)
+from library.data.loader import BatchFeeder, OverfitGroup, shares_batches, use_global_batches
+from library.fileio import write_json_atomic
+from library.training import accel
+from library.training import noise as noise_mod
+from library.training.checkpoint import (TopKCheckpoints, TrainState, load_train_state, prune_old,
+                                         save_train_state, state_dir_name)
 
 
 class StopRequested(Exception):
@@ -51,12 +69,23 @@ class LoopSettings:
     num_workers: int = 0
     persistent_workers: bool = False
     profile: bool = False
+    # validation through hooks.validate: every N steps, else at the end of every N-th epoch (default 1)
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    save_top_k: int | None = None          # keep the k best model files by `monitor`
+    monitor: str | None = None             # default: loss/validation with hooks.validate, else loss/epoch
+    monitor_mode: str = "min"
+    # > 0: this many steps, then one validation; the loop writes nothing (no saves, states, samples,
+    # profile); trainer hooks that write on their own (end_epoch, on_state) must check it themselves
+    fast_dev_run: int = 0
 
 
 @dataclass
 class LoopHooks:
     compute_loss: Callable[[dict], torch.Tensor]
-    save_model: Callable[[str, int, int], Path]   # (kind: "epoch"|"step"|"final", epoch, step) -> file
+    # (kind: "epoch"|"step"|"final"|"top", epoch, step) -> the file written; "top" files (save_top_k)
+    # are named with checkpoint.top_k_file_name
+    save_model: Callable[[str, int, int], Path]
     trainable: torch.nn.Module                                  # what the state folder stores
     params_to_clip: list = field(default_factory=list)
     lr_names: list[str] = field(default_factory=list)            # one per optimizer param group
@@ -69,6 +98,9 @@ class LoopHooks:
     # Gets the run's live TrainState once, after a resume and before the first step: for trainers
     # that write their own checkpoints (with state) on their own schedule, e.g. train_dual_unet.
     on_state: Callable[[TrainState], None] | None = None
+    # () -> metrics on held-out data, e.g. {"loss/validation": x}; runs on every process (it may
+    # use collectives) on the schedule of LoopSettings.validate_every_n_*; the loop logs them
+    validate: Callable[[], dict] | None = None
 
 
 class _StopFlag:
@@ -98,6 +130,26 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def prepare_group(group, num_processes: int = 1, overfit_batches: int = 0):
+    """The group as run_training feeds it; call before counting steps. With several processes its
+    batches become global (each process trains on its share); with `overfit_batches` every epoch
+    is the first N batches of epoch 0."""
+    use_global_batches(group, num_processes)
+    return OverfitGroup(group, overfit_batches) if overfit_batches else group
+
+
+def monitored_metric(cfg: LoopSettings, hooks: LoopHooks) -> str:
+    """The metric save_top_k ranks by: cfg.monitor, else the validation loss when there is one."""
+    return cfg.monitor or ("loss/validation" if hooks.validate else "loss/epoch")
+
+
+def automation_settings(args) -> dict:
+    """LoopSettings fields from the flags of args.add_trainer_automation_arguments."""
+    return {"save_top_k": getattr(args, "save_top_k", None), "monitor": getattr(args, "monitor", None),
+            "monitor_mode": getattr(args, "monitor_mode", None) or "min",
+            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0}
+
+
 def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_steps: int,
                      max_train_epochs: int | None) -> tuple[int, int]:
     """kohya's rule: --max_train_epochs overrides --max_train_steps; steps count optimizer updates."""
@@ -109,6 +161,9 @@ def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_step
 
 def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, cfg: LoopSettings,
                  noise_generator: torch.Generator, progress_logger) -> TrainState:
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    writes = not cfg.fast_dev_run  # fast_dev_run: nothing at all is written
+    max_steps = min(cfg.max_train_steps, cfg.fast_dev_run) if cfg.fast_dev_run else cfg.max_train_steps
     state = TrainState(seed=cfg.seed, max_train_steps=cfg.max_train_steps)
     scaler = getattr(accelerator, "scaler", None)
     if cfg.resume:
@@ -116,38 +171,74 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
         state.max_train_steps = cfg.max_train_steps
         accelerator.print(f"resumed from {cfg.resume}: step {state.global_step}, epoch {state.epoch + 1}, "
                           f"batch {state.next_batch}")
+    accel.broadcast_parameters(accelerator, hooks.trainable)  # identical start on every process
+    trainable_params = [p for p in hooks.trainable.parameters() if p.requires_grad]
     if hooks.on_state:
         hooks.on_state(state)
 
     def save_state(name: str) -> Path | None:
-        if not accelerator.is_main_process:
+        if not main or not writes:
             return None
         return save_train_state(cfg.output_dir / name, state, hooks.trainable, optimizer, lr_scheduler,
                                 noise_generator, scaler)
 
+    monitor = monitored_metric(cfg, hooks)
+    top_k = None
+    if cfg.save_top_k and main and writes:
+        top_k = TopKCheckpoints(cfg.save_top_k, monitor, cfg.monitor_mode, state.extra.get("top_k"))
+
+    seen_metrics: set[str] = set()
+
+    def offer_top_k(metrics: dict, epoch: int, step: int) -> None:
+        seen_metrics.update(metrics)
+        if top_k is None or monitor not in metrics or not top_k.wants(metrics[monitor], step):
+            return
+        path = hooks.save_model("top", epoch, step)
+        for old in top_k.add(metrics[monitor], epoch, step, path):
+            old.unlink(missing_ok=True)
+        state.extra["top_k"] = top_k.entries
+        write_json_atomic(cfg.output_dir / f"{cfg.output_name}-top_k.json", top_k.index())
+
+    def validate(step: int) -> dict:
+        metrics = hooks.validate()
+        progress_logger.log(metrics, step)
+        return metrics
+
+    sharded = shares_batches(group, world)
+    if not sharded:
+        from library.logs import warn_once
+
+        warn_once(f"{world} processes train on the same batches (this trainer does not split them); the "
+                  "run trains like one process, only slower.")
     accum = cfg.gradient_accumulation_steps
     n_batches = group.num_batches_per_epoch
-    progress_logger.start(total=cfg.max_train_steps, initial=state.global_step)
-    if hooks.sample and state.global_step == 0 and hooks.want_sample and hooks.want_sample(None, 0):
-        hooks.sample(None, 0)
+    progress_logger.start(total=max_steps, initial=state.global_step)
+    sample = hooks.sample if writes else None
+    if sample and state.global_step == 0 and hooks.want_sample and hooks.want_sample(None, 0):
+        sample(None, 0)
 
-    profiler = _Profiler(cfg.output_dir, accelerator) if cfg.profile else None
+    profiler = _Profiler(cfg.output_dir, accelerator) if cfg.profile and writes else None
     feeder = BatchFeeder(group, cfg.seed, cfg.num_workers, cfg.persistent_workers,
-                         pin_memory=torch.cuda.is_available())
+                         pin_memory=torch.cuda.is_available(), rank=accelerator.process_index if sharded else 0,
+                         world=world if sharded else 1)
     with _StopFlag() as stop:
-        while state.epoch < cfg.num_epochs and state.global_step < cfg.max_train_steps:
+        while state.epoch < cfg.num_epochs and state.global_step < max_steps:
             epoch = state.epoch
             loader = feeder.epoch(epoch, start=state.next_batch)
             hooks.trainable.train()
             for index, batch in enumerate(loader, start=state.next_batch):
                 sync = (index + 1) % accum == 0 or index + 1 == n_batches
+                shard = batch.get("shard") if isinstance(batch, dict) else None
                 with nullcontext() if sync else accelerator.no_sync(hooks.trainable):
-                    with accelerator.autocast():
+                    with noise_mod.drawing_for(shard), accelerator.autocast():
                         loss = hooks.compute_loss(batch)
+                    if shard is not None:
+                        loss = loss * shard.loss_scale(world)
                     accelerator.backward(loss)
                 progress_logger.add_loss(loss.detach())
                 if not sync:
                     continue
+                accel.average_gradients(accelerator, trainable_params)
                 if cfg.max_grad_norm and hooks.params_to_clip:
                     accelerator.clip_grad_norm_(hooks.params_to_clip, cfg.max_grad_norm)
                 optimizer.step()
@@ -157,41 +248,63 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                 state.next_batch = index + 1
                 if profiler is not None:
                     profiler.step(state.global_step)
-                extra = hooks.after_step(state.global_step) if hooks.after_step else {}
                 step = state.global_step
-                if step % cfg.log_every_n_steps == 0 or step == cfg.max_train_steps:
+                metrics = dict(hooks.after_step(step) if hooks.after_step else {})
+                validated = {}
+                if hooks.validate and cfg.validate_every_n_steps and step % cfg.validate_every_n_steps == 0:
+                    validated = hooks.validate()
+                    metrics.update(validated)
+                if step % cfg.log_every_n_steps == 0 or step == max_steps:
                     lrs = {f"lr/{name}": group_["lr"] for name, group_ in zip(hooks.lr_names, optimizer.param_groups)}
-                    progress_logger.log_step(step, epoch, lrs, extra)
+                    metrics.update(progress_logger.log_step(step, epoch, lrs, metrics))
                 else:
+                    progress_logger.log(validated, step)
                     progress_logger.tick()
+                offer_top_k(metrics, epoch, step)
 
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < cfg.max_train_steps:
+                if writes and cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
+                        and step < cfg.max_train_steps:
                     _save_numbered(accelerator, hooks, cfg, save_state, "step", epoch, step)
-                if hooks.sample and hooks.want_sample and hooks.want_sample(None, step):
-                    hooks.sample(None, step)
-                if stop.requested:
+                if sample and hooks.want_sample and hooks.want_sample(None, step):
+                    sample(None, step)
+                if accel.any_process(accelerator, stop.requested):
                     path = save_state(f"{cfg.output_name}-interrupted-state")
                     raise StopRequested(path)
-                if step >= cfg.max_train_steps:
+                if step >= max_steps:
                     break
             if state.next_batch < n_batches:
                 break  # max_train_steps was reached inside the epoch: the final save follows
             # The epoch ran to its end (its last batch may also have been the last step).
             state.epoch += 1
             state.next_batch = 0
-            progress_logger.end_epoch(state.epoch)
+            epoch_loss = progress_logger.end_epoch(state.epoch)
+            metrics = {} if epoch_loss is None else {"loss/epoch": epoch_loss}
             done = state.epoch
+            if hooks.validate and not cfg.validate_every_n_steps and done % (cfg.validate_every_n_epochs or 1) == 0:
+                metrics.update(validate(state.global_step))
             stop_early = bool(hooks.end_epoch and hooks.end_epoch(done, state.global_step, state.extra))
-            if cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 and done < cfg.num_epochs \
-                    and state.global_step < cfg.max_train_steps:
+            offer_top_k(metrics, done, state.global_step)
+            if writes and cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 \
+                    and done < cfg.num_epochs and state.global_step < cfg.max_train_steps:
                 _save_numbered(accelerator, hooks, cfg, save_state, "epoch", done, state.global_step)
-            if hooks.sample and hooks.want_sample and hooks.want_sample(done, state.global_step):
-                hooks.sample(done, state.global_step)
+            if sample and hooks.want_sample and hooks.want_sample(done, state.global_step):
+                sample(done, state.global_step)
             if stop_early:
                 break  # the final save follows
 
+    if top_k is not None and monitor not in seen_metrics:
+        from library.logs import warn_once
+
+        warn_once(f"--save_top_k: the monitored metric {monitor} was never logged, so no top-k files were saved "
+                  f"(logged: {', '.join(sorted(seen_metrics)) or 'nothing'}); choose one of these with --monitor.")
+    if cfg.fast_dev_run:
+        if hooks.validate:
+            metrics = hooks.validate()
+            shown = ", ".join(f"{k} {v:.5f}" for k, v in metrics.items())
+            accelerator.print(f"fast_dev_run: validation {shown}")
+        accelerator.print(f"fast_dev_run: {state.global_step} training steps ran; nothing was saved.")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if main and writes:
         hooks.save_model("final", state.epoch, state.global_step)
         if cfg.save_state or cfg.save_state_on_train_end:
             save_state(state_dir_name(cfg.output_name))

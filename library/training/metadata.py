@@ -64,7 +64,7 @@ def _s(value) -> str:
 
 def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_steps: int,
                       num_epochs: int, num_batches_per_epoch: int, network_args: dict,
-                      mixed_precision: str) -> dict[str, str]:
+                      mixed_precision: str, num_processes: int = 1) -> dict[str, str]:
     """The metadata written into every saved file of a run (ss_epoch/ss_steps are added per save)."""
     res = args.resolution or (512, 512)
     meta = {
@@ -118,7 +118,7 @@ def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_
         "ss_optimizer": optimizer_desc,
         "ss_training_comment": _s(args.training_comment),
         "ss_batch_size_per_device": _s(args.train_batch_size),
-        "ss_total_batch_size": _s(args.train_batch_size * args.gradient_accumulation_steps),
+        "ss_total_batch_size": _s(args.train_batch_size * num_processes * args.gradient_accumulation_steps),
         "ss_sd_model_name": os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)),
         "ss_vae_name": os.path.basename(os.path.normpath(args.vae)) if args.vae else "None",
         "ss_v_parameterization": _s(args.v_parameterization),

@@ -19,9 +19,10 @@ from library.errors import UserError
 from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion, metadata as meta_mod
-from library.training.checkpoint import model_file_name
+from library.training.checkpoint import model_file_name, top_k_file_name
 from library.training.optim import optimizer_name
-from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
+from library.training.loop import (LoopHooks, LoopSettings, StopRequested, automation_settings, monitored_metric,
+                                   prepare_group, run_training, steps_and_epochs)
 from library.training.text import encode_tokens, tokenize
 from library.training.validation import split_validation, validation_loss
 
@@ -53,6 +54,22 @@ def check_arguments(args) -> None:
         raise UserError("the --resume folder does not exist.", path=args.resume,
                         fix="pass a '-state' folder written by --save_state.")
     check_network_arguments(args)
+    check_log_images(args)
+
+
+def check_log_images(args) -> None:
+    """--log_images_every_n_steps is --sample_every_n_steps: the images are the --sample_prompts ones."""
+    every = getattr(args, "log_images_every_n_steps", None)
+    if not every:
+        return
+    if not args.sample_prompts:
+        raise UserError("--log_images_every_n_steps logs the images of --sample_prompts, but no prompt file is "
+                        "given.", fix="add --sample_prompts prompts.txt (one prompt per line).")
+    if args.sample_every_n_epochs or (args.sample_every_n_steps and args.sample_every_n_steps != every):
+        raise UserError("--log_images_every_n_steps is another name for --sample_every_n_steps, and a different "
+                        "sampling schedule (--sample_every_n_steps / --sample_every_n_epochs) is also given.",
+                        fix="pass only one of them.")
+    args.sample_every_n_steps = every
 
 
 def check_network_arguments(args) -> None:
@@ -69,6 +86,22 @@ def check_network_arguments(args) -> None:
         raise UserError(f"--base_weights_multiplier has {len(multipliers)} values for "
                         f"{len(args.base_weights or [])} --base_weights files.",
                         fix="give at most one multiplier per --base_weights file (missing ones are 1).")
+
+
+def check_distributed_type(args, accelerator) -> None:
+    """Several processes train through DDP (the default) or DeepSpeed ZeRO-2; FSDP cannot train a LoRA."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("the accelerate config asks for FSDP, which shards modules that are called as a whole; a "
+                        "LoRA's modules run inside the U-Net's forward, so train_network.py cannot train under FSDP.",
+                        fix="launch with a DDP config (configs/accelerate/ddp_2gpu.yaml) or DeepSpeed ZeRO-2 "
+                            "(configs/accelerate/deepspeed_zero2.yaml).")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            (args.save_state or args.save_state_on_train_end or args.resume):
+        raise UserError("--save_state and --resume do not work with DeepSpeed yet: its optimizer state is split "
+                        "over the processes, and the state folder holds one process's view.",
+                        fix="drop --save_state/--resume, or launch with a DDP config (configs/accelerate/ddp_2gpu.yaml).")
 
 
 def seed_everything(seed: int) -> None:
@@ -123,15 +156,28 @@ def import_network_module(name: str):
 def train(args) -> dict:
     t_start = time.perf_counter()
     check_arguments(args)
-    args.output_name = args.output_name or "last"
-    if args.seed is None:
-        args.seed = random.randint(0, 2**31 - 1)
-    output_dir = check_writable_dir(args.output_dir, "--output_dir")
-    tracker_dir = None
-    if args.logging_dir or args.log_with:
-        from library.training.accel import run_log_dir  # kohya's <logging_dir>/<log_prefix><time>
+    from library.training.accel import common_seed, is_main_process, run_log_dir
 
-        tracker_dir = run_log_dir(check_writable_dir(args.logging_dir or output_dir / "logs", "--logging_dir"), args)
+    args.output_name = args.output_name or "last"
+    args.seed = common_seed(args.seed)  # with several processes: the same on all of them
+    main = is_main_process()  # folders, files and messages belong to the main process
+    say = print if main else (lambda *a, **k: None)
+    fast = args.fast_dev_run
+    if fast:  # a few steps of training and validation; nothing is written anywhere
+        args.max_validation_steps = min(args.max_validation_steps or fast, fast)
+        if args.cache_latents_to_disk:
+            args.cache_latents, args.cache_latents_to_disk = True, False
+        say(f"fast_dev_run: {fast} training steps and at most {fast} validation batches; nothing is saved "
+            "(no model, state, samples or logs; latents are cached in memory only).")
+    output_dir = Path(args.output_dir)
+    if main and not fast:
+        check_writable_dir(output_dir, "--output_dir")
+    tracker_dir = None
+    if (args.logging_dir or args.log_with) and not fast:
+        logging_dir = Path(args.logging_dir or output_dir / "logs")
+        if main:
+            check_writable_dir(logging_dir, "--logging_dir")
+        tracker_dir = run_log_dir(logging_dir, args)  # kohya's <logging_dir>/<log_prefix><time>
 
     # Dataset preflight first: bad images or folders fail in seconds, before any model is loaded.
     from library.data import build_dataset_group, dataset_configs_from_args, encode_latents
@@ -141,8 +187,8 @@ def train(args) -> dict:
     validation_seed = args.validation_seed if args.validation_seed is not None else args.seed
     group, val_group = split_validation(group, args.validation_split, validation_seed)
     if val_group is not None:
-        print(f"validation: {len(val_group.images)} held-out images, scored with fixed noise "
-              f"(seed {validation_seed})", flush=True)
+        say(f"validation: {len(val_group.images)} held-out images, scored with fixed noise "
+            f"(seed {validation_seed})", flush=True)
     caching = args.cache_latents or args.cache_latents_to_disk
     if caching:
         group.check_caching_allowed()
@@ -153,15 +199,26 @@ def train(args) -> dict:
     elif args.network_train_unet_only and text_outputs_cacheable(group):
         # A frozen encoder and fixed captions give the same hidden states every step: encode once.
         args.cache_text_encoder_outputs = True
-        print("note: the text encoder is frozen and the captions are fixed, so its outputs are cached "
-              "(as --cache_text_encoder_outputs).")
-    print(group.summary(), flush=True)
+        say("note: the text encoder is frozen and the captions are fixed, so its outputs are cached "
+            "(as --cache_text_encoder_outputs).")
 
     from library.training.accel import make_accelerator
 
     seed_everything(args.seed)
     accelerator, weight_dtype = make_accelerator(args, tracker_dir)
     device = accelerator.device
+    check_distributed_type(args, accelerator)
+    # Several processes share every batch (each trains on its part); --overfit_batches keeps N of them.
+    group = prepare_group(group, accelerator.num_processes, args.overfit_batches or 0)
+    if val_group is not None:
+        prepare_group(val_group, accelerator.num_processes)
+    say(group.summary(), flush=True)
+    if accelerator.num_processes > 1:
+        say(f"{accelerator.num_processes} processes: each step trains on {accelerator.num_processes} x the batch "
+            "size, each process on its share; the steps above count these shared batches.", flush=True)
+    if args.overfit_batches:
+        say(f"overfit_batches: every epoch trains on the same first {group.num_batches_per_epoch} batches.",
+            flush=True)
 
     from library.models.loading import load_sd_model
 
@@ -178,10 +235,11 @@ def train(args) -> dict:
     vae_dtype = torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
     if caching:
         to_device(vae, device, vae_dtype)
-        with torch.no_grad():
+        # With a disk cache the main process writes the files first; the others then read them.
+        with torch.no_grad(), accelerator.main_process_first():
             for g in (group, val_group) if val_group is not None else (group,):
                 g.cache_latents(vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
-                                device=device, dtype=vae_dtype)
+                                device=device, dtype=vae_dtype, progress=accelerator.is_local_main_process)
         vae.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -231,8 +289,18 @@ def train(args) -> dict:
     optimizer, optimizer_desc = build_optimizer(args, params, device.type)
     max_train_steps, num_epochs = steps_and_epochs(group.num_batches_per_epoch, args.gradient_accumulation_steps,
                                                    args.max_train_steps, args.max_train_epochs)
-    lr_scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
-    network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
+    lr_scheduler = build_scheduler(args, optimizer, max_train_steps)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.train_batch_size and accelerator.state.deepspeed_plugin is not None:
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+                args.train_batch_size
+        network, optimizer, lr_scheduler = accelerator.prepare(network, optimizer, lr_scheduler)
+    else:
+        # The network stays unwrapped: its modules run inside the U-Net, never through a DDP
+        # wrapper, so the training loop averages its gradients over the processes itself.
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     trainable = accelerator.unwrap_model(network)
     params_to_clip = [p for p in trainable.parameters() if p.requires_grad]
 
@@ -240,7 +308,7 @@ def train(args) -> dict:
     base_meta = meta_mod.training_metadata(
         args, group_meta=group.metadata(), optimizer_desc=optimizer_desc, max_train_steps=max_train_steps,
         num_epochs=num_epochs, num_batches_per_epoch=group.num_batches_per_epoch, network_args=net_kwargs,
-        mixed_precision=accelerator.mixed_precision)
+        mixed_precision=accelerator.mixed_precision, num_processes=accelerator.num_processes)
     progress = ProgressLogger(accelerator)
     noise_generator = torch.Generator(device=device).manual_seed(args.seed)
     objective = diffusion.DiffusionObjective(args, model.noise_scheduler, device)  # noise/timesteps/loss flags
@@ -248,8 +316,11 @@ def train(args) -> dict:
     saved_files: list[Path] = []
 
     def save_model(kind, epoch, step):
-        numbered = {"epoch": epoch} if kind == "epoch" else ({"step": step} if kind == "step" else {})
-        path = output_dir / model_file_name(args.output_name, args.save_model_as, **numbered)
+        if kind == "top":  # --save_top_k
+            path = output_dir / top_k_file_name(args.output_name, args.save_model_as, step)
+        else:
+            numbered = {"epoch": epoch} if kind == "epoch" else ({"step": step} if kind == "step" else {})
+            path = output_dir / model_file_name(args.output_name, args.save_model_as, **numbered)
         metadata = meta_mod.for_save(base_meta, epoch, step)
         if args.no_metadata:  # kohya keeps the few keys loaders need to identify the file
             metadata = {k: v for k, v in metadata.items() if k in meta_mod.MINIMUM_KEYS or k.startswith("modelspec.")}
@@ -285,20 +356,13 @@ def train(args) -> dict:
     def validate() -> dict:
         trainable.eval()  # no dropout: the same weights give the same number
         with accelerator.autocast():
-            loss = validation_loss(val_group, validation_seed, compute_loss, device, args.max_validation_steps)
+            loss = validation_loss(val_group, validation_seed, compute_loss, device, args.max_validation_steps,
+                                   accelerator)
         trainable.train()
         return {"loss/validation": loss}
 
-    def end_epoch(epoch, step, extra):
-        if val_group is not None and not args.validate_every_n_steps \
-                and epoch % (args.validate_every_n_epochs or 1) == 0 and accelerator.trackers:
-            accelerator.log(validate(), step=step)
-        return False
-
     def after_step(step):
         logs = adaptive_lr_logs(optimizer, lr_names)  # d*lr of Prodigy / DAdapt, as kohya logs it
-        if val_group is not None and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
-            logs.update(validate())
         if args.scale_weight_norms:
             keys_scaled, mean_norm, max_norm = trainable.apply_max_norm_regularization(args.scale_weight_norms, device)
             # kohya's TensorBoard names
@@ -317,10 +381,12 @@ def train(args) -> dict:
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end, resume=args.resume,
         num_workers=0 if caching else min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps,
-        profile=args.profile)
+        profile=args.profile, validate_every_n_steps=args.validate_every_n_steps,
+        validate_every_n_epochs=args.validate_every_n_epochs, **automation_settings(args))
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
-                      sample=sampling[0], want_sample=sampling[1], end_epoch=end_epoch)
+                      sample=sampling[0], want_sample=sampling[1],
+                      validate=validate if val_group is not None else None)
 
     if tracker_dir:
         from library.training.accel import init_trackers
@@ -346,14 +412,19 @@ def train(args) -> dict:
             ("total time", format_seconds(total))]
     if tracker_dir:
         rows.append(("TensorBoard logs", f"{tracker_dir}  (tensorboard --logdir \"{tracker_dir}\")"))
-    if args.save_state or args.save_state_on_train_end:
+    if (args.save_state or args.save_state_on_train_end) and not fast:
         rows.append(("state for --resume", output_dir / f"{args.output_name}-state"))
-    if sampling[0] is not None:
+    if sampling[0] is not None and not fast:
         rows.append(("sample images", output_dir / "sample"))
+    top_k = state.extra.get("top_k") or []
+    if top_k:
+        rows.append((f"best {len(top_k)} by {monitored_metric(settings, hooks)}",
+                     ", ".join(f"{e['file']} ({e['value']:.5f})" for e in top_k)))
     accelerator.print(format_summary("training finished", rows))
     return {"files": saved_files, "state": state, "output_dir": output_dir, "tracker_dir": tracker_dir,
             "step_end_times": progress.step_end_times, "started_at": t_start, "loop_started_at": t_before_loop,
-            "model_load_s": t_load, "caching_s": t_cache}
+            "model_load_s": t_load, "caching_s": t_cache, "network": trainable}
+
 
 
 def build_network(args, network_module, net_kwargs, vae, text_encoder, unet, train_te=True, train_unet=True,

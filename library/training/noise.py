@@ -8,10 +8,32 @@ resumed run draws the same factors.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
 import torch.nn.functional as F
+
+# The share of a global batch this process trains on (a library.data.loader.Shard), set by the
+# training loop around each loss computation when several processes share the batches.
+_shard = None
+
+
+@contextlib.contextmanager
+def drawing_for(shard):
+    """Draw the noise of the whole global batch and keep `shard`'s part of it (None: the batch is
+    all there is). Every process holds the same noise generator, so the processes together use
+    exactly the noise one process with the whole batch would draw, and each its own part of it."""
+    global _shard
+    previous, _shard = _shard, shard
+    try:
+        yield
+    finally:
+        _shard = previous
+
+
+def current_shard():
+    return _shard
 
 
 def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Sample images during training from a prompt file in kohya's formats (see library.prompts).
 
 Images go to `<output_dir>/sample/` (kohya's names) and to the trackers: TensorBoard as images
-`sample/NN`, wandb as `sample_NN`. Each prompt may name its own sampler (`--ss`). Sampling never
+`sample/NN` and, with several prompts, all of them in one grid `sample/grid`; wandb as `sample_NN`. Each prompt may name its own sampler (`--ss`). Sampling never
 disturbs the training RNG, so a run with samples resumes exactly like one without.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d%H%M%S")
-    written = []
+    written, images = [], []
     was_training = unet.training
     unet.eval()
     text_encoder.eval()
@@ -77,7 +77,10 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             written.append(path)
+            images.append(image)
             log_sample_image(trackers, i, image, step, p.prompt)
+    if len(images) > 1:
+        log_sample_grid(trackers, images, step)
     if was_training:
         unet.train()
     return written
@@ -96,3 +99,29 @@ def log_sample_image(trackers, index: int, image, step: int, caption: str = "") 
 
             # kohya's key; commit=False keeps it on the step of the losses logged just before
             tracker.log({f"sample_{index:02d}": wandb.Image(image, caption=caption)}, step=step, commit=False)
+
+
+def image_grid(images) -> "np.ndarray":
+    """The images in rows of ceil(sqrt(n)), each in a cell of the largest size (black around smaller ones)."""
+    import math
+
+    import numpy as np
+
+    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    cell_h, cell_w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
+    cols = math.ceil(math.sqrt(len(arrays)))
+    rows = math.ceil(len(arrays) / cols)
+    grid = np.zeros((rows * cell_h, cols * cell_w, 3), np.uint8)
+    for i, a in enumerate(arrays):
+        top, left = (i // cols) * cell_h, (i % cols) * cell_w
+        grid[top:top + a.shape[0], left:left + a.shape[1]] = a
+    return grid
+
+
+def log_sample_grid(trackers, images, step: int) -> None:
+    """All of one sampling's images as one TensorBoard image, `sample/grid`."""
+    tensorboards = [t for t in trackers if getattr(t, "name", "") == "tensorboard"]
+    if tensorboards:
+        grid = image_grid(images)
+        for tracker in tensorboards:
+            tracker.writer.add_image("sample/grid", grid, step, dataformats="HWC")

@@ -28,7 +28,7 @@ def steps_from(value, total_steps: int) -> int:
 
 
 def warmup_steps(args, max_train_steps: int, num_processes: int = 1) -> int:
-    return steps_from(args.lr_warmup_steps, max_train_steps * num_processes)
+    return steps_from(args.lr_warmup_steps, max_train_steps)
 
 
 def uses_adafactor_schedule(optimizer) -> bool:
@@ -55,12 +55,13 @@ def _adafactor_schedule_class():
 def build_scheduler(args, optimizer, max_train_steps: int, num_processes: int = 1):
     """The lr scheduler for the flags; step it once per optimizer step.
 
-    num_processes: accelerate steps a prepared scheduler once per process per optimizer step, so
-    kohya counts max_train_steps * num_processes scheduler steps; pass accelerator.num_processes.
+    Every count (total, warmup, decay, a custom scheduler's arguments) is in optimizer steps, with
+    any number of processes: the Accelerator from make_accelerator steps a prepared scheduler once
+    per optimizer step (split_batches). `num_processes` is accepted for older callers and unused.
     """
     from library.training.optim import parse_kwargs
 
-    total = max_train_steps * num_processes
+    total = max_train_steps
     warm = warmup_steps(args, max_train_steps, num_processes)
     kwargs = parse_kwargs(getattr(args, "lr_scheduler_args", None), "--lr_scheduler_args")
     custom = getattr(args, "lr_scheduler_type", "")

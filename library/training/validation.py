@@ -36,14 +36,36 @@ def split_validation(group, fraction: float, seed: int):
 
 
 @torch.no_grad()
-def validation_loss(val_group, seed: int, compute_loss, device, max_batches: int | None = None) -> float:
+def validation_loss(val_group, seed: int, compute_loss, device, max_batches: int | None = None,
+                    accelerator=None) -> float:
     """Mean loss over the validation batches; `compute_loss(batch, generator)` draws all its noise
-    and timesteps from `generator`."""
-    refs = val_group.batches_for_epoch(0, seed)[:max_batches]
+    and timesteps from `generator`.
+
+    With several processes (`accelerator`) each batch is shared as in training when the group's
+    batches are global (library.training.loop.prepare_group), else whole batches go round-robin.
+    Every process gets the same number; with shared batches it is the number one process computes
+    with the multiplied batch size.
+    """
+    from library.data.loader import shares_batches, take_shard
+    from library.training.accel import reduce_sum
+    from library.training.noise import drawing_for
+
     dataset = val_group.epoch_dataset(0, seed)
-    total, count = torch.zeros((), device=device), 0
-    for i in range(len(refs)):
+    count = len(dataset) if max_batches is None else min(max_batches, len(dataset))
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    shared = world > 1 and shares_batches(val_group, world)
+    total = torch.zeros((), device=device)
+    for i in range(count):
+        if world > 1 and not shared and i % world != rank:
+            continue
+        batch = take_shard(dataset, i, rank, world) if shared else dataset[i]
+        shard = batch.get("shard") if shared else None
         generator = torch.Generator(device=device).manual_seed(int(seed) * 100_003 + i)
-        total += compute_loss(dataset[i], generator).detach().float()
-        count += 1
+        with drawing_for(shard):
+            loss = compute_loss(batch, generator).detach().float()
+        # this process's part of the batch mean (the parts of all processes add up to it)
+        total += loss * (shard.loss_scale(world) / world if shard is not None else 1.0)
+    if accelerator is not None:
+        total = reduce_sum(accelerator, total)
     return float(total / max(count, 1))

@@ -1,0 +1,87 @@
+"""train_network.py under a multi-process launcher, with what tests/test_distributed.py checks recorded.
+
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/ddp_driver.py RECORD_DIR WATCH_DIRS ARGS...
+
+Each process writes into RECORD_DIR (outside the training folders):
+  rank<R>.safetensors   its trained network's weights at the end
+  rank<R>.json          the batches it trained on (epoch, position, share, image paths) and every
+                        write it made under WATCH_DIRS (os.pathsep-separated), seen by a Python audit
+                        hook: file opens for writing (atomic writes start with one), renames,
+                        folder creations and removals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _path(value) -> str | None:
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return os.path.abspath(os.fsdecode(value))
+    return None
+
+
+def watch_writes(roots: list[str], writes: list) -> None:
+    roots = [os.path.abspath(r) for r in roots]
+
+    def inside(path):
+        return path is not None and any(path == r or path.startswith(r + os.sep) for r in roots)
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
+            targets = [_path(path)] if writing else []
+        elif event in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.rmtree"):
+            targets = [_path(a) for a in args[:2 if event == "os.rename" else 1]]
+        else:
+            return
+        for target in targets:
+            if inside(target):
+                writes.append([event, target])
+
+    sys.addaudithook(hook)
+
+
+def main() -> int:
+    record_dir, watched, argv = Path(sys.argv[1]), sys.argv[2].split(os.pathsep), sys.argv[3:]
+    rank = int(os.environ.get("RANK", "0"))
+    writes: list = []
+    batches: list = []
+
+    from library.data import loader
+
+    plain_getitem = loader.RunDataset.__getitem__
+
+    def recording_getitem(self, key):
+        batch = plain_getitem(self, key)
+        shard = batch.get("shard")
+        batches.append({"epoch": key[0], "position": key[1], "paths": list(batch["image_paths"]),
+                        "shard": list(shard) if shard is not None else None})
+        return batch
+
+    loader.RunDataset.__getitem__ = recording_getitem
+    watch_writes(watched, writes)
+
+    import train_network
+
+    result = train_network.main(argv)
+    from safetensors.torch import save_file
+
+    record_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in result["network"].state_dict().items()}
+    save_file(weights, str(record_dir / f"rank{rank}.safetensors"))
+    (record_dir / f"rank{rank}.json").write_text(json.dumps({"batches": batches, "writes": writes}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

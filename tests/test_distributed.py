@@ -1,0 +1,85 @@
+"""Two processes on the CPU (gloo) through `accelerate launch` with configs/accelerate/cpu_2proc.yaml.
+
+train_network.py runs under tests/ddp_driver.py, which records each process's final weights, the
+batches it trained on and every write it made under the output and logging folders.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import run_train_network, write_image_folder
+from tests.test_train_network import base_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    # 6 images, 1 held out for validation: 5 training images make global batches of 2, 2 and 1, so the
+    # last batch of every epoch leaves the second process without an image of its own (padded share)
+    write_image_folder(data, "1_sks disk", count=6)
+    common = ["--max_train_epochs=2", "--cache_latents", "--lr_scheduler=linear", "--lr_warmup_steps=1",
+              "--val_split=0.2", "--save_top_k=1", "--save_every_n_steps=2", "--save_state", "--log_with=tensorboard"]
+    one, one_logs = tmp_path / "one", tmp_path / "one_logs"
+    run_train_network(base_args(tiny_model.single_file, data, one, *common, f"--logging_dir={one_logs}",
+                                "--train_batch_size=2"))
+
+    two, two_logs, record = tmp_path / "two", tmp_path / "two_logs", tmp_path / "record"
+    argv = base_args(tiny_model.single_file, data, two, *common, f"--logging_dir={two_logs}")  # batch 1 each
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(REPO / "tests/ddp_driver.py"), str(record), os.pathsep.join([str(two), str(two_logs)]), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # both processes end with identical weights
+    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    # every training image once per epoch across the processes; the same number of batches on both
+    runs = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    per_epoch = []
+    for epoch in (0, 1):
+        batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
+        assert len(batches[0]) == len(batches[1]) == 3
+        own = [Path(p).name for run in batches for b in run if not b["shard"][3] for p in b["paths"]]
+        assert len(own) == 5 and len(set(own)) == 5
+        padded = [b for b in batches[1] if b["shard"][3]]
+        assert len(padded) == 1 and padded[0]["shard"][:3] == [0, 1, 1]  # a copy with weight 0
+        per_epoch.append(set(own))
+    assert per_epoch[0] == per_epoch[1] and len({p.name for p in data.rglob("*.png")} - per_epoch[0]) == 1
+
+    # only the main process wrote files, and it wrote the same set a single process does
+    assert runs[1]["writes"] == [] and runs[0]["writes"]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert len(list(two_logs.rglob("events.out.tfevents.*"))) == 1
+
+    # the same training as one process with twice the batch, up to float summation order (which
+    # Adam magnifies a little where a gradient is about zero)
+    a, b = load_file(str(one / "last.safetensors")), load_file(str(two / "last.safetensors"))
+    start = load_file(str(one / "last-step00000002.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
+        assert torch.equal(b[key], rank0[key].to(b[key].dtype)), key  # the file holds what the processes hold
+    difference = sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt()
+    moved = sum((a[k].float() - start[k].float()).pow(2).sum() for k in a).sqrt()  # steps 3-6
+    assert difference < 1e-3 * moved
+    # the validation loss (one image: the second process had only a padded share) is the same number
+    val = [json.loads((d / "last-top_k.json").read_text())["best_first"][0] for d in (one, two)]
+    assert val[0]["step"] == val[1]["step"] and abs(val[0]["value"] - val[1]["value"]) < 1e-5
+    assert json.loads((two / "last-state" / "train_state.json").read_text())["global_step"] == 6
