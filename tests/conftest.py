@@ -38,3 +38,10 @@ def toy_model():
     from library.toy.build import ensure_toy_model
 
     return ensure_toy_model()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow learning proofs first: spread over xdist workers (make test), the longest
+    files then start at once instead of forming a tail at the end of the run."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within stays

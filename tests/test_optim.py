@@ -73,7 +73,7 @@ def test_adamw_default_with_args_and_kohya_description():
     opt, desc = build_optimizer(args, params(), "cpu")
     assert type(opt) is torch.optim.AdamW
     g = opt.param_groups[0]
-    assert g["lr"] == 0.01 and g["weight_decay"] == 0.05 and g["betas"] == (0.8, 0.99) and g["foreach"]
+    assert g["lr"] == 0.01 and g["weight_decay"] == 0.05 and g["betas"] == (0.8, 0.99) and g["fused"]
     # kohya's ss_optimizer: module.Class(user args), without our speed-only foreach/fused
     assert desc == "torch.optim.adamw.AdamW(weight_decay=0.05,betas=(0.8, 0.99))"
     _, plain = build_optimizer(make_args(), params(), "cpu")

@@ -1,6 +1,7 @@
 """End-to-end tests of train_network.py on the tiny SD1.5-structured model."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -140,7 +141,7 @@ def test_metadata_and_hash(tiny_model, tmp_path):
     assert meta["ss_output_name"] == "my lora" and meta["ss_training_comment"] == "hello"
     assert meta["ss_num_train_images"] == "5"  # 2 images x 2 repeats + 1 x 1
     assert meta["ss_sd_model_name"] == Path(tiny_model.single_file).name
-    assert len(meta["ss_new_sd_model_hash"]) == 64
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(Path(tiny_model.single_file).read_bytes()).hexdigest()
     assert meta["sshs_model_hash"] == data_section_sha256(path)
     assert "lora_adapter_metadata" not in meta
 
@@ -241,3 +242,15 @@ def test_last_epoch_end_is_handled_when_the_last_step_ends_it(tiny_model, tmp_pa
                                          f"--sample_prompts={prompts}", "--sample_every_n_epochs=1"))
     assert result["state"].epoch == 2 and result["state"].global_step == 4
     assert len(list((out / "sample").glob("*e000002*.png"))) == 1
+
+
+def test_model_hash_prefetched_in_the_background_equals_the_file_hash(tmp_path):
+    from library.training import metadata
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 8192)  # 2 MiB, past the legacy hash's 1 MiB offset
+    metadata.prefetch_model_hashes(str(path), None, str(tmp_path))  # folders and None are skipped
+    assert str(path) in metadata._hashing and str(tmp_path) not in metadata._hashing
+    got = metadata.model_hashes(str(path), "sd_model")
+    assert got["ss_new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(path) not in metadata._hashing  # used once, then the lru cache answers

@@ -30,11 +30,31 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+_hashing: dict = {}  # path -> Future of file_sha256, from prefetch_model_hashes
+_hash_pool = None
+
+
+def prefetch_model_hashes(*paths) -> None:
+    """Start the sha256 of single-file checkpoints in a background thread (hashlib releases the GIL),
+    so that hashing a multi-GB base overlaps model loading and latent caching instead of delaying
+    the first step (measured: 11 s for a 2 GB file on a shared 2-core box)."""
+    global _hash_pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    for path in paths:
+        if path and os.path.isfile(path) and str(path) not in _hashing:
+            if _hash_pool is None:
+                _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+            _hashing[str(path)] = _hash_pool.submit(file_sha256, str(path))
+
+
 def model_hashes(path: str | None, prefix: str) -> dict[str, str]:
     """ss_sd_model_hash / ss_new_sd_model_hash (or ss_vae_*) for a single file; nothing for folders."""
     if not path or not os.path.isfile(path):
         return {}
-    return {f"ss_{prefix}_hash": legacy_model_hash(str(path)), f"ss_new_{prefix}_hash": file_sha256(str(path))}
+    pending = _hashing.pop(str(path), None)
+    sha256 = pending.result() if pending is not None else file_sha256(str(path))
+    return {f"ss_{prefix}_hash": legacy_model_hash(str(path)), f"ss_new_{prefix}_hash": sha256}
 
 MINIMUM_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_v2",
                 "ss_base_model_version"}

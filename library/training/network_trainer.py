@@ -181,6 +181,10 @@ def train(args) -> dict:
 
     # Dataset preflight first: bad images or folders fail in seconds, before any model is loaded.
     from library.data import build_dataset_group, dataset_configs_from_args, encode_latents
+    from library.training.metadata import prefetch_model_hashes
+
+    if main and not fast:  # the LoRA metadata's model hashes, computed while the model loads
+        prefetch_model_hashes(args.pretrained_model_name_or_path, args.vae)
 
     group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
