@@ -31,6 +31,7 @@ def setup_parser() -> argparse.ArgumentParser:
     A.add_dataset_arguments(parser)
     A.add_training_arguments(parser)
     A.add_optimizer_arguments(parser)
+    A.add_trainer_automation_arguments(parser)
 
     c = parser.add_argument_group("controlnet")
     c.add_argument("--conditioning_type", type=str, default="auto", choices=["auto", "image", "radar_heatmap"],
@@ -41,7 +42,7 @@ def setup_parser() -> argparse.ArgumentParser:
     c.add_argument("--train_listing", type=str, default=None,
                    help="metadata.jsonl (one {file_name, text, conditioning_file_name | targets, split} per line) "
                         "or a .toml with [[items]]; paths relative to its folder")
-    c.add_argument("--validation_split", type=A.unit_float, default=0.0,
+    c.add_argument("--validation_split", "--val_split", type=A.unit_float, default=0.0,
                    help="share of the images kept for the validation loss (listing entries with "
                         "\"split\": \"val\" are used instead when present)")
     c.add_argument("--controlnet_model_name_or_path", type=str, default=None,

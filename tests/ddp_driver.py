@@ -1,6 +1,9 @@
-"""train_network.py under a multi-process launcher, with what tests/test_distributed.py checks recorded.
+"""A training script under a multi-process launcher, with what tests/test_distributed.py checks recorded.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/ddp_driver.py RECORD_DIR WATCH_DIRS ARGS...
+
+The script is train_network.py, or train_controlnet.py with DDP_SCRIPT=train_controlnet in the
+environment (its trained modules are recorded: the ControlNet, and the LoRA when one trains).
 
 Each process writes into RECORD_DIR (outside the training folders):
   rank<R>.safetensors   its trained network's weights at the end
@@ -71,13 +74,30 @@ def main() -> int:
     loader.RunDataset.__getitem__ = recording_getitem
     watch_writes(watched, writes)
 
-    import train_network
+    modules = {}
+    if os.environ.get("DDP_SCRIPT") == "train_controlnet":
+        from library.controlnet import trainer
 
-    result = train_network.main(argv)
+        plain_run_stage = trainer.run_stage
+
+        def recording_run_stage(args, stage):
+            result = plain_run_stage(args, stage)
+            modules.update({k: result[k] for k in ("controlnet", "network") if result.get(k) is not None})
+            return result
+
+        trainer.run_stage = recording_run_stage
+        import train_controlnet
+
+        train_controlnet.main(argv)
+    else:
+        import train_network
+
+        modules["network"] = train_network.main(argv)["network"]
     from safetensors.torch import save_file
 
     record_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in result["network"].state_dict().items()}
+    weights = {f"{name}.{k}": v.detach().contiguous().cpu() for name, module in modules.items()
+               for k, v in module.state_dict().items()}
     save_file(weights, str(record_dir / f"rank{rank}.safetensors"))
     (record_dir / f"rank{rank}.json").write_text(json.dumps({"batches": batches, "writes": writes}))
     return 0

@@ -244,3 +244,24 @@ def test_inference_writes_images_conditions_and_overlays(stage1, stage2, tmp_pat
                                    "--lora_scale", scale, "--steps", "2", "--heatmap_sigma", "6"])
         with_lora = Image.open(next(out2.glob("000_7.png")))
         assert (list(with_lora.getdata()) == list(plain.getdata())) == same
+
+
+def test_trainer_automation_flags_save_top_k_and_fast_dev_run(tiny_model, radar_data, tmp_path):
+    """The shared Lightning-style flags work in train_controlnet.py too."""
+    out = tmp_path / "top"
+    train(base_flags(tiny_model, radar_data, out, "--max_train_epochs", "3", "--save_top_k", "2",
+                     "--val_split", "0.25", "--accumulate_grad_batches", "1", "--gradient_clip_val", "1.0"))
+    index = json.loads((out / "last-top_k.json").read_text())
+    kept = sorted(p.name for p in out.glob("last-top-step*.safetensors"))
+    assert len(kept) == 2 and sorted(Path(e["file"]).name for e in index["best_first"]) == kept
+    values = [e["value"] for e in index["best_first"]]
+    assert values == sorted(values) and index["monitor"] == "loss/epoch"
+
+    fast = tmp_path / "fast"
+    train(base_flags(tiny_model, radar_data, fast, "--max_train_steps", "10", "--fast_dev_run"))
+    assert not fast.exists()
+
+    from library.errors import UserError
+
+    with pytest.raises(UserError, match="save_top_k"):
+        train(base_flags(tiny_model, radar_data, tmp_path / "joint", "--joint", "--save_top_k", "1"))

@@ -49,6 +49,8 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_
 
     # both processes end with identical weights
     rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
+    rank0 = {k.removeprefix("network."): v for k, v in rank0.items()}
+    rank1 = {k.removeprefix("network."): v for k, v in rank1.items()}
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
     # every training image once per epoch across the processes; the same number of batches on both
@@ -83,3 +85,60 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_
     val = [json.loads((d / "last-top_k.json").read_text())["best_first"][0] for d in (one, two)]
     assert val[0]["step"] == val[1]["step"] and abs(val[0]["value"] - val[1]["value"]) < 1e-5
     assert json.loads((two / "last-state" / "train_state.json").read_text())["global_step"] == 6
+
+
+def test_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_path):
+    """train_controlnet.py (ControlNet stage) on 2 processes: identical ControlNets on both, every image
+    once per epoch, only the main process writes, and the weights of one process with batch 2."""
+    from safetensors import safe_open
+
+    from tests.controlnet_support import radar_listing
+
+    data = radar_listing(tmp_path / "radar", [((64, 64), (12 + 5 * i, 50 - 4 * i)) for i in range(6)], val=(5,))
+    common = ["--pretrained_model_name_or_path", str(tiny_model.diffusers_dir), "--train_data_dir", str(data),
+              "--resolution", "64", "--cache_latents", "--seed", "1",
+              "--heatmap_sigma", "4", "--loss_weight_factor", "30", "--max_train_epochs", "2", "--save_state",
+              "--mixed_precision", "no", "--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.05"]
+    from tests.test_controlnet_train import train
+
+    zero = tmp_path / "zero"  # about the ControlNet before training (the flags refuse lr 0)
+    train([*common, "--output_dir", str(zero), "--train_batch_size", "2", "--learning_rate", "1e-12"])
+    one = tmp_path / "one"
+    train([*common, "--output_dir", str(one), "--train_batch_size", "2"])
+
+    two, record = tmp_path / "two", tmp_path / "record"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(REPO / "tests/ddp_driver.py"), str(record), str(two), *common, "--output_dir", str(two),
+           "--train_batch_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+           "DDP_SCRIPT": "train_controlnet"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
+    assert rank0 and rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    runs = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in (0, 1):  # 5 training images: global batches of 2, 2 and 1 (padded share on rank 1)
+        batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
+        assert len(batches[0]) == len(batches[1]) == 3
+        own = [Path(p).name for run in batches for b in run if not b["shard"][3] for p in b["paths"]]
+        assert len(own) == 5 and len(set(own)) == 5
+    assert runs[1]["writes"] == [] and runs[0]["writes"]
+    assert sorted(p.name for p in two.iterdir() if p.name != "logs") == \
+        sorted(p.name for p in one.iterdir() if p.name != "logs")
+
+    def controlnet_weights(folder):
+        with safe_open(str(folder / "controlnet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+
+    # Plain SGD here: a ControlNet starts with zero output convolutions, so its inner weights get
+    # gradients of about zero at first, which Adam would scale up to whole steps in either direction
+    # from float summation order alone (measured with AdamW: differences of a few lr).
+    a, b, initial = controlnet_weights(one), controlnet_weights(two), controlnet_weights(zero)
+    for key in a:
+        assert torch.equal(b[key], rank0[f"controlnet.{key}"].to(b[key].dtype)), key
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    moved = sum((a[k].float() - initial[k].float()).pow(2).sum() for k in a).sqrt()
+    assert moved > 1e-3  # the comparison is about a run that trained

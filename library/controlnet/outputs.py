@@ -72,6 +72,8 @@ class StageWriter:
     def save(self, kind: str, epoch: int, step: int) -> Path:
         from library.training import metadata as meta_mod
 
+        if kind == "top":
+            return self._save_top(step)
         folder = self.folder_for(kind, epoch, step)
         record = {**self.record, "epoch": epoch, "step": step}
         dtype = save_dtype(self.args)
@@ -93,6 +95,24 @@ class StageWriter:
             self._prune(kind)
         self.say(f"saved {kind} checkpoint in {folder}")
         return folder
+
+    def _save_top(self, step: int) -> Path:
+        """--save_top_k: one file (the loop deletes it when it drops out of the k best): the ControlNet
+        as a single file, or in the LoRA stage the kohya LoRA file."""
+        from library.fileio import save_safetensors_atomic
+        from library.training import metadata as meta_mod
+        from library.training.checkpoint import top_k_file_name
+
+        path = self.output_dir / top_k_file_name(self.name, "safetensors", step)
+        record, dtype = {**self.record, "step": step}, save_dtype(self.args)
+        if self.controlnet is None:
+            self.network.save_weights(str(path), dtype, meta_mod.for_save(self.lora_meta, 0, step))
+        elif save_controlnet_single_file(self.controlnet, path, record, dtype) is None:
+            # shapes without the original layout (toy models only): diffusers' keys in one file
+            save_safetensors_atomic({k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+                                     for k, v in self.controlnet.state_dict().items()}, path)
+        self.say(f"saved top-k file {path}")
+        return path
 
     def _prune(self, kind: str) -> None:
         a = self.args

@@ -30,6 +30,10 @@ def check_arguments(args) -> None:
     if not (args.train_data_dir or args.train_listing):
         raise UserError("no training data given.",
                         fix="pass --train_data_dir (data.data_dir) with --conditioning_data_dir, or --train_listing.")
+    if args.joint and args.save_top_k:
+        raise UserError("--save_top_k keeps one kind of file; joint mode trains two (ControlNet and LoRA).",
+                        fix="drop --save_top_k (joint mode keeps best/ and numbered checkpoints), or train the "
+                            "stages one at a time.")
     if args.train_unet_lora and args.joint:
         raise UserError("--train_unet_lora (LoRA on a frozen ControlNet) and --joint exclude each other.",
                         fix="pass one of them.")

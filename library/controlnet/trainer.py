@@ -23,7 +23,8 @@ from library.controlnet.early_stopping import EarlyStopping
 from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary, warn_once
 from library.training import diffusion
-from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
+from library.training.loop import (LoopHooks, LoopSettings, StopRequested, automation_settings, prepare_group,
+                                   run_training, steps_and_epochs)
 from library.training.network_trainer import seed_everything, to_device
 from library.training.text import encode_tokens, tokenize
 
@@ -39,17 +40,26 @@ def _fingerprint(module) -> str:
 
 
 def run_stage(args, stage: str) -> dict:
+    from library.training.accel import common_seed, is_main_process, reduce_sum
+
     t_start = time.perf_counter()
-    output_dir = check_writable_dir(args.output_dir, "--output_dir")
-    tracker_dir = str(check_writable_dir(args.logging_dir or output_dir / "logs", "--logging_dir"))
+    args.seed = common_seed(args.seed)  # with several processes: the same on all of them
+    main = is_main_process()  # files, folders and messages belong to the main process
+    fast = getattr(args, "fast_dev_run", 0) or 0  # a few steps, one validation, nothing written
+    output_dir, tracker_dir = Path(args.output_dir), None
+    if not fast:
+        logging_dir = Path(args.logging_dir or output_dir / "logs")
+        if main:
+            check_writable_dir(output_dir, "--output_dir")
+            check_writable_dir(logging_dir, "--logging_dir")
+        tracker_dir = str(logging_dir)
     # Dataset preflight first: bad images, listings or conditions fail in seconds.
     train_group, val_group, ctype = data.build_datasets(args, args.seed, warn=warn_once)
     caching = args.cache_latents or args.cache_latents_to_disk
+    if fast and args.cache_latents_to_disk:
+        args.cache_latents, args.cache_latents_to_disk = True, False  # fast_dev_run writes nothing
     if caching:
         train_group.check_caching_allowed()
-    print(f"stage: {stage}\n" + train_group.summary(), flush=True)
-    if val_group is not None:
-        print(f"validation: {len(val_group.images)} images (loss with fixed noise every epoch)", flush=True)
 
     from library.models.loading import load_sd_model
     from library.training.accel import make_accelerator
@@ -57,6 +67,14 @@ def run_stage(args, stage: str) -> dict:
     seed_everything(args.seed)
     accelerator, weight_dtype = make_accelerator(args, tracker_dir)
     device = accelerator.device
+    # Several processes share every batch (each trains on its part); --overfit_batches keeps N of them.
+    train_group = prepare_group(train_group, accelerator.num_processes, getattr(args, "overfit_batches", 0) or 0)
+    accelerator.print(f"stage: {stage}\n" + train_group.summary(), flush=True)
+    if val_group is not None:
+        accelerator.print(f"validation: {len(val_group.images)} images (loss with fixed noise every epoch)",
+                          flush=True)
+    if fast:
+        accelerator.print(f"fast_dev_run: {fast} training steps and one validation; nothing is saved.")
     t0 = time.perf_counter()
     model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
                           v_parameterization=args.v_parameterization)
@@ -118,10 +136,9 @@ def run_stage(args, stage: str) -> dict:
     max_train_steps, num_epochs = steps_and_epochs(train_group.num_batches_per_epoch, args.gradient_accumulation_steps,
                                                    args.max_train_steps, args.max_train_epochs)
     lr_scheduler = build_scheduler(args, optimizer, max_train_steps)
-    prepared = accelerator.prepare(*([controlnet] if trains_cn else []), *([network] if network else []),
-                                   optimizer, lr_scheduler)
-    optimizer, lr_scheduler = prepared[-2], prepared[-1]
-    cn_call = prepared[0] if trains_cn else controlnet  # the wrapped module computes (DDP syncs its grads)
+    # The trainable modules stay unwrapped: the loop averages their gradients over the processes.
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    cn_call = controlnet
     parts = {"controlnet": controlnet} if trains_cn else {}
     if network is not None:
         parts["lora"] = network
@@ -177,8 +194,9 @@ def run_stage(args, stage: str) -> dict:
         was_training = trainable.training
         trainable.eval()
         logs = {}
-        if epoch_losses:
-            logs["loss/epoch_weighted"] = float(torch.stack(epoch_losses).float().mean())
+        if epoch_losses:  # the mean over all processes, so that every process decides alike
+            mean = torch.stack(epoch_losses).float().mean().reshape(1)
+            logs["loss/epoch_weighted"] = float(reduce_sum(accelerator, mean) / accelerator.num_processes)
             epoch_losses.clear()
         if val_group is not None:
             with accelerator.autocast():
@@ -190,7 +208,7 @@ def run_stage(args, stage: str) -> dict:
         if accelerator.trackers:
             accelerator.log(logs, step=step)
         history.append({"epoch": epoch_done, "step": step, **logs, "improved": decision.improved})
-        if decision.improved and (val_group is not None or args.early_stopping_patience):
+        if decision.improved and (val_group is not None or args.early_stopping_patience) and main and not fast:
             writer.save("best", epoch_done, step)
         trainable.train(was_training)
         if decision.stop:
@@ -212,7 +230,8 @@ def run_stage(args, stage: str) -> dict:
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
         resume=outputs.resolve_resume(args.resume, output_dir, args.output_name),
         num_workers=0 if caching else min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-        persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps)
+        persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps,
+        **automation_settings(args))
     hooks = LoopHooks(compute_loss=compute_loss, save_model=writer.save, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, end_epoch=end_epoch)
 
@@ -238,7 +257,8 @@ def run_stage(args, stage: str) -> dict:
     unchanged = None if frozen_fingerprint is None else frozen_fingerprint == _fingerprint(controlnet)
     if unchanged is False:  # a frozen ControlNet must come out bit-identical; say so loudly if not
         warn_once("the frozen ControlNet's weights changed during training; please report this.")
-    writer.finish(state.global_step, epochs_done, history, unchanged)
+    if main and not fast:
+        writer.finish(state.global_step, epochs_done, history, unchanged)
     rows = [("stage", stage), *writer.summary_rows(),
             ("steps / epochs", f"{state.global_step} / {epochs_done}"),
             ("average loss (last 100 steps)", f"{progress.average_loss:.4f}"),
