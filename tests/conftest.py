@@ -41,7 +41,15 @@ def toy_model():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow learning proofs first: spread over xdist workers (make test), the longest
-    files then start at once instead of forming a tail at the end of the run."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within stays
+    """Files with slow learning proofs last, the longest first (`@pytest.mark.slow(cpu_minutes=N)`).
+
+    pytest-xdist (make test) hands each worker a first batch of files in this order and then one
+    file at a time as workers come free: the quick files fill the first batches, and the long
+    proofs then go one to each free worker instead of queueing behind each other on one."""
+    cost: dict = {}
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        if marker is not None:
+            cost[item.path] = max(cost.get(item.path, 0), marker.kwargs.get("cpu_minutes", 1))
+    # stable sort: quick files keep their order, and so do the tests within a file
+    items.sort(key=lambda item: (item.path in cost, -cost.get(item.path, 0)))

@@ -29,7 +29,7 @@ import pytest
 from tests import controlnet_support as S
 from tests.test_controlnet_train import REPO, train
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(cpu_minutes=17)  # incl. building its base once
 
 SIGMA, TOL = 4.0, 6.0           # heatmap sigma and hit distance, pixels of the 64 px images
 STAGE1 = ["--max_train_steps", "1000", "--train_batch_size", "16", "--learning_rate", "1e-3",
