@@ -7,6 +7,8 @@
         --range_max 200 --vel_max 40 --heatmap_sigma 8 --loss_weight_factor 30        # radar heatmaps
     python train_controlnet.py ... --train_unet_lora --controlnet_path out/controlnet --lora_rank 16
     python train_controlnet.py ... --joint --lora_learning_rate 5e-5 --stage2_loss_weight_factor 60
+    python train_controlnet.py ... --image_dir coco/train2017 --ann_file coco/annotations/instances_train2017.json \
+        --conditioning_type inpaint --mask_dilation 4 --min_mask_area 256         # inpainting from COCO
     python train_controlnet.py --config config.yaml                                    # the seed's YAML
 
 Every option can also come from a TOML file of flag names, or from the seed guide's sections
@@ -34,14 +36,31 @@ def setup_parser() -> argparse.ArgumentParser:
     A.add_trainer_automation_arguments(parser)
 
     c = parser.add_argument_group("controlnet")
-    c.add_argument("--conditioning_type", type=str, default="auto", choices=["auto", "image", "radar_heatmap"],
-                   help="what conditions the ControlNet: conditioning images, or radar targets drawn as heatmaps "
-                        "(auto: radar when the listing has 'targets')")
+    c.add_argument("--conditioning_type", type=str, default="auto", choices=["auto", "image", "radar_heatmap", "inpaint"],
+                   help="what conditions the ControlNet: conditioning images, radar targets drawn as heatmaps, or "
+                        "the image with a hole at -1 for inpainting (auto: inpaint with --ann_file, radar when the "
+                        "listing has 'targets', else image)")
     c.add_argument("--conditioning_data_dir", type=str, default=None,
                    help="folder of conditioning images with the same base names as the training images")
     c.add_argument("--train_listing", type=str, default=None,
                    help="metadata.jsonl (one {file_name, text, conditioning_file_name | targets, split} per line) "
                         "or a .toml with [[items]]; paths relative to its folder")
+    c.add_argument("--image_dir", type=str, default=None,
+                   help="inpainting: folder of the images that --ann_file annotates (COCO's train2017/)")
+    c.add_argument("--ann_file", type=str, default=None,
+                   help="inpainting: COCO instances JSON (polygons or RLE); each sample masks one random instance")
+    c.add_argument("--mask_dilation", type=A.non_negative_int, default=4,
+                   help="inpainting: grow every hole by this many pixels of the training image (inference uses the "
+                        "same by default)")
+    c.add_argument("--min_mask_area", type=A.non_negative_float, default=256.0,
+                   help="inpainting: leave out instances smaller than this many pixels of the original image "
+                        "(COCO's 'area')")
+    c.add_argument("--random_mask_prob", type=A.unit_float, default=0.25,
+                   help="inpainting: share of samples whose hole is a random box or brush strokes instead of an "
+                        "instance (images without instances always get one)")
+    c.add_argument("--inpaint_caption", type=str, default="instance", choices=["instance", "image", "none"],
+                   help="inpainting captions: 'a <category>' of the masked instance (random masks: every category "
+                        "of the image), always the image's categories, or none")
     c.add_argument("--validation_split", "--val_split", type=A.unit_float, default=0.0,
                    help="share of the images kept for the validation loss (listing entries with "
                         "\"split\": \"val\" are used instead when present)")
@@ -89,11 +108,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 ALIASES = {"--config": "--config_file", "--save_steps": "--save_every_n_steps",
-           "--resume_from_checkpoint": "--resume"}
+           "--resume_from_checkpoint": "--resume", "--batch_size": "--train_batch_size",
+           "--num_epochs": "--max_train_epochs"}
 
 
 def normalise_argv(argv) -> list[str]:
-    """The seed's and diffusers' spellings of a few flags."""
+    """The seed guides' (radar YAML, Lightning inpainting) and diffusers' spellings of a few flags."""
     out = []
     for arg in argv:
         flag, eq, value = arg.partition("=")

@@ -6,12 +6,13 @@ which pixels the weighted loss should emphasise.
 
     --conditioning_type image          a conditioning image per training image (kohya/diffusers), [0, 1]
     --conditioning_type radar_heatmap  targets (range, velocity) per image, drawn as Gaussians, [0, 1]
+    --conditioning_type inpaint        the image with a hole at -1 (library.controlnet.inpaint; COCO
+                                       instances from library.controlnet.coco, or random masks)
 
-Extension point (issue 6, `inpaint`): register a class with the same four methods in TYPES. Its
-`spec` reads a mask (e.g. from COCO annotations that its listing reader turned into entries),
-`render` returns the image with hole pixels set to -1 (diffusers' inpaint-ControlNet convention;
-the range is the type's business, the trainer passes arrays through unchanged) and
-`weight_source` returns the hole mask.
+Extension point: register a class with the same four methods in TYPES (the range of `render` is
+the type's business, the trainer passes arrays through unchanged). A type whose condition is drawn
+anew for every sample (inpaint) also has `sample(spec, placement, rng) -> (condition, caption)`;
+the dataset calls it with a generator seeded from (seed, epoch, batch position, place in batch).
 """
 from __future__ import annotations
 
@@ -92,15 +93,23 @@ class RadarConditioning(ImageConditioning):
                 "range_max": self.axes.range_max, "vel_max": self.axes.vel_max}
 
 
-TYPES = {"image": ImageConditioning, "radar_heatmap": RadarConditioning}
+from library.controlnet.inpaint import InpaintConditioning  # noqa: E402 (it needs nothing from here)
+
+TYPES = {"image": ImageConditioning, "radar_heatmap": RadarConditioning, "inpaint": InpaintConditioning}
 
 
 def from_args(args, warn=None, entries=None):
-    """The conditioning type chosen by --conditioning_type, with its settings; `auto` is radar when
-    the listing gives targets, else image."""
+    """The conditioning type chosen by --conditioning_type, with its settings; `auto` is inpaint with
+    an --ann_file, radar when the listing gives targets, else image."""
     kind = args.conditioning_type
     if kind == "auto":
-        kind = "radar_heatmap" if any(e.get("targets") is not None for e in entries or []) else "image"
+        if getattr(args, "ann_file", None):
+            kind = "inpaint"
+        else:
+            kind = "radar_heatmap" if any(e.get("targets") is not None for e in entries or []) else "image"
+    if kind == "inpaint":
+        return InpaintConditioning(args.mask_dilation, args.random_mask_prob, args.inpaint_caption,
+                                   args.min_mask_area)
     if kind == "radar_heatmap":
         return RadarConditioning(radar.RadarAxes(args.range_max, args.vel_max), args.heatmap_sigma, warn)
     if kind == "image":

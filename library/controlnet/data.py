@@ -7,13 +7,18 @@ Where the triples come from (first match wins):
    {"file_name": "images/1.png", "text": "caption", "conditioning_file_name": "cond/1.png",
     "targets": [{"range": 85.2, "velocity": -12.5, "amplitude": 1.0}], "split": "train"}
    Paths are relative to the listing's folder. A TOML listing holds the same keys in [[items]].
-2. `--train_data_dir` with kohya's `<repeats>_<name>` subfolders + `--conditioning_data_dir`
+2. `--image_dir` + `--ann_file` (COCO instances JSON, library.controlnet.coco): the inpainting
+   condition's images and instance masks; captions name the masked instance's category.
+3. `--train_data_dir` with kohya's `<repeats>_<name>` subfolders + `--conditioning_data_dir`
    (kohya's ControlNet layout: one flat folder of conditioning images with the same base names).
-3. `--train_data_dir` holding the images directly (captions beside them) + `--conditioning_data_dir`.
+4. `--train_data_dir` holding the images directly (captions beside them) + `--conditioning_data_dir`.
 
 Images, captions, buckets, latent caching and batch order are the data library's (a DatasetGroup);
 this module adds the condition of every image to each batch as `controlnet_cond` [B, 3, H, W],
-cropped exactly like its image. Validation images: "split": "val" in a listing, or
+cropped exactly like its image. A type that draws its condition per sample (inpaint: a random
+instance or mask) gets a generator seeded from (seed, epoch, batch position, place in the batch), so
+an epoch's conditions are the same after a resume; its caption replaces the image's (then the
+caption options apply to it as to any caption). Validation images: "split": "val" in a listing, or
 `--validation_split` (a seeded share of the images); "split": "test" images are left out.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from library.errors import UserError
 
 VAL_SPLITS = ("val", "validation", "valid")
 SKIPPED_SPLITS = ("test",)
+_CONDITION_STREAM = 3  # generator stream of per-sample conditions (library.data.group uses 0 and 1)
 _KEYS = {"image": ("file_name", "image", "image_file"), "caption": ("text", "caption", "prompt"),
          "conditioning": ("conditioning_file_name", "conditioning_image", "conditioning")}
 
@@ -198,6 +204,25 @@ def _split(records: list, entries_split: dict[str, str], fraction: float, seed: 
     return train, [dataclasses.replace(r, repeats=1) for r in val]
 
 
+def _coco_entries(args, seed: int, warn):
+    from library.controlnet import coco
+
+    if not args.ann_file:
+        raise UserError("--image_dir is given without --ann_file.",
+                        fix="pass the COCO instances JSON of those images with --ann_file, or use --train_data_dir "
+                            "for a folder of images without annotations.")
+    if args.train_listing or args.train_data_dir:
+        raise UserError("--ann_file/--image_dir and --train_data_dir/--train_listing are two data sources.",
+                        fix="pass one of them.")
+    if args.conditioning_type not in ("auto", "inpaint"):
+        raise UserError(f"COCO annotations (--ann_file) give inpainting masks, not a {args.conditioning_type!r} "
+                        "condition.", fix="pass --conditioning_type inpaint (or leave it at auto).")
+    entries = coco.read_coco(args.image_dir, args.ann_file, args.min_mask_area, args.skip_bad_images, warn)
+    configs, records = _records_from_entries(entries, args, args.image_dir, seed)
+    entries, records = coco.check_sizes(entries, records, args.skip_bad_images, warn)
+    return entries, configs, records
+
+
 def build_datasets(args, seed: int, warn=None):
     """(train ConditionedGroup, validation ConditionedGroup or None, conditioning type), every input
     checked before any model is loaded."""
@@ -216,7 +241,10 @@ def build_datasets(args, seed: int, warn=None):
     data_dir = args.train_data_dir
     if not listing and data_dir and (Path(data_dir) / "metadata.jsonl").is_file():
         listing = str(Path(data_dir) / "metadata.jsonl")
-    if listing:
+    ann_file = getattr(args, "ann_file", None)
+    if ann_file or getattr(args, "image_dir", None):
+        entries, configs, records = _coco_entries(args, seed, warn)
+    elif listing:
         entries = read_listing(listing)
         configs, records = _records_from_entries(entries, args, listing, seed)
     elif not data_dir:
@@ -257,9 +285,13 @@ class ConditionedGroup:
     def num_batches_per_epoch(self) -> int:
         return self.base.num_batches_per_epoch
 
-    def condition(self, index: int) -> np.ndarray:
+    def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str | None]:
+        """(condition, caption or None = the image's own) of image `index` for one sample."""
         rec = self.base.images[index]
-        return self.ctype.render(self.specs[rec.path], rec.size, rec.placement)
+        draw = getattr(self.ctype, "sample", None)
+        if draw is None:
+            return self.ctype.render(self.specs[rec.path], rec.size, rec.placement), None
+        return draw(self.specs[rec.path], rec.placement, rng)
 
     def epoch_dataset(self, epoch: int, seed: int | None = None, start: int = 0):
         return ConditionedEpoch(self, self.base.epoch_dataset(epoch, seed, start))
@@ -274,8 +306,19 @@ class ConditionedEpoch(torch.utils.data.Dataset):
         return len(self.inner)
 
     def __getitem__(self, i: int) -> dict:
+        from library.data.transforms import process_caption
+
         batch = self.inner[i]
-        ref = self.inner.refs[self.inner.start + i]
-        conds = [torch.from_numpy(np.ascontiguousarray(self.group.condition(k))).permute(2, 0, 1) for k in ref.items]
+        position = self.inner.start + i
+        ref = self.inner.refs[position]
+        epoch, seed = self.inner.epoch, self.inner.seed
+        conds = []
+        for slot, k in enumerate(ref.items):
+            rng = np.random.default_rng([int(v) % (1 << 64) for v in (seed, epoch, _CONDITION_STREAM, position, slot)])
+            cond, caption = self.group.sample(k, rng)
+            if caption is not None:
+                subset = self.group.base.subset_of(self.group.base.images[k])
+                batch["captions"][slot] = process_caption(caption, subset, rng, epoch)
+            conds.append(torch.from_numpy(np.ascontiguousarray(cond)).permute(2, 0, 1))
         batch["controlnet_cond"] = torch.stack(conds).float()
         return batch

@@ -1,5 +1,8 @@
 """The ControlNet: built from the base UNet, loaded from a diffusers folder or a single file, saved as both.
 
+A single file may also be a torch .pth/.ckpt state dict (e.g. `torch.save(controlnet.state_dict())`
+or a Lightning checkpoint's "state_dict"), with diffusers or original key names.
+
 Single file = the original ControlNet layout (lllyasviel's cldm; what kohya writes), which WebUI's
 ControlNet extension, ComfyUI's "Load ControlNet Model" and diffusers' `from_single_file` read:
 `input_blocks.*`/`middle_block.*`/`time_embed.*` (the UNet encoder's LDM names), `input_hint_block.*`
@@ -66,8 +69,9 @@ def load_controlnet(path, unet=None, vae=None, dtype=torch.float32):
         raise UserError("a single-file ControlNet needs the base model to know its shape.",
                         fix="pass --pretrained_model_name_or_path too.")
     controlnet = create_controlnet(unet, vae)
-    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
-    state = convert_controlnet_checkpoint(state, dict(controlnet.config))
+    state = load_file(str(path)) if path.suffix == ".safetensors" else _torch_state(path)
+    if DIFFUSERS_MARKER not in state:  # the original layout (ours, WebUI's, kohya's)
+        state = convert_controlnet_checkpoint(state, dict(controlnet.config))
     problem = None
     if any(v is None for v in state.values()):
         problem = "it lacks weights the base model's shape needs"
@@ -82,6 +86,29 @@ def load_controlnet(path, unet=None, vae=None, dtype=torch.float32):
         raise UserError(f"the ControlNet file {path} does not fit the base model ({problem}).", path=path,
                         fix="use the base model the ControlNet was trained on.")
     return controlnet.to(dtype)
+
+
+DIFFUSERS_MARKER = "controlnet_cond_embedding.conv_in.weight"
+
+
+def _torch_state(path: Path) -> dict:
+    """A state dict from a .pth/.bin/.ckpt: plain, or under "state_dict" (Lightning), with or without
+    a "controlnet." / "model." prefix; diffusers or original key names (load_controlnet tells them apart)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-tensor objects
+        raise UserError(f"cannot read the ControlNet file {path} ({str(err).splitlines()[0][:200]}).", path=path,
+                        fix="pass the controlnet/ folder, a .safetensors file, or a .pth holding a state dict.") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"the ControlNet file {path} holds no state dict of tensors.", path=path,
+                        fix="save the ControlNet's weights with torch.save(controlnet.state_dict(), path).")
+    if DIFFUSERS_MARKER not in state:
+        for prefix in ("controlnet.", "model.controlnet.", "model."):
+            if prefix + DIFFUSERS_MARKER in state:
+                return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
 
 
 def read_record(path) -> dict:

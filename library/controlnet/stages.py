@@ -27,9 +27,10 @@ def check_arguments(args) -> None:
                                                     "checkpoint or diffusers folder), or model.path in the config.")
     if not args.output_dir:
         raise UserError("no output folder given.", fix="pass --output_dir (project.output_dir in the config).")
-    if not (args.train_data_dir or args.train_listing):
+    if not (args.train_data_dir or args.train_listing or args.ann_file or args.image_dir):
         raise UserError("no training data given.",
-                        fix="pass --train_data_dir (data.data_dir) with --conditioning_data_dir, or --train_listing.")
+                        fix="pass --train_data_dir (data.data_dir) with --conditioning_data_dir, or --train_listing, "
+                            "or --image_dir with --ann_file for inpainting.")
     if args.joint and args.save_top_k:
         raise UserError("--save_top_k keeps one kind of file; joint mode trains two (ControlNet and LoRA).",
                         fix="drop --save_top_k (joint mode keeps best/ and numbered checkpoints), or train the "
