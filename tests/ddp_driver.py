@@ -2,8 +2,9 @@
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/ddp_driver.py RECORD_DIR WATCH_DIRS ARGS...
 
-The script is train_network.py, or train_controlnet.py with DDP_SCRIPT=train_controlnet in the
-environment (its trained modules are recorded: the ControlNet, and the LoRA when one trains).
+The script is train_network.py, or with DDP_SCRIPT in the environment train_controlnet.py (its
+trained modules are recorded: the ControlNet, and the LoRA when one trains) or train_dual_unet.py
+(its two LoRAs).
 
 Each process writes into RECORD_DIR (outside the training folders):
   rank<R>.safetensors   its trained network's weights at the end
@@ -67,7 +68,8 @@ def main() -> int:
     def recording_getitem(self, key):
         batch = plain_getitem(self, key)
         shard = batch.get("shard")
-        batches.append({"epoch": key[0], "position": key[1], "paths": list(batch["image_paths"]),
+        names = batch["image_paths"] if "image_paths" in batch else batch["names"]  # dual_unet: pair names
+        batches.append({"epoch": key[0], "position": key[1], "paths": list(names),
                         "shard": list(shard) if shard is not None else None})
         return batch
 
@@ -89,6 +91,11 @@ def main() -> int:
         import train_controlnet
 
         train_controlnet.main(argv)
+    elif os.environ.get("DDP_SCRIPT") == "train_dual_unet":
+        import train_dual_unet
+
+        dual = train_dual_unet.main(argv)["dual"]
+        modules.update({f"lora_{m}": n for m, n in zip(dual.modalities, dual.networks)})
     else:
         import train_network
 

@@ -142,3 +142,46 @@ def test_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tiny_
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     moved = sum((a[k].float() - initial[k].float()).pow(2).sum() for k in a).sqrt()
     assert moved > 1e-3  # the comparison is about a run that trained
+
+
+def test_dual_unet_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_path):
+    """train_dual_unet.py on 2 processes: identical LoRAs on both, every pair once per epoch, only the
+    main process writes, and both LoRAs as one process with batch 2 trains them."""
+    from library.dual_unet import toy
+
+    data = toy.write_pair_dataset(tmp_path / "pairs", count=6, size=64)
+    common = ["--pretrained_model_name_or_path", str(tiny_model.diffusers_dir), "--data_dir", str(data),
+              "--resolution", "64", "--cache_latents", "--seed", "3", "--max_train_epochs", "2",
+              "--validation_split", "0", "--sample_every", "0", "--validate_every", "0",
+              "--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.05", "--unet_lora_rank", "4"]
+    import train_dual_unet
+    from tests.test_controlnet_train import _reset_accelerate
+
+    _reset_accelerate()
+    one = train_dual_unet.main([*common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "2"])
+
+    two, record = tmp_path / "two", tmp_path / "record"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(REPO / "tests/ddp_driver.py"), str(record), str(two), *common, "--output_dir", str(two),
+           "--train_batch_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+           "DDP_SCRIPT": "train_dual_unet"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
+    assert rank0 and rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    runs = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in (0, 1):  # 6 pairs: 3 global batches of 2, one pair per process
+        batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
+        assert len(batches[0]) == len(batches[1]) == 3
+        own = [p for run in batches for b in run for p in b["paths"]]
+        assert len(own) == 6 and len(set(own)) == 6
+    assert runs[1]["writes"] == [] and runs[0]["writes"]
+    for side, network in zip(one["dual"].modalities, one["dual"].networks):
+        for key, value in network.state_dict().items():
+            torch.testing.assert_close(rank0[f"lora_{side}.{key}"], value.detach().cpu(), rtol=1e-5, atol=1e-6,
+                                       msg=key)
+        up = [v for k, v in network.state_dict().items() if "lora_up" in k]
+        assert sum(float(v.abs().sum()) for v in up) > 0  # lora_up starts at zero: this LoRA trained

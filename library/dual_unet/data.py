@@ -151,6 +151,7 @@ class PairedGroup:
         from library.data.probe import probe_images
 
         self.pairs, self.batch_size, self.seed, self.modalities = pairs, batch_size, int(seed), tuple(modalities)
+        self.batch_scale = 1  # processes that share each batch (library.data.loader.use_global_batches)
         planner = BucketPlanner((resolution, resolution))
         probed = probe_images([p for pair in pairs for p in pair.paths])
         bad = [f"{p}: {why}" for p, (size, why) in probed.items() if size is None]
@@ -171,9 +172,17 @@ class PairedGroup:
                                    "none") for pair, size in zip(pairs, sizes)]
             self.groups.append(DatasetGroup([config], records, seed=seed))
 
+    def set_batch_scale(self, processes: int) -> None:
+        """With several processes a batch holds batch_size x processes pairs; each trains on its share."""
+        self.batch_scale = max(1, int(processes))
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.batch_scale
+
     @property
     def num_batches_per_epoch(self) -> int:
-        return -(-len(self.pairs) // self.batch_size)
+        return -(-len(self.pairs) // self.global_batch_size)
 
     @property
     def latents_cached(self) -> bool:
@@ -182,7 +191,8 @@ class PairedGroup:
     def batch_order(self, epoch: int, seed: int | None = None) -> list[list[int]]:
         seed = self.seed if seed is None else int(seed)
         order = np.random.default_rng([seed % (1 << 63), epoch, 0]).permutation(len(self.pairs)).tolist()
-        return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        size = self.global_batch_size
+        return [order[k:k + size] for k in range(0, len(order), size)]
 
     def epoch_dataset(self, epoch: int, seed: int | None = None, start: int = 0) -> "PairedEpoch":
         return PairedEpoch(self, self.batch_order(epoch, seed), start)

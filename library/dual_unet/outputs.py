@@ -31,9 +31,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class RunFolder:
-    def __init__(self, output_dir, name: str | None):
+    def __init__(self, output_dir, name: str | None, create: bool = True):
         self.root = Path(output_dir) / name if name else Path(output_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:  # only the main process of a multi-process run creates and writes files
+            self.root.mkdir(parents=True, exist_ok=True)
         self.training_log = self.root / "training_log.txt"
         self.validation_log = self.root / "validation_log.txt"
         self.logs, self.latest, self.best = self.root / "logs", self.root / LATEST, self.root / BEST

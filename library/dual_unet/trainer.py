@@ -13,6 +13,7 @@ import argparse
 import random
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion
 from library.training.checkpoint import save_train_state
-from library.training.loop import LoopHooks, LoopSettings, StopRequested, run_training, steps_and_epochs
+from library.training.loop import LoopHooks, LoopSettings, StopRequested, prepare_group, run_training, steps_and_epochs
 from library.training.network_trainer import seed_everything, to_device
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -78,13 +79,15 @@ def _lora_metadata(args, modality: str, partner: str, n_pairs: int, optimizer_de
 def train(args) -> dict:
     t_start = time.perf_counter()
     check_arguments(args)
-    if args.seed is None:
-        args.seed = random.randint(0, 2**31 - 1)
+    from library.training.accel import common_seed, is_main_process
+
+    args.seed = common_seed(args.seed)  # with several processes: the same on all of them
+    main = is_main_process()  # files, folders and messages belong to the main process
     args.unet_lora_alpha = args.unet_lora_alpha or float(args.unet_lora_rank)  # the seed's alpha = rank
-    run = outputs.RunFolder(check_writable_dir(args.output_dir, "--output_dir"), args.name)
+    output_dir = check_writable_dir(args.output_dir, "--output_dir") if main else Path(args.output_dir)
+    run = outputs.RunFolder(output_dir, args.name, create=main)
     resume = outputs.resolve_resume(args.resume, run)
     train_group, val_group = data.build_datasets(args)  # every file checked before a model loads
-    print(train_group.summary(val_group), flush=True)
 
     from library.models.loading import load_sd_model
     from library.training.accel import make_accelerator
@@ -92,6 +95,9 @@ def train(args) -> dict:
     seed_everything(args.seed)
     accelerator, weight_dtype = make_accelerator(args, str(run.logs))
     device = accelerator.device
+    # Several processes share every batch of pairs (each trains on its part).
+    train_group = prepare_group(train_group, accelerator.num_processes)
+    accelerator.print(train_group.summary(val_group), flush=True)
     t0 = time.perf_counter()
     model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
                           v_parameterization=args.v_parameterization)
@@ -132,8 +138,9 @@ def train(args) -> dict:
     max_train_steps, num_epochs = steps_and_epochs(train_group.num_batches_per_epoch, args.gradient_accumulation_steps,
                                                    args.max_train_steps, args.max_train_epochs)
     lr_scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
-    trainable, optimizer, lr_scheduler = accelerator.prepare(dual.trainable(), optimizer, lr_scheduler)
-    trainable = accelerator.unwrap_model(trainable)
+    # The LoRAs stay unwrapped: the loop averages their gradients over the processes.
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    trainable = dual.trainable()
     params_to_clip = [p for g in params for p in g["params"]]
     objective = diffusion.DiffusionObjective(args, model.noise_scheduler, device)
     noise_generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -183,9 +190,10 @@ def train(args) -> dict:
         state.extra.setdefault("dual_unet", {"best_val": None, "best_step": None, "saved_step": None,
                                              "validated_step": None})
         resumed_from = state.global_step if resume else None
-        train_log = outputs.TextLog(run.training_log, ["step", "epoch", *step_mod.TERMS, "lr"], resumed_from)
-        val_log = outputs.TextLog(run.validation_log, ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"],
-                                  resumed_from)
+        if accelerator.is_main_process:
+            train_log = outputs.TextLog(run.training_log, ["step", "epoch", *step_mod.TERMS, "lr"], resumed_from)
+            val_log = outputs.TextLog(run.validation_log, ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"],
+                                      resumed_from)
         if state.global_step == 0 and args.validate_every:  # the base alone (zero LoRAs): the baseline
             log_validation(0, 0)
 
@@ -225,7 +233,9 @@ def train(args) -> dict:
             terms = step_mod.mean_terms(records)
             records.clear()
             logs = {f"loss/{k}": v for k, v in terms.items()}
-            train_log.write({"step": step_no, "epoch": state.epoch + 1, **terms, "lr": optimizer.param_groups[0]["lr"]})
+            if accelerator.is_main_process:
+                train_log.write({"step": step_no, "epoch": state.epoch + 1, **terms,
+                                 "lr": optimizer.param_groups[0]["lr"]})
         if args.validate_every and step_no % args.validate_every == 0:
             log_validation(step_no, state.epoch)
         if args.save_every_n_steps and step_no % args.save_every_n_steps == 0 and step_no < max_train_steps:
