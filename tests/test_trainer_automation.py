@@ -351,3 +351,36 @@ def test_noise_for_a_share_is_that_share_of_the_whole_batch_noise():
                                                  torch.Generator().manual_seed(9)))
     for k in range(3):
         torch.testing.assert_close(torch.cat([p[k] for p in parts]), whole[k])
+
+
+def test_ctrl_c_saves_a_state_says_how_to_resume_and_exits_130(tmp_path, capsys):
+    import os
+    import signal
+
+    from library.logs import ProgressLogger
+    from library.training.loop import run_training_or_exit
+
+    acc = accelerator()
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.01))
+    scheduler = acc.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
+    steps = []
+
+    def compute_loss(batch):
+        steps.append(batch["ids"])
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C in the middle of the second step
+        return (model(batch["x"]) - 0.5 * batch["x"]).pow(2).mean()
+
+    cfg = LoopSettings(max_train_steps=10, num_epochs=10, gradient_accumulation_steps=1, max_grad_norm=0.0,
+                       output_dir=tmp_path, output_name="m", seed=3)
+    hooks = LoopHooks(compute_loss=compute_loss, save_model=lambda kind, epoch, step: tmp_path / "unused",
+                      trainable=model)
+    with pytest.raises(SystemExit) as exited:
+        run_training_or_exit(acc, ToyGroup(3), optimizer, scheduler, hooks, cfg, torch.Generator().manual_seed(3),
+                             ProgressLogger(acc), resume_latest=True)
+    assert exited.value.code == 130 and len(steps) == 2  # the step in progress was finished, no more
+    state = tmp_path / "m-interrupted-state"
+    assert json.loads((state / "train_state.json").read_text())["global_step"] == 2
+    said = capsys.readouterr().out
+    assert "stopped at step 2." in said and f'continue with --resume latest (or --resume "{state}")' in said

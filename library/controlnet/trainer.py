@@ -23,8 +23,8 @@ from library.controlnet.early_stopping import EarlyStopping
 from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary, warn_once
 from library.training import diffusion
-from library.training.loop import (LoopHooks, LoopSettings, StopRequested, automation_settings, prepare_group,
-                                   run_training, steps_and_epochs)
+from library.training.loop import (LoopHooks, LoopSettings, automation_settings, prepare_group, run_training_or_exit,
+                                   steps_and_epochs)
 from library.training.network_trainer import seed_everything, to_device
 from library.training.text import encode_tokens, tokenize
 
@@ -239,15 +239,8 @@ def run_stage(args, stage: str) -> dict:
                               + time.strftime("%Y%m%d%H%M%S"))
     progress = ProgressLogger(accelerator)
     t_loop = time.perf_counter()
-    try:
-        state = run_training(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
-                             progress)
-    except StopRequested as stop:
-        progress.close()
-        accelerator.end_training()
-        accelerator.print(f"stopped. State saved in {stop.state_path}; continue with --resume \"{stop.state_path}\" "
-                          "and the same other arguments.")
-        raise SystemExit(130)
+    state = run_training_or_exit(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
+                                 progress, resume_latest=True)
     if state.next_batch == train_group.num_batches_per_epoch:
         # The loop stops at --max_train_steps before closing an epoch that ends exactly there; its
         # validation and best checkpoint still count (the stop decision no longer matters).

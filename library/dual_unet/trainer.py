@@ -23,7 +23,7 @@ from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion
 from library.training.checkpoint import save_train_state
-from library.training.loop import LoopHooks, LoopSettings, StopRequested, prepare_group, run_training, steps_and_epochs
+from library.training.loop import LoopHooks, LoopSettings, prepare_group, run_training_or_exit, steps_and_epochs
 from library.training.network_trainer import seed_everything, to_device
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -280,15 +280,8 @@ def train(args) -> dict:
                               + time.strftime("%Y%m%d%H%M%S"))
     progress = ProgressLogger(accelerator)
     t_loop = time.perf_counter()
-    try:
-        state = run_training(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
-                             progress)
-    except StopRequested as stop:
-        progress.close()
-        accelerator.end_training()
-        accelerator.print(f"stopped. State saved in {stop.state_path}; continue with --resume latest (or "
-                          f"--resume \"{stop.state_path}\") and the same other arguments.")
-        raise SystemExit(130)
+    state = run_training_or_exit(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
+                                 progress, resume_latest=True)
     accelerator.end_training()
     book = state.extra["dual_unet"]
     rows = [("run folder", run.root), ("LoRA files", ", ".join(f"{m}.{args.save_model_as}" for m in mods)),

@@ -312,6 +312,24 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
     return state
 
 
+def run_training_or_exit(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, cfg: LoopSettings,
+                         noise_generator: torch.Generator, progress_logger, resume_latest: bool = False) -> TrainState:
+    """run_training for a training script: after Ctrl+C (or the GUI's Stop) the loop has saved a
+    state; close the progress bar and the trackers, say how to continue, and exit with 130 as an
+    interrupted program does. `resume_latest`: the script also takes `--resume latest`."""
+    try:
+        return run_training(accelerator, group, optimizer, lr_scheduler, hooks, cfg, noise_generator, progress_logger)
+    except StopRequested as stop:
+        progress_logger.close()
+        accelerator.end_training()
+        hint = f'--resume "{stop.state_path}"'
+        if resume_latest:
+            hint = f"--resume latest (or {hint})"
+        accelerator.print(f"stopped at step {progress_logger.bar.n}. State saved in {stop.state_path}; continue "
+                          f"with {hint} and the same other arguments.")
+        raise SystemExit(130) from None
+
+
 def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str, epoch: int, step: int):
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

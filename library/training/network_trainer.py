@@ -21,8 +21,8 @@ from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion, metadata as meta_mod
 from library.training.checkpoint import model_file_name, top_k_file_name
 from library.training.optim import optimizer_name
-from library.training.loop import (LoopHooks, LoopSettings, StopRequested, automation_settings, monitored_metric,
-                                   prepare_group, run_training, steps_and_epochs)
+from library.training.loop import (LoopHooks, LoopSettings, automation_settings, monitored_metric, prepare_group,
+                                   run_training_or_exit, steps_and_epochs)
 from library.training.text import encode_tokens, tokenize
 from library.training.validation import split_validation, validation_loss
 
@@ -397,14 +397,8 @@ def train(args) -> dict:
 
         init_trackers(accelerator, args, "network_train")
     t_before_loop = time.perf_counter()
-    try:
-        state = run_training(accelerator, group, optimizer, lr_scheduler, hooks, settings, noise_generator, progress)
-    except StopRequested as stop:
-        progress.close()
-        accelerator.end_training()
-        accelerator.print(f"stopped at step {progress.bar.n}. State saved in {stop.state_path}; continue with "
-                          f"--resume \"{stop.state_path}\" and the same other arguments.")
-        raise SystemExit(130)
+    state = run_training_or_exit(accelerator, group, optimizer, lr_scheduler, hooks, settings, noise_generator,
+                                 progress)
     accelerator.end_training()
 
     total = time.perf_counter() - t_start
