@@ -221,14 +221,21 @@ def _train_unet(unet, vae, text_encoder, tokenizer, scheduler, r: dict) -> float
                              for i in range(0, len(images), 256)]) * vae.config.scaling_factor
         captions = sorted({f"a {c} circle" for c in colours} | {""})
         hidden = dict(zip(captions, encode_captions(tokenizer, text_encoder, captions)))
+    return fit_toy_unet(unet, scheduler, latents, [f"a {c} circle" for c in colours], hidden, r)
+
+
+def fit_toy_unet(unet, scheduler, latents, item_captions: list[str], hidden: dict, r: dict) -> float:
+    """Pretrain a toy base's UNet (eps-prediction, DDPM noise, caption dropout, one-cycle lr) on
+    latents whose captions are item_captions; returns the loss average. Shared by the radar and the
+    inpainting bases."""
     opt = torch.optim.AdamW(unet.parameters(), lr=r["unet_lr"], weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, r["unet_lr"], total_steps=r["unet_steps"], pct_start=0.05)
     gen = torch.Generator().manual_seed(r["seed"] + 2)
     avg = None
-    for step in range(r["unet_steps"]):
+    for _ in range(r["unet_steps"]):
         idx = torch.randint(0, len(latents), (r["unet_batch"],), generator=gen)
         drop = torch.rand(r["unet_batch"], generator=gen) < r["caption_dropout"]
-        cond = torch.stack([hidden["" if d else f"a {colours[i]} circle"] for i, d in zip(idx.tolist(), drop.tolist())])
+        cond = torch.stack([hidden["" if d else item_captions[i]] for i, d in zip(idx.tolist(), drop.tolist())])
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (r["unet_batch"],), generator=gen)

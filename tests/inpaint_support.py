@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from library.toy import world
 from tests import controlnet_support as S
@@ -55,25 +54,7 @@ def _train_unet(unet, vae, text_encoder, tokenizer, scheduler, r: dict) -> float
                              for i in range(0, len(images), 512)]) * vae.config.scaling_factor
         captions = [f"a {c}" for c in names] + [""]
         hidden = dict(zip(captions, encode_captions(tokenizer, text_encoder, captions)))
-    opt = torch.optim.AdamW(unet.parameters(), lr=r["unet_lr"], weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, r["unet_lr"], total_steps=r["unet_steps"], pct_start=0.05)
-    gen = torch.Generator().manual_seed(r["seed"] + 2)
-    avg = None
-    for _ in range(r["unet_steps"]):
-        idx = torch.randint(0, len(latents), (r["unet_batch"],), generator=gen)
-        drop = torch.rand(r["unet_batch"], generator=gen) < r["caption_dropout"]
-        cond = torch.stack([hidden["" if d else f"a {cats[i]}"] for i, d in zip(idx.tolist(), drop.tolist())])
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (r["unet_batch"],), generator=gen)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
-    return avg
+    return S.fit_toy_unet(unet, scheduler, latents, [f"a {c}" for c in cats], hidden, r)
 
 
 def inpaint_toy_base() -> Path:

@@ -27,6 +27,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_two(tmp_path, record, watched: list, argv: list, script: str | None = None):
+    """Run the script (train_network.py, or DDP_SCRIPT) on 2 CPU processes under tests/ddp_driver.py;
+    check both ended with identical weights; returns (rank 0's weights, each rank's record)."""
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(REPO / "tests/ddp_driver.py"), str(record), os.pathsep.join(map(str, watched)), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    if script:
+        env["DDP_SCRIPT"] = script
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
+    assert rank0 and rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    return rank0, [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def test_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_path):
     data = tmp_path / "data"
     # 6 images, 1 held out for validation: 5 training images make global batches of 2, 2 and 1, so the
@@ -40,21 +56,10 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_
 
     two, two_logs, record = tmp_path / "two", tmp_path / "two_logs", tmp_path / "record"
     argv = base_args(tiny_model.single_file, data, two, *common, f"--logging_dir={two_logs}")  # batch 1 each
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-           str(REPO / "tests/ddp_driver.py"), str(record), os.pathsep.join([str(two), str(two_logs)]), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    # both processes end with identical weights
-    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
+    rank0, runs = launch_two(tmp_path, record, [two, two_logs], argv)  # identical weights on both
     rank0 = {k.removeprefix("network."): v for k, v in rank0.items()}
-    rank1 = {k.removeprefix("network."): v for k, v in rank1.items()}
-    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
     # every training image once per epoch across the processes; the same number of batches on both
-    runs = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
     per_epoch = []
     for epoch in (0, 1):
         batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
@@ -107,19 +112,8 @@ def test_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tiny_
     train([*common, "--output_dir", str(one), "--train_batch_size", "2"])
 
     two, record = tmp_path / "two", tmp_path / "record"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-           str(REPO / "tests/ddp_driver.py"), str(record), str(two), *common, "--output_dir", str(two),
-           "--train_batch_size", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
-           "DDP_SCRIPT": "train_controlnet"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
-    assert rank0 and rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-
-    runs = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    rank0, runs = launch_two(tmp_path, record, [two], [*common, "--output_dir", str(two), "--train_batch_size", "1"],
+                             "train_controlnet")
     for epoch in (0, 1):  # 5 training images: global batches of 2, 2 and 1 (padded share on rank 1)
         batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
         assert len(batches[0]) == len(batches[1]) == 3
@@ -161,18 +155,8 @@ def test_dual_unet_two_processes_equal_one_process_with_the_doubled_batch(tiny_m
     one = train_dual_unet.main([*common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "2"])
 
     two, record = tmp_path / "two", tmp_path / "record"
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-           str(REPO / "tests/ddp_driver.py"), str(record), str(two), *common, "--output_dir", str(two),
-           "--train_batch_size", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
-           "DDP_SCRIPT": "train_dual_unet"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    rank0, rank1 = load_file(str(record / "rank0.safetensors")), load_file(str(record / "rank1.safetensors"))
-    assert rank0 and rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    runs = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    rank0, runs = launch_two(tmp_path, record, [two], [*common, "--output_dir", str(two), "--train_batch_size", "1"],
+                             "train_dual_unet")
     for epoch in (0, 1):  # 6 pairs: 3 global batches of 2, one pair per process
         batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
         assert len(batches[0]) == len(batches[1]) == 3
