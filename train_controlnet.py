@@ -30,7 +30,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a ControlNet (and a UNet LoRA on it) for Stable Diffusion 1.x.")
     A.add_config_arguments(parser)
     A.add_model_arguments(parser)
-    A.add_dataset_arguments(parser)
+    # no --reg_data_dir / --dataset_config: see REFUSED
+    A.add_dataset_arguments(parser, reg_and_config=False)
     A.add_training_arguments(parser)
     A.add_optimizer_arguments(parser)
     A.add_trainer_automation_arguments(parser)
@@ -76,6 +77,13 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="also weigh each latent pixel by |error|^focal_gamma (a focal re-weighting of the MSE)")
     c.add_argument("--focal_gamma", type=A.non_negative_float, default=2.0, help="exponent of --use_focal_loss")
 
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--log_images_every_n_steps", type=A.positive_int, default=None,
+                   help="every N steps, generate up to 4 fixed validation (else training) examples with the "
+                        "ControlNet being trained and log them as one grid to TensorBoard (controlnet/images) "
+                        "and <output_dir>/sample; rows: condition | target | result (inpaint: image | mask | "
+                        "masked condition | result)")
+
     s = parser.add_argument_group("stages")
     s.add_argument("--train_unet_lora", action="store_true",
                    help="stage 2: train only a UNet LoRA; the ControlNet (--controlnet_path), UNet, VAE and "
@@ -112,6 +120,25 @@ ALIASES = {"--config": "--config_file", "--save_steps": "--save_every_n_steps",
            "--num_epochs": "--max_train_epochs"}
 
 
+# The other trainers' dataset flags that ControlNet training cannot use. They are not in the parser
+# (so the GUI shows no field for them); passing one gives the reason instead of argparse's bare error.
+REFUSED = {
+    "--reg_data_dir": ("regularization images (--reg_data_dir) have no condition, so a ControlNet cannot train "
+                       "on them.", "drop --reg_data_dir."),
+    "--dataset_config": ("--dataset_config is not supported for ControlNet training.",
+                         "use --train_data_dir with --conditioning_data_dir, or a --train_listing."),
+}
+
+
+def refuse_unsupported(argv) -> None:
+    from library.errors import UserError
+
+    for arg in argv:
+        flag = arg.partition("=")[0]
+        if flag in REFUSED:
+            raise UserError(REFUSED[flag][0], fix=REFUSED[flag][1])
+
+
 def normalise_argv(argv) -> list[str]:
     """The seed guides' (radar YAML, Lightning inpainting) and diffusers' spellings of a few flags."""
     out = []
@@ -124,7 +151,9 @@ def normalise_argv(argv) -> list[str]:
 def main(argv=None):
     from library.controlnet.config import parse_args
 
-    args = parse_args(setup_parser(), normalise_argv(sys.argv[1:] if argv is None else argv))
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
+    refuse_unsupported(argv)
+    args = parse_args(setup_parser(), argv)
     from library.controlnet.stages import train
 
     train(args)

@@ -7,7 +7,7 @@
 
 The data folder holds front_metadata.json, front_keypoints.npy, video_metadata.json and
 video_keypoints.npy (schema: README, "ImageControlNet"). Every option can come from a TOML file
-with --config_file.
+with --config_file. Several processes: accelerate launch --num_processes N train_image_controlnet.py ...
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="folder with front/video metadata (.json) and keypoints (.npy) (required)")
     d.add_argument("--image_dir", type=str, default=None,
                    help="folder the metadata's image paths are relative to (default: --data_dir)")
-    d.add_argument("--batch_size", type=A.positive_int, default=16, help="batch size")
+    d.add_argument("--batch_size", type=A.positive_int, default=16,
+                   help="batch size per process (under accelerate launch --num_processes N a batch holds N x this)")
     d.add_argument("--num_workers", type=A.non_negative_int, default=4, help="DataLoader worker processes")
     d.add_argument("--image_size", type=A.positive_int, default=112,
                    help="image side in pixels (112 = InsightFace's aligned crops)")

@@ -91,15 +91,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "in 75-token windows, as kohya")
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool = True) -> None:
+    """`reg_and_config=False` leaves out --reg_data_dir and --dataset_config, for a script whose
+    datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them."""
     g = parser.add_argument_group("dataset")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="folder whose subfolders are named <repeats>_<name>, e.g. 10_mychar, holding "
                         "images and caption files")
-    g.add_argument("--reg_data_dir", type=str, default=None,
-                   help="folder of regularization images, same layout as --train_data_dir")
-    g.add_argument("--dataset_config", type=str, default=None,
-                   help="dataset TOML in kohya's [general]/[[datasets]]/[[datasets.subsets]] schema")
+    if reg_and_config:
+        g.add_argument("--reg_data_dir", type=str, default=None,
+                       help="folder of regularization images, same layout as --train_data_dir")
+        g.add_argument("--dataset_config", type=str, default=None,
+                       help="dataset TOML in kohya's [general]/[[datasets]]/[[datasets.subsets]] schema")
     g.add_argument("--in_json", type=str, default=None,
                    help="kohya fine-tuning metadata JSON ({image: {caption, tags, train_resolution}}); "
                         "images in --train_data_dir")

@@ -3,8 +3,8 @@
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/ddp_driver.py RECORD_DIR WATCH_DIRS ARGS...
 
 The script is train_network.py, or with DDP_SCRIPT in the environment train_controlnet.py (its
-trained modules are recorded: the ControlNet, and the LoRA when one trains) or train_dual_unet.py
-(its two LoRAs).
+trained modules are recorded: the ControlNet, and the LoRA when one trains), train_dual_unet.py
+(its two LoRAs) or train_image_controlnet.py (its model; batches as sample indices, not paths).
 
 Each process writes into RECORD_DIR (outside the training folders):
   rank<R>.safetensors   its trained network's weights at the end
@@ -91,6 +91,26 @@ def main() -> int:
         import train_controlnet
 
         train_controlnet.main(argv)
+    elif os.environ.get("DDP_SCRIPT") == "train_image_controlnet":
+        from library.image_controlnet import steps, train
+
+        plain_rank_batches, plain_prepare = steps.rank_batches, train._prepare_model
+
+        def recording_rank_batches(n, batch_size, world, rank, seed, epoch):
+            shares = plain_rank_batches(n, batch_size, world, rank, seed, epoch)
+            batches.extend({"epoch": epoch, "position": i, "indices": list(indices), "shard": list(shard)}
+                           for i, (indices, shard) in enumerate(shares))
+            return shares
+
+        def recording_prepare(*args, **kwargs):
+            result = plain_prepare(*args, **kwargs)
+            modules["model"] = result[0]
+            return result
+
+        steps.rank_batches, train._prepare_model = recording_rank_batches, recording_prepare
+        import train_image_controlnet
+
+        train_image_controlnet.main(argv)
     elif os.environ.get("DDP_SCRIPT") == "train_dual_unet":
         import train_dual_unet
 

@@ -300,7 +300,8 @@ def trained(tiny_model, tmp_path_factory):
     train(["--pretrained_model_name_or_path", str(tiny_model.diffusers_dir), "--image_dir", str(coco["image_dir"]),
            "--ann_file", str(coco["ann_file"]), "--output_dir", str(out), "--resolution", "64", "--train_batch_size",
            "4", "--cache_latents", "--max_train_steps", "3", "--learning_rate", "1e-3", "--seed", "1",
-           "--min_mask_area", "20", "--mask_dilation", "3", "--loss_weight_factor", "10", "--validation_split", "0.25"])
+           "--min_mask_area", "20", "--mask_dilation", "3", "--loss_weight_factor", "10", "--validation_split", "0.25",
+           "--log_images_every_n_steps", "3"])
     return {"out": out, "coco": coco, "tiny": tiny_model}
 
 
@@ -312,6 +313,26 @@ def test_training_records_the_inpaint_settings(trained):
     assert read_record(trained["out"] / "last.safetensors") == record
     done = json.loads((trained["out"] / "training_complete.json").read_text())
     assert done["steps"] == 3 and np.isfinite(done["history"][-1]["val/loss"])
+
+
+def test_log_images_rows_are_image_mask_masked_condition_and_result_composited_outside_the_mask(trained):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    pngs = sorted((trained["out"] / "sample").glob("*.png"))
+    assert [p.name for p in pngs] == ["last_images_000003.png"]
+    grid = _load(pngs[0])
+    assert grid.shape == (2 * 64, 4 * 64, 3)  # the 2 validation images x 4 columns
+    for row in range(2):
+        image, mask, cond, result = (grid[row * 64:(row + 1) * 64, c * 64:(c + 1) * 64] for c in range(4))
+        hole = mask[..., 0] == 255
+        assert set(np.unique(mask)) == {0, 255} and 0 < hole.sum() < hole.size
+        assert np.array_equal(result[~hole], image[~hole])  # the input outside the mask, pixel for pixel
+        assert np.array_equal(cond[~hole], image[~hole]) and (cond[hole] == 0).all()  # the hole (-1) as black
+    acc = EventAccumulator(str(next((trained["out"] / "logs").rglob("events.out.tfevents.*")).parent),
+                           size_guidance={IMAGES: 0})
+    acc.Reload()
+    events = acc.Images("controlnet/images")
+    assert [e.step for e in events] == [3] and (events[0].width, events[0].height) == (4 * 64, 2 * 64)
 
 
 def test_infer_pastes_the_result_into_the_input_only_inside_the_mask(trained, tmp_path, capsys):

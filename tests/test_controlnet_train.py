@@ -265,3 +265,62 @@ def test_trainer_automation_flags_save_top_k_and_fast_dev_run(tiny_model, radar_
 
     with pytest.raises(UserError, match="save_top_k"):
         train(base_flags(tiny_model, radar_data, tmp_path / "joint", "--joint", "--save_top_k", "1"))
+
+
+def test_log_images_every_n_steps_grids_in_tensorboard_and_sample_folder(tiny_model, radar_data, tmp_path,
+                                                                         monkeypatch):
+    """Radar: every 2 steps one grid of the 2 validation images, rows condition | target | result, in
+    TensorBoard and <output_dir>/sample; under --fast_dev_run nothing is generated."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    out = tmp_path / "out"
+    train(base_flags(tiny_model, radar_data, out, "--max_train_steps", "4", "--log_images_every_n_steps", "2"))
+    pngs = sorted((out / "sample").glob("*.png"))
+    assert [p.name for p in pngs] == ["last_images_000002.png", "last_images_000004.png"]
+    grid = np.asarray(Image.open(pngs[-1]).convert("RGB"))
+    assert grid.shape == (2 * 64, 3 * 64, 3)
+    for row, i in enumerate((6, 7)):  # the validation images, centres (12 + 5i, 50 - 4i)
+        cells = [grid[row * 64:(row + 1) * 64, c * 64:(c + 1) * 64] for c in range(3)]
+        y, x = np.unravel_index(cells[0][..., 0].argmax(), (64, 64))
+        assert abs(x - (12 + 5 * i)) <= 1 and abs(y - (50 - 4 * i)) <= 1  # the heatmap's peak at the target
+        assert np.array_equal(cells[1], np.asarray(Image.open(radar_data / "images" / f"{i}.png").convert("RGB")))
+    acc = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent),
+                           size_guidance={IMAGES: 0})
+    acc.Reload()
+    events = acc.Images("controlnet/images")
+    assert [e.step for e in events] == [2, 4] and (events[0].width, events[0].height) == (3 * 64, 2 * 64)
+
+    from library.controlnet import image_log
+
+    calls = []
+    monkeypatch.setattr(image_log, "log_images", lambda *a, **k: calls.append(a))
+    fast = tmp_path / "fast"
+    train(base_flags(tiny_model, radar_data, fast, "--max_train_steps", "4", "--log_images_every_n_steps", "1",
+                     "--fast_dev_run", "3"))
+    assert calls == [] and not fast.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_log_images_every_n_steps_below_one_is_a_parse_error(value, capsys):
+    import train_controlnet
+
+    with pytest.raises(SystemExit) as exc:
+        train_controlnet.main(["--pretrained_model_name_or_path", "m", "--output_dir", "o", "--train_data_dir", "d",
+                               "--log_images_every_n_steps", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--log_images_every_n_steps" in err and "integer >= 1" in err
+
+
+@pytest.mark.parametrize("flag", ["--reg_data_dir", "--dataset_config"])
+def test_reg_data_dir_and_dataset_config_are_not_options_and_are_refused_with_the_reason(flag, tmp_path):
+    import train_controlnet
+    from library.errors import UserError
+
+    assert flag not in {o for a in train_controlnet.setup_parser()._actions for o in a.option_strings}
+    argv = ["--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), "--train_data_dir", "d"]
+    for given in ([flag, "x"], [f"{flag}=x"]):
+        with pytest.raises(UserError, match=f"{flag}.*Fix: "):
+            train_controlnet.main(argv + given)
+    assert not (tmp_path / "o").exists()

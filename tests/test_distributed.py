@@ -94,7 +94,8 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_
 
 def test_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tiny_model, tmp_path):
     """train_controlnet.py (ControlNet stage) on 2 processes: identical ControlNets on both, every image
-    once per epoch, only the main process writes, and the weights of one process with batch 2."""
+    once per epoch, only the main process writes (also the --log_images_every_n_steps grids, which
+    only it generates), and the weights of one process with batch 2."""
     from safetensors import safe_open
 
     from tests.controlnet_support import radar_listing
@@ -109,11 +110,11 @@ def test_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tiny_
     zero = tmp_path / "zero"  # about the ControlNet before training (the flags refuse lr 0)
     train([*common, "--output_dir", str(zero), "--train_batch_size", "2", "--learning_rate", "1e-12"])
     one = tmp_path / "one"
-    train([*common, "--output_dir", str(one), "--train_batch_size", "2"])
+    train([*common, "--output_dir", str(one), "--train_batch_size", "2", "--log_images_every_n_steps", "2"])
 
     two, record = tmp_path / "two", tmp_path / "record"
-    rank0, runs = launch_two(tmp_path, record, [two], [*common, "--output_dir", str(two), "--train_batch_size", "1"],
-                             "train_controlnet")
+    rank0, runs = launch_two(tmp_path, record, [two], [*common, "--output_dir", str(two), "--train_batch_size", "1",
+                                                       "--log_images_every_n_steps", "2"], "train_controlnet")
     for epoch in (0, 1):  # 5 training images: global batches of 2, 2 and 1 (padded share on rank 1)
         batches = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
         assert len(batches[0]) == len(batches[1]) == 3
@@ -122,6 +123,9 @@ def test_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tiny_
     assert runs[1]["writes"] == [] and runs[0]["writes"]
     assert sorted(p.name for p in two.iterdir() if p.name != "logs") == \
         sorted(p.name for p in one.iterdir() if p.name != "logs")
+    grids = [f"last_images_{s:06d}.png" for s in (2, 4, 6)]
+    assert sorted(p.name for p in (two / "sample").iterdir()) == sorted(p.name for p in (one / "sample").iterdir()) \
+        == grids
 
     def controlnet_weights(folder):
         with safe_open(str(folder / "controlnet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
@@ -169,3 +173,44 @@ def test_dual_unet_two_processes_equal_one_process_with_the_doubled_batch(tiny_m
                                        msg=key)
         up = [v for k, v in network.state_dict().items() if "lora_up" in k]
         assert sum(float(v.abs().sum()) for v in up) > 0  # lora_up starts at zero: this LoRA trained
+
+
+def test_image_controlnet_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
+    """train_image_controlnet.py on 2 processes: identical models on both, every training pair once per
+    epoch, only the main process writes, and the weights and metrics of one process with batch 4."""
+    import train_image_controlnet
+    from library.image_controlnet import toy
+
+    data = toy.write_dataset(tmp_path / "data", train_identities=3, val_identities=1, views=3, size=16, seed=0)
+    common = ["--data_dir", str(data), "--backbone", "small", "--image_size", "16", "--feature_dim", "32",
+              "--num_workers", "0", "--epochs", "2", "--lr", "3e-3", "--gradient_accumulation_steps", "2",
+              "--save_interval", "1", "--image_log_interval", "1"]
+    one = tmp_path / "one"
+    train_image_controlnet.main([*common, "--batch_size", "4", "--save_dir", str(one / "ck"),
+                                 "--log_dir", str(one / "logs")])
+
+    two, record = tmp_path / "two", tmp_path / "record"
+    rank0, runs = launch_two(tmp_path, record, [two], [*common, "--batch_size", "2", "--save_dir", str(two / "ck"),
+                                                       "--log_dir", str(two / "logs")], "train_image_controlnet")
+    for epoch in (0, 1):  # 9 training pairs: global batches of 4, 4 and 1 (a padded share on rank 1)
+        shares = [[b for b in run["batches"] if b["epoch"] == epoch] for run in runs]
+        assert len(shares[0]) == len(shares[1]) == 3
+        own = [i for run in shares for b in run if not b["shard"][3] for i in b["indices"]]
+        assert sorted(own) == list(range(9))
+        assert [b["shard"][3] for b in shares[1]] == [False, False, True]
+    assert runs[1]["writes"] == [] and runs[0]["writes"]
+    assert sorted(p.name for p in (two / "ck").iterdir()) == sorted(p.name for p in (one / "ck").iterdir())
+    assert len(list((two / "logs").glob("events.out.tfevents.*"))) == 1
+
+    a, b = (torch.load(d / "ck" / "checkpoint_epoch_2.pth", weights_only=True) for d in (one, two))
+    start = torch.load(one / "ck" / "checkpoint_epoch_1.pth", weights_only=True)["model"]
+    assert a["global_step"] == b["global_step"] == 4  # 2 steps per epoch: groups of 2 global batches
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], rank0[f"model.{key}"]), key  # the file holds what the processes hold
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    difference = sum((a["model"][k].float() - b["model"][k].float()).pow(2).sum() for k in start).sqrt()
+    moved = sum((a["model"][k].float() - start[k].float()).pow(2).sum() for k in start).sqrt()  # epoch 2
+    assert difference < 1e-3 * moved
+    for key in ("train_loss", "val_loss", "val_psnr"):  # metrics of all samples, gathered from both
+        torch.testing.assert_close(torch.tensor(b["history"][key]), torch.tensor(a["history"][key]), rtol=1e-4,
+                                   atol=0, msg=key)

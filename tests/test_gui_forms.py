@@ -48,6 +48,15 @@ def test_every_option_of_every_script_has_a_widget(app):
                                                if a.help == argparse.SUPPRESS}, tab.script
 
 
+def test_controlnet_form_has_no_field_for_the_dataset_flags_it_cannot_use(app):
+    """train_controlnet.py's parser leaves out --reg_data_dir and --dataset_config, so its form does too
+    (the LoRA form keeps them); its own --log_images_every_n_steps gets a field."""
+    controlnet = app.tabs["train_controlnet"].form.fields
+    for dest in ("reg_data_dir", "dataset_config"):
+        assert dest not in controlnet and dest in lora(app).form.fields
+    assert {"train_data_dir", "log_images_every_n_steps"} <= set(controlnet)
+
+
 def test_registry_shows_present_scripts_and_explains_broken_ones(make_app):
     from gui.registry import SCRIPTS, ScriptEntry
 

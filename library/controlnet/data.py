@@ -228,12 +228,6 @@ def build_datasets(args, seed: int, warn=None):
     checked before any model is loaded."""
     from library.controlnet import conditioning
 
-    if getattr(args, "dataset_config", None):
-        raise UserError("--dataset_config is not supported for ControlNet training yet.",
-                        fix="use --train_data_dir with --conditioning_data_dir, or a --train_listing.")
-    if getattr(args, "reg_data_dir", None):
-        raise UserError("regularization images (--reg_data_dir) have no condition, so a ControlNet cannot "
-                        "train on them.", fix="drop --reg_data_dir.")
     for flag in ("flip_aug", "random_crop"):
         if getattr(args, flag, False):
             raise UserError(f"--{flag} would move the image but not its condition.", fix=f"drop --{flag}.")

@@ -8,7 +8,8 @@ Order of work as in library/training/network_trainer.py: checks and dataset pref
 latent caching -> ControlNet / LoRA -> optimizer and schedule -> the shared loop (library.training.loop)
 -> final files and summary. What differs: the ControlNet's residuals feed the UNet, batches carry
 the condition, the loss may be heatmap-weighted, and every epoch can end with a validation loss,
-early stopping and a best checkpoint (library.controlnet.outputs writes the files).
+early stopping and a best checkpoint (library.controlnet.outputs writes the files);
+--log_images_every_n_steps logs grids of generated examples (library.controlnet.image_log).
 """
 from __future__ import annotations
 
@@ -217,6 +218,36 @@ def run_stage(args, stage: str) -> dict:
                               f"epoch {epoch_done}.")
         return decision.stop
 
+    every = getattr(args, "log_images_every_n_steps", None)
+    logged = {}  # examples and pipeline, built at the first grid
+
+    def want_images(epoch, step):
+        return bool(every) and epoch is None and step > 0 and step % every == 0
+
+    def log_images(epoch, step):
+        # The loop calls this on every process (never under --fast_dev_run); only the main one
+        # generates: the others go on and wait for it at the next step's gradient average.
+        if not main:
+            return
+        from library.controlnet import image_log
+        from library.controlnet.inference import build_pipeline
+
+        if not logged:
+            examples_from = val_group if val_group is not None else train_group
+            logged["examples"] = image_log.fixed_examples(examples_from, args.seed)
+            logged["pipe"] = build_pipeline(model, controlnet)
+        was_training = trainable.training
+        trainable.eval()
+        to_device(vae, device, vae_dtype)  # with cached latents it waits on the CPU
+        try:
+            with accelerator.autocast():
+                image_log.log_images(logged["pipe"], logged["examples"], ctype.name, args.seed, step,
+                                     accelerator.trackers, output_dir / "sample", args.output_name, args.clip_skip)
+        finally:
+            if caching:
+                vae.to("cpu")
+            trainable.train(was_training)
+
     keep = args.checkpoints_total_limit
     settings = LoopSettings(
         max_train_steps=max_train_steps, num_epochs=num_epochs,
@@ -233,7 +264,8 @@ def run_stage(args, stage: str) -> dict:
         persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps,
         **automation_settings(args))
     hooks = LoopHooks(compute_loss=compute_loss, save_model=writer.save, trainable=trainable,
-                      params_to_clip=params_to_clip, lr_names=lr_names, end_epoch=end_epoch)
+                      params_to_clip=params_to_clip, lr_names=lr_names, end_epoch=end_epoch,
+                      sample=log_images, want_sample=want_images)
 
     accelerator.init_trackers((args.log_prefix or "") + (args.log_tracker_name or f"controlnet_{stage}")
                               + time.strftime("%Y%m%d%H%M%S"))
@@ -260,6 +292,8 @@ def run_stage(args, stage: str) -> dict:
             ("TensorBoard logs", f"{tracker_dir}  (tensorboard --logdir \"{tracker_dir}\")")]
     if unchanged is not None:
         rows.append(("frozen ControlNet unchanged", "yes" if unchanged else "NO"))
+    if every and not fast:
+        rows.append(("image grids", f"{output_dir / 'sample'} and TensorBoard (controlnet/images)"))
     accelerator.print(format_summary("training finished", rows))
     return {"output_dir": output_dir, "state": state, "history": history, "files": writer.files,
             "controlnet_unchanged": unchanged, "total_s": time.perf_counter() - t_start,

@@ -5,6 +5,13 @@ sample's loss is divided by the number of samples in its group, so a group's sum
 exactly the gradient of the mean over the group: k x b equals one batch of k*b, and a short last
 group is not over- or under-weighted. Data order per epoch is a permutation seeded by (seed, epoch),
 so a resumed run sees the same order an uninterrupted one would.
+
+Several processes (`procs`: accelerate's PartialState, see library.training.accel): a batch is global
+(--batch_size x processes, cut from the same permutation on every process) and each process trains
+on its contiguous share of it (library.data.loader.shard_bounds; a process left without an item gets
+a copy with weight 0). Each process's loss is scaled by the number of processes, and averaging the
+gradients then gives exactly the sum over the global group: a run equals one process with the
+batch size multiplied by the number of processes. Metrics are summed over the processes.
 """
 from __future__ import annotations
 
@@ -29,6 +36,29 @@ def autocast_for(device: torch.device, use_amp: bool):
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen).tolist()
+
+
+def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list:
+    """(sample indices, Shard) of this process's share of each global batch (batch_size x world) of
+    the epoch; with one process, the epoch's batches."""
+    from library.data.loader import shard_bounds
+
+    order, size = epoch_order(n, seed, epoch), batch_size * world
+    out = []
+    for k in range(0, n, size):
+        batch = order[k:k + size]
+        shard = shard_bounds(len(batch), rank, world)
+        out.append((batch[shard.offset:shard.offset + shard.count], shard))
+    return out
+
+
+def _sum_over(procs, values: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over the processes (on their device: NCCL reduces only CUDA tensors)."""
+    if procs is None or procs.num_processes <= 1:
+        return values
+    from library.training.accel import reduce_sum
+
+    return reduce_sum(procs, values.to(procs.device)).cpu()
 
 
 def group_sizes(n: int, batch_size: int, accum: int) -> list[int]:
@@ -67,12 +97,14 @@ def compute_losses(model, batch, loss_type: str, pose_weight: float):
 
 
 def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, args, device, params,
-                progress=None) -> tuple[dict, int]:
+                progress=None, procs=None) -> tuple[dict, int]:
     """Train one epoch; returns (mean train metrics, optimizer steps taken)."""
+    world, rank = (procs.num_processes, procs.process_index) if procs is not None else (1, 0)
     model.train()
-    sizes = group_sizes(len(dataset), args.batch_size, args.gradient_accumulation_steps)
-    order = epoch_order(len(dataset), args.seed, epoch)
-    loader = make_loader(dataset, args.batch_size, args.num_workers, order, device)
+    sizes = group_sizes(len(dataset), args.batch_size * world, args.gradient_accumulation_steps)
+    shares = rank_batches(len(dataset), args.batch_size, world, rank, args.seed, epoch)
+    loader = DataLoader(dataset, batch_sampler=[indices for indices, _ in shares], num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
     sums = torch.zeros(3, dtype=torch.float64)
     steps = 0
     in_group = 0
@@ -80,12 +112,19 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
     for i, batch in enumerate(batches(loader)):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         group = i // args.gradient_accumulation_steps
+        padded = shares[i][1].padded
         with autocast_for(device, args.use_amp):
             total, img, pose, _, _ = compute_losses(model, batch, args.loss_type, args.pose_loss_weight)
-        scaler.scale(total.sum() / sizes[group]).backward()
-        sums += torch.stack([total.detach().sum(), img.detach().sum(), pose.detach().sum()]).double().cpu()
+        # x world: the average of the gradients over the processes is then the sum over the global group
+        scaler.scale(total.sum() / sizes[group] * (0.0 if padded else float(world))).backward()
+        if not padded:
+            sums += torch.stack([total.detach().sum(), img.detach().sum(), pose.detach().sum()]).double().cpu()
         in_group += 1
-        if in_group == args.gradient_accumulation_steps or i == len(loader) - 1:
+        if in_group == args.gradient_accumulation_steps or i == len(shares) - 1:
+            if procs is not None:
+                from library.training.accel import average_gradients
+
+                average_gradients(procs, params)
             if args.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -99,15 +138,19 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(total.detach().mean()):.4f}", refresh=False)
     n = max(1, len(dataset))
-    means = (sums / n).tolist()
+    means = (_sum_over(procs, sums) / n).tolist()
     return {"train_loss": means[0], "train_image_loss": means[1], "train_pose_loss": means[2]}, steps
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, args, device) -> dict:
-    """Mean validation metrics, including the copy-the-source baseline PSNR and the pose head's error."""
+def evaluate(model, dataset, *, args, device, procs=None) -> dict:
+    """Mean validation metrics, including the copy-the-source baseline PSNR and the pose head's error;
+    with several processes each scores every N-th sample and the sums are added up."""
     model.eval()
-    loader = make_loader(dataset, args.batch_size, args.num_workers, None, device)
+    part = dataset
+    if procs is not None and procs.num_processes > 1:
+        part = torch.utils.data.Subset(dataset, range(procs.process_index, len(dataset), procs.num_processes))
+    loader = make_loader(part, args.batch_size, args.num_workers, None, device)
     keys = ("val_loss", "val_image_loss", "val_pose_loss", "val_psnr", "val_copy_psnr", "val_pose_error_deg")
     sums = dict.fromkeys(keys, 0.0)
     for batch in batches(loader):
@@ -118,7 +161,8 @@ def evaluate(model, dataset, *, args, device) -> dict:
         for key, value in zip(keys, (total, img, pose, psnr(generated, batch["target"]),
                                      psnr(batch["source"], batch["target"]), err)):
             sums[key] += float(value.float().sum())
-    return {k: v / max(1, len(dataset)) for k, v in sums.items()}
+    totals = _sum_over(procs, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+    return {k: v / max(1, len(dataset)) for k, v in zip(keys, totals)}
 
 
 @torch.no_grad()

@@ -5,12 +5,19 @@ Resume: a checkpoint whose trainable parts (--freeze_generator / --freeze_backbo
 continues exactly (weights, optimizer, scheduler, scaler, epoch, step, best loss, history, RNG). If
 they differ, it is the seed's two-stage recipe (stage 1 frozen generator, stage 2 everything): the
 weights are loaded and a new stage starts at epoch 0 with a fresh optimizer, and the run says so.
+
+Several processes (`accelerate launch --num_processes N`, torchrun): every process builds the same
+model (the main process's weights are broadcast), trains on its share of each global batch of
+--batch_size x N samples and averages the gradients (library.image_controlnet.steps), so all stay
+identical; metrics are summed over the processes. Files, TensorBoard, curves and messages belong to
+the main process.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,31 +107,36 @@ def _prepare_model(args, config, ckpt):
 
 def train(args, defaults: dict | None = None) -> dict:
     """Run training from parsed arguments; returns the summary numbers (also printed)."""
+    from library.training.accel import broadcast_parameters, process_state
+
     started = time.perf_counter()
+    procs = process_state()  # one process without a launcher
+    main, world = procs.is_main_process, procs.num_processes
     ckpt = read_checkpoint(args.resume) if args.resume else None
     config = model_config(args, defaults or {}, ckpt)
     seed_everything(args.seed)
     report = load_pairs(args.data_dir, args.image_dir, val_fraction=args.val_fraction, seed=args.seed)
-    save_dir = check_writable_dir(args.save_dir, "--save_dir")
-    log_dir = check_writable_dir(args.log_dir, "--log_dir")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.use_amp and device.type == "cpu":
+    save_dir = check_writable_dir(args.save_dir, "--save_dir") if main else Path(args.save_dir)
+    log_dir = check_writable_dir(args.log_dir, "--log_dir") if main else Path(args.log_dir)
+    device = procs.device if world > 1 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.use_amp and device.type == "cpu" and main:
         warn_once("--use_amp without a CUDA GPU: training uses bf16 autocast on the CPU.")
 
     model, freeze_backbone, notes = _prepare_model(args, config, ckpt)
     trainable = {"freeze_generator": bool(args.freeze_generator), "freeze_backbone": bool(freeze_backbone)}
     params = set_trainable(model, args.freeze_generator, freeze_backbone)
     model.to(device)
+    broadcast_parameters(procs, model)  # identical start on every process
     train_pairs = [p for p in report.pairs if p.split == "train"]
     val_pairs = [p for p in report.pairs if p.split == "val"]
-    if not val_pairs:
+    if not val_pairs and main:
         warn_once("no validation pairs (all identities are in training): best_model.pth is chosen by the "
                   "training loss. Set --val_fraction or give items \"split\": \"val\".")
     train_ds = PairDataset(train_pairs, config.image_size, config.pose_dim)
     val_ds = PairDataset(val_pairs, config.image_size, config.pose_dim)
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(S.group_sizes(len(train_ds), args.batch_size, args.gradient_accumulation_steps))
+    steps_per_epoch = len(S.group_sizes(len(train_ds), args.batch_size * world, args.gradient_accumulation_steps))
     scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch, args.lr_warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and device.type == "cuda")
 
@@ -141,12 +153,14 @@ def train(args, defaults: dict | None = None) -> dict:
     elif ckpt is not None:
         notes.append(f"new training stage from the weights of {args.resume}: its frozen parts {ckpt['trainable']} "
                      f"differ from this run's {trainable}, so the optimizer and the epoch count start fresh")
+    say = print if main else (lambda *a, **k: None)
     for note in notes:
-        print(note, flush=True)
-    print(f"{report.notes[0]}; {sum(p.numel() for p in params):,} trainable of "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}", flush=True)
+        say(note, flush=True)
+    say(f"{report.notes[0]}; {sum(p.numel() for p in params):,} trainable of "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}"
+        + (f"; {world} processes, {args.batch_size * world} samples per batch" if world > 1 else ""), flush=True)
     if start_epoch >= args.epochs:
-        print(f"nothing to train: the checkpoint already has {start_epoch} epochs (--epochs {args.epochs}).")
+        say(f"nothing to train: the checkpoint already has {start_epoch} epochs (--epochs {args.epochs}).")
         return {"epochs": start_epoch}
 
     from torch.utils.tensorboard import SummaryWriter
@@ -154,33 +168,38 @@ def train(args, defaults: dict | None = None) -> dict:
 
     from library.image_controlnet import tblog
 
-    writer = SummaryWriter(str(log_dir))
-    tblog.log_pose_histograms(writer, train_pairs, start_epoch)
+    writer = SummaryWriter(str(log_dir)) if main else None
+    if main:
+        tblog.log_pose_histograms(writer, train_pairs, start_epoch)
     shown = list(range(0, len(val_ds), max(1, len(val_ds) // 8)))[:8] if len(val_ds) else []
     run_args = {k: v for k, v in vars(args).items()}
     progress = tqdm(total=args.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc="steps",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=not main)
     metrics = {}
     try:
         for epoch in range(start_epoch, args.epochs):
             metrics, taken = S.train_epoch(model, train_ds, optimizer, scheduler, scaler, epoch=epoch, args=args,
-                                           device=device, params=params, progress=progress)
+                                           device=device, params=params, progress=progress, procs=procs)
             global_step += taken
             metrics["lr"] = scheduler.get_last_lr()[0]
             if len(val_ds):
-                metrics.update(S.evaluate(model, val_ds, args=args, device=device))
+                metrics.update(S.evaluate(model, val_ds, args=args, device=device, procs=procs))
             done = epoch + 1
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
+            # the metrics are the same on every process, so every process decides alike
+            score = metrics.get("val_loss", metrics["train_loss"])
+            improved = score < best
+            best = min(best, score)
+            if not main:
+                continue
             tblog.log_epoch(writer, metrics, done)
             if shown and (done % args.image_log_interval == 0 or done == args.epochs or epoch == start_epoch):
                 tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, use_amp=args.use_amp), done)
             writer.flush()
-            score = metrics.get("val_loss", metrics["train_loss"])
             state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=done,
                          global_step=global_step, history=history, trainable=trainable, args=run_args)
-            if score < best:
-                best = score
+            if improved:
                 save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=_rng_states(None), **state)
             if done % args.save_interval == 0 or done == args.epochs:
                 save_checkpoint(save_dir / f"checkpoint_epoch_{done}.pth", best_val_loss=best, rng=_rng_states(None),
@@ -190,9 +209,12 @@ def train(args, defaults: dict | None = None) -> dict:
                 f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr"))
     finally:
         progress.close()
-        writer.close()
-    tblog.save_curves(history, save_dir / "final_training_curves.png", f"final ({args.epochs} epochs)")
+        if writer is not None:
+            writer.close()
     summary = {"epochs": args.epochs, "best_val_loss": best, **metrics}
+    if not main:
+        return summary
+    tblog.save_curves(history, save_dir / "final_training_curves.png", f"final ({args.epochs} epochs)")
     rows = [("epochs", args.epochs), ("optimizer steps", global_step), ("best loss", f"{best:.5f}")]
     if "val_psnr" in metrics:
         rows.append(("val PSNR", f"{metrics['val_psnr']:.2f} dB (copying the source: "

@@ -86,19 +86,21 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
     return written
 
 
-def log_sample_image(trackers, index: int, image, step: int, caption: str = "") -> None:
-    """One sample image to each tracker that takes images (TensorBoard, wandb)."""
+def log_sample_image(trackers, index: int, image, step: int, caption: str = "", tag: str | None = None) -> None:
+    """One sample image to each tracker that takes images (TensorBoard, wandb); `tag` names it
+    instead of sample/NN (TensorBoard) and sample_NN (wandb)."""
     import numpy as np
 
     for tracker in trackers:
         name = getattr(tracker, "name", "")
         if name == "tensorboard":
-            tracker.writer.add_image(f"sample/{index:02d}", np.asarray(image), step, dataformats="HWC")
+            tracker.writer.add_image(tag or f"sample/{index:02d}", np.asarray(image), step, dataformats="HWC")
         elif name == "wandb":
             import wandb
 
             # kohya's key; commit=False keeps it on the step of the losses logged just before
-            tracker.log({f"sample_{index:02d}": wandb.Image(image, caption=caption)}, step=step, commit=False)
+            tracker.log({tag or f"sample_{index:02d}": wandb.Image(image, caption=caption)}, step=step,
+                        commit=False)
 
 
 def image_grid(images) -> "np.ndarray":
