@@ -289,3 +289,23 @@ def test_ema_copy_in_checkpoint_is_ignored(tiny_model, loaded, tmp_path):
     sd["model_ema.input_blocks00weight"] = torch.zeros_like(sd["model.diffusion_model.input_blocks.0.0.weight"])
     model = load_sd_model(_write(tmp_path / "with-ema.safetensors", sd))
     assert_same_state(model.unet, loaded[1].unet)
+
+
+@pytest.mark.parametrize("layout", ["single_file", "diffusers_dir"])
+def test_training_dtypes_are_cast_once_from_the_file(tiny_model, loaded, other_vae, tmp_path, layout):
+    """UNet and text encoder straight in the training dtype, the VAE in its own (fp32 on the CPU):
+    the same values as loading in fp32 and casting afterwards, for both layouts and a --vae file."""
+    reference = loaded[0] if layout == "diffusers_dir" else loaded[1]
+    model = load_sd_model(getattr(tiny_model, layout), dtype=torch.bfloat16, vae_dtype=torch.float32)
+    for name in ("unet", "text_encoder"):
+        got, want = getattr(model, name).state_dict(), getattr(reference, name).state_dict()
+        for key, value in want.items():
+            expected = value.to(torch.bfloat16) if value.is_floating_point() else value
+            assert got[key].dtype == expected.dtype and torch.equal(got[key], expected), (name, key)
+    assert_same_state(model.vae, reference.vae)  # fp32, untouched
+    folder = tmp_path / "vae-folder"
+    other_vae.save_pretrained(folder)
+    overridden = load_sd_model(getattr(tiny_model, layout), vae_path=folder, dtype=torch.bfloat16,
+                               vae_dtype=torch.float32)
+    assert_same_state(overridden.vae, other_vae)
+    assert next(overridden.unet.parameters()).dtype == torch.bfloat16

@@ -24,7 +24,7 @@ from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion
 from library.training.checkpoint import save_train_state
 from library.training.loop import LoopHooks, LoopSettings, prepare_group, run_training_or_exit, steps_and_epochs
-from library.training.network_trainer import seed_everything, to_device
+from library.training.network_trainer import frozen_vae_dtype, seed_everything, to_device
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -99,13 +99,13 @@ def train(args) -> dict:
     train_group = prepare_group(train_group, accelerator.num_processes)
     accelerator.print(train_group.summary(val_group), flush=True)
     t0 = time.perf_counter()
+    vae_dtype = frozen_vae_dtype(args, device, weight_dtype)
     model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
-                          v_parameterization=args.v_parameterization)
+                          v_parameterization=args.v_parameterization, dtype=weight_dtype, vae_dtype=vae_dtype)
     args.v2 = model.v2
     t_load = time.perf_counter() - t0
     for module in (model.text_encoder, model.vae, model.unet):
         module.requires_grad_(False)
-    vae_dtype = torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
     to_device(model.vae, device, vae_dtype)
     t0 = time.perf_counter()
     if args.cache_latents or args.cache_latents_to_disk:

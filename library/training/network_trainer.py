@@ -119,6 +119,11 @@ def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(device)
 
 
+def frozen_vae_dtype(args, device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE runs in fp32 on the CPU (half-precision convolutions are slow there) and with --no_half_vae."""
+    return torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
+
+
 AUTO_TEXT_CACHE_MAX_CAPTIONS = 2000  # about 0.5 GB of SD1 hidden states in fp32
 
 
@@ -227,8 +232,9 @@ def train(args) -> dict:
     from library.models.loading import load_sd_model
 
     t0 = time.perf_counter()
+    vae_dtype = frozen_vae_dtype(args, device, weight_dtype)
     model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
-                          v_parameterization=args.v_parameterization)
+                          v_parameterization=args.v_parameterization, dtype=weight_dtype, vae_dtype=vae_dtype)
     args.v2 = model.v2  # the weights decide (a wrong --v2 was warned about); the metadata follows
     t_load = time.perf_counter() - t0
     tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
@@ -236,7 +242,6 @@ def train(args) -> dict:
         module.requires_grad_(False)
 
     t0 = time.perf_counter()
-    vae_dtype = torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
     if caching:
         to_device(vae, device, vae_dtype)
         # With a disk cache the main process writes the files first; the others then read them.
