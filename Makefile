@@ -27,7 +27,7 @@ demo: setup
 # Test files are spread over TEST_WORKERS processes (pytest-xdist), one torch thread each; a file's
 # tests stay in one process so its module fixtures (trained models) are built once.
 TEST_WORKERS ?= 2
-PYTEST := $(THREADS) $(VPY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15
+PYTEST := $(THREADS) $(VPY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test: setup $(EXTRA)
 	$(PYTEST) tests

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 10   # 75 steps per epoch at batch 32: 750 optimizer steps
 
 
-@pytest.mark.slow(cpu_minutes=3)
+@pytest.mark.slow(cpu_minutes=2)
 def test_model_follows_the_target_pose_on_new_identities(tmp_path):
     import train_image_controlnet as T
     from library.image_controlnet import proof, toy

@@ -1,7 +1,9 @@
-"""The suite's own collection order (tests/conftest.py): quick files first, then the files with slow
-tests, the longest first."""
+"""The suite's own collection order (tests/conftest.py): as pytest-xdist hands files out, the longest
+learning proofs start at once, one per worker, and a worker finishing a proof holds a quick file next."""
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from tests.conftest import pytest_collection_modifyitems
 
@@ -11,7 +13,26 @@ def item(path, minutes=None):
     return SimpleNamespace(path=Path(path), get_closest_marker=lambda name: marker if name == "slow" else None)
 
 
-def test_quick_files_first_then_slow_files_longest_first():
-    items = [item("a.py", 3), item("b.py"), item("c.py", 0), item("c.py"), item("d.py", 10), item("e.py")]
+def order(items, workers, monkeypatch):
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(workers))
     pytest_collection_modifyitems(None, items)
-    assert [str(i.path) for i in items] == ["b.py", "e.py", "d.py", "a.py", "c.py", "c.py"]
+    return [str(i.path) for i in items]
+
+
+@pytest.mark.parametrize("workers, expected", [
+    # two workers: d and a start at once, q1/q2 are their second files, then c (1 minute) with q3
+    (2, ["d.py", "a.py", "q1.py", "q2.py", "c.py", "c.py", "q3.py", "q4.py"]),
+    # one worker (no xdist): every proof followed by a quick file
+    (1, ["d.py", "q1.py", "a.py", "q2.py", "c.py", "c.py", "q3.py", "q4.py"]),
+])
+def test_longest_proofs_first_one_per_worker_each_followed_by_a_quick_file(workers, expected, monkeypatch):
+    items = [item("q1.py"), item("a.py", 3), item("c.py", 0), item("q2.py"), item("c.py"), item("d.py", 10),
+             item("q3.py"), item("q4.py")]
+    assert order(items, workers, monkeypatch) == expected
+
+
+def test_tests_of_a_file_stay_together_in_their_order(monkeypatch):
+    first, second = item("s.py", 5), item("s.py")
+    items = [item("q.py"), first, item("r.py"), second]
+    order(items, 2, monkeypatch)
+    assert items.index(second) == items.index(first) + 1
