@@ -52,6 +52,11 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_weight_norms", type=A.positive_float, default=None,
                    help="scale down modules whose weight norm exceeds this (1 is a good start)")
     g.add_argument("--no_metadata", action="store_true", help="save no training metadata in the file")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="keep the frozen U-Net's weights in fp8 (float8_e4m3fn), cast to the --mixed_precision "
+                        "dtype layer by layer as they are used: half the U-Net's weight memory of bf16, coarser base "
+                        "weights, and slower steps (a memory saving, for small GPUs); normalization layers stay "
+                        "as they are; needs --mixed_precision fp16/bf16")
     return parser
 
 

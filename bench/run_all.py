@@ -7,7 +7,9 @@ subprocess of its own, so peak RSS and import time are clean. Per run it reports
   s/step           median and min over steps 2..N (step k ends at the progress bar's k-th tick;
                    the runs log every step, i.e. one host sync per step, as kohya's default)
   time to first    split into interpreter start, import, model load, latent caching, the rest of
-  step             the setup (network/optimizer), and the first step itself
+  step             the setup (network/optimizer), and the first step itself; against model load +
+                   caching twice: as measured (ttfs/(l+c)), and less one steady step's work
+                   ((ttfs-step)/(l+c): the startup's overhead, as a step on the CPU costs seconds)
   peak memory      peak RSS of the training (read before the bare steps run); peak CUDA memory
   caching          images per second through the VAE while latents are cached
   ratio            our median step / the median bare step of the same work, same process (below)
@@ -62,7 +64,8 @@ GPU_PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A10
                    ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0)]
 FIELDS = ("step_s_median", "step_s_min", "steps_measured", "interpreter_s", "import_s", "model_load_s", "caching_s",
           "setup_other_s", "first_step_s", "time_to_first_step_s", "time_to_first_step_from_launch_s",
-          "ttfs_over_load_and_caching", "peak_rss_gib", "peak_cuda_gib", "cached_images", "caching_images_per_s",
+          "ttfs_over_load_and_caching", "startup_over_load_and_caching", "peak_rss_gib", "peak_cuda_gib",
+          "cached_images", "caching_images_per_s",
           "bare_step_s_median", "bare_step_s_min", "ratio", "ratio_min", "bare_flops", "tflops_per_s",
           "percent_of_peak")
 
@@ -363,6 +366,7 @@ def worker(spec: dict) -> dict:
         "first_step_s": r(ends[0] - probe.loop_start, 3), "time_to_first_step_s": r(ttfs, 3),
         "time_to_first_step_from_launch_s": r(interpreter_s + import_s + ttfs, 3),
         "ttfs_over_load_and_caching": r(ttfs / load_cache, 3) if load_cache > 0 else None,
+        "startup_over_load_and_caching": r((ttfs - med) / load_cache, 3) if load_cache > 0 else None,
         "peak_rss_gib": r(peak_rss, 3), "peak_cuda_gib": r(peak_cuda, 3),
         "cached_images": probe.cache_images,
         "caching_images_per_s": r(probe.cache_images / probe.cache_s, 3) if probe.cache_s > 0 else None,
@@ -417,6 +421,7 @@ def table(runs: list[dict]) -> str:
             ("import", "import_s", "{:.1f}"), ("load", "model_load_s", "{:.1f}"), ("cache", "caching_s", "{:.1f}"),
             ("other", "setup_other_s", "{:.1f}"), ("step1", "first_step_s", "{:.1f}"),
             ("ttfs", "time_to_first_step_s", "{:.1f}"), ("ttfs/(l+c)", "ttfs_over_load_and_caching", "{:.2f}"),
+            ("(ttfs-step)/(l+c)", "startup_over_load_and_caching", "{:.2f}"),
             ("img/s", "caching_images_per_s", "{:.2f}"), ("RSS GiB", "peak_rss_gib", "{:.1f}"),
             ("CUDA GiB", "peak_cuda_gib", "{:.1f}"), ("TFLOP/s", "tflops_per_s", "{:.3f}"),
             ("%peak", "percent_of_peak", "{:.1f}")]

@@ -58,6 +58,10 @@ def test_values_are_sane(quick_report, trainer):
     assert run["step_s_min"] <= run["step_s_median"]
     # time to first step holds the load, the caching and the first step
     assert run["time_to_first_step_s"] >= run["model_load_s"] + run["caching_s"] + run["first_step_s"] - 1e-3
+    # ... and the startup figure is the same less one median step
+    load_cache = run["model_load_s"] + run["caching_s"]
+    assert run["startup_over_load_and_caching"] == pytest.approx(
+        (run["time_to_first_step_s"] - run["step_s_median"]) / load_cache, rel=0.02, abs=0.01)  # rounding
     assert run["cached_images"] >= 2 * (trainer == "dual_unet") + 1  # dual_unet caches both modalities
     assert run["peak_cuda_gib"] is None and run["percent_of_peak"] is None  # CPU run
     if trainer == "network":

@@ -472,6 +472,38 @@ def test_cache_latents_in_memory_with_flip(tmp_path):
     assert torch.allclose(direct, group.latents[1][0], atol=1e-5)
 
 
+def test_next_chunk_is_decoded_while_the_vae_encodes(tmp_path, monkeypatch):
+    """Caching overlaps image decoding with the VAE: when chunk k is encoded, chunk k+1 is being read."""
+    import threading
+
+    import library.data.latents as latents
+
+    train = tmp_path / "train"
+    make_folder(train, "1_x", n=4, size=(32, 32))
+    group = build(make_args(train_data_dir=str(train), resolution="32,32", train_batch_size=1))
+    started: list = []
+    next_started = threading.Event()
+    load = latents._load_pixels
+
+    def recording_load(job, grp):
+        started.append(job[0])
+        if len(started) > 2:  # a job of the second chunk (vae_batch_size 2)
+            next_started.set()
+        return load(job, grp)
+
+    class WaitingVAE(CountingVAE):
+        def encode(self, x):
+            if self.encoded == 0:  # the first chunk: its successor is decoded meanwhile
+                self.saw_prefetch = next_started.wait(timeout=10)
+            return super().encode(x)
+
+    monkeypatch.setattr(latents, "_load_pixels", recording_load)
+    vae = WaitingVAE(tiny_vae())
+    group.cache_latents(vae, to_disk=False, vae_batch_size=2, progress=False)
+    assert vae.saw_prefetch and vae.encoded == 4 and sorted(started) == [0, 1, 2, 3]
+    assert len(group.latents) == 4
+
+
 def test_disk_cache_reused_and_invalidated(tmp_path):
     train = tmp_path / "train"
     make_folder(train, "1_x", n=3)

@@ -254,3 +254,41 @@ def test_model_hash_prefetched_in_the_background_equals_the_file_hash(tmp_path):
     got = metadata.model_hashes(str(path), "sd_model")
     assert got["ss_new_sd_model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert str(path) not in metadata._hashing  # used once, then the lru cache answers
+
+
+def test_fp8_base_stores_the_unet_in_fp8_and_trains_the_lora(tiny_model, tmp_path, monkeypatch):
+    """--fp8_base: the frozen U-Net's layers hold float8 weights while the LoRA trains through them."""
+    import library.training.network_trainer as trainer
+
+    seen = {}
+    store = trainer.store_in_fp8
+
+    def recording_store(unet, dtype):
+        store(unet, dtype)
+        seen["dtypes"] = {type(m).__name__: {str(p.dtype) for p in m.parameters(recurse=False)}
+                          for m in unet.modules() if type(m).__name__ in ("Linear", "Conv2d", "GroupNorm")}
+        seen["compute"] = dtype
+
+    monkeypatch.setattr(trainer, "store_in_fp8", recording_store)
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks", count=2)
+    out = tmp_path / "out"
+    run_train_network(base_args(tiny_model.single_file, data, out, "--fp8_base", "--mixed_precision=bf16",
+                                "--max_train_steps=3", "--network_train_unet_only", "--output_name=fp8"))
+    assert seen["compute"] == torch.bfloat16
+    assert seen["dtypes"]["Linear"] == seen["dtypes"]["Conv2d"] == {"torch.float8_e4m3fn"}
+    assert "torch.float8_e4m3fn" not in seen["dtypes"]["GroupNorm"]  # norms keep their precision
+    lora = load_file(str(out / "fp8.safetensors"))
+    ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(v).all() for v in lora.values())
+    assert any(v.abs().max() > 0 for v in ups)  # lora_up starts at zero: it moved, so gradients flowed
+
+
+def test_fp8_base_without_mixed_precision_is_refused_before_loading(tiny_model, tmp_path):
+    from library.errors import UserError
+
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks", count=1)
+    with pytest.raises(UserError, match="--fp8_base") as err:
+        run_train_network(base_args(tmp_path / "missing.safetensors", data, tmp_path / "out", "--fp8_base"))
+    assert "mixed_precision=bf16" in err.value.fix

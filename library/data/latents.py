@@ -192,8 +192,15 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
 
     bar = tqdm(total=len(jobs), desc="caching latents", unit="img", disable=not progress or not jobs)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for chunk in chunks:
-            loaded = list(pool.map(lambda j: _load_pixels(j, group), chunk))
+        def submit(chunk):
+            return [pool.submit(_load_pixels, job, group) for job in chunk]
+
+        # The next chunk's images are decoded while the VAE encodes this one (on a GPU, decoding
+        # and resizing take about as long as the encoding).
+        pending = submit(chunks[0]) if chunks else []
+        for n, chunk in enumerate(chunks):
+            loaded = [f.result() for f in pending]
+            pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
             pixels = torch.stack([px for px, _ in loaded])
             latents = encode_latents(vae, pixels.to(device=device, dtype=dtype)).float().cpu()
             for (i, flip), z, (_, found_masks) in zip(chunk, latents, loaded):

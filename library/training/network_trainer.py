@@ -119,6 +119,20 @@ def to_device(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(device)
 
 
+def check_fp8_base(args, weight_dtype: torch.dtype) -> None:
+    if getattr(args, "fp8_base", False) and weight_dtype not in (torch.float16, torch.bfloat16):
+        raise UserError("--fp8_base computes in the --mixed_precision dtype, and training runs in fp32.",
+                        fix="add --mixed_precision=bf16 (or fp16 on a CUDA GPU), or drop --fp8_base.")
+
+
+def store_in_fp8(unet, compute_dtype: torch.dtype) -> None:
+    """--fp8_base (kohya's flag) through diffusers' layerwise casting: weights stored as float8_e4m3fn,
+    each layer's cast to `compute_dtype` for its forward and back after; norms are left as they are.
+    Before the LoRA's weights are trained nothing else changes: the LoRA modules wrap the layers'
+    (casting) forwards and keep their own dtype."""
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
 def frozen_vae_dtype(args, device, weight_dtype: torch.dtype) -> torch.dtype:
     """The VAE runs in fp32 on the CPU (half-precision convolutions are slow there) and with --no_half_vae."""
     return torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
@@ -216,6 +230,7 @@ def train(args) -> dict:
     seed_everything(args.seed)
     accelerator, weight_dtype = make_accelerator(args, tracker_dir)
     device = accelerator.device
+    check_fp8_base(args, weight_dtype)
     check_distributed_type(args, accelerator)
     # Several processes share every batch (each trains on its part); --overfit_batches keeps N of them.
     group = prepare_group(group, accelerator.num_processes, args.overfit_batches or 0)
@@ -272,6 +287,8 @@ def train(args) -> dict:
 
     network_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
     to_device(unet, device, weight_dtype)
+    if getattr(args, "fp8_base", False):
+        store_in_fp8(unet, weight_dtype)
     train_unet_model = compile_unet(unet, args, device) if args.torch_compile else unet
     to_device(text_encoder, device, weight_dtype)
     to_device(network, device, network_dtype)
