@@ -38,8 +38,9 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="names of the two modalities: data folders / listing columns and LoRA file names")
     d.add_argument("--resolution", type=A.positive_int, default=512,
                    help="square training size in pixels (multiple of 8); images are resized and centre-cropped")
-    d.add_argument("--validation_split", type=A.unit_float, default=0.1,
-                   help="share of the pairs held out for the validation loss (unless the listing has a split column)")
+    d.add_argument("--validation_split", "--val_split", type=A.unit_float, default=0.1,
+                   help="share of the pairs held out for the validation loss (unless the listing has a split column), "
+                        "the same pairs in every run (Lightning's --val_split works too)")
     d.add_argument("--max_validation_pairs", type=A.positive_int, default=100,
                    help="at most this many validation pairs from --validation_split")
     d.add_argument("--cache_latents", action="store_true", help="encode every image once with the VAE before training")
@@ -78,14 +79,19 @@ def setup_parser() -> argparse.ArgumentParser:
                         "--validate_every)")
 
     s = parser.add_argument_group("sample pairs")
-    s.add_argument("--sample_every", type=A.non_negative_int, default=500,
-                   help="write step_XXXXXX_random_pairs/ every N steps (0: never)")
+    s.add_argument("--sample_every", "--log_images_every_n_steps", type=A.non_negative_int, default=500,
+                   help="write step_XXXXXX_random_pairs/ and log their grid to TensorBoard (samples/pairs) every N "
+                        "steps (0: never; Lightning's --log_images_every_n_steps works too)")
     s.add_argument("--num_sample_pairs", type=A.non_negative_int, default=10, help="pairs per sample folder")
     s.add_argument("--sample_steps", type=A.positive_int, default=30, help="denoising steps of sample pairs")
     s.add_argument("--sample_sampler", type=str, default="ddim", choices=["ddim", "euler", "euler_a", "dpmsolver++",
                                                                           "pndm", "lms", "heun", "ddpm"],
                    help="sampler for the sample pairs")
     s.add_argument("--sample_at_first", action="store_true", help="also write sample pairs before training")
+    A.add_trainer_automation_arguments(
+        parser, top_k_files="top_k_checkpoints/step_*/ in the run folder, listed in dual_unet-top_k.json",
+        monitor_names="any logged name, e.g. val/loss (the default with validation pairs and --validate_every), "
+                      "val/struct, loss/epoch (the default without), loss/average")
     return parser
 
 

@@ -32,8 +32,9 @@ def setup_parser() -> argparse.ArgumentParser:
     d.add_argument("--num_workers", type=A.non_negative_int, default=4, help="DataLoader worker processes")
     d.add_argument("--image_size", type=A.positive_int, default=112,
                    help="image side in pixels (112 = InsightFace's aligned crops)")
-    d.add_argument("--val_fraction", type=A.unit_float, default=0.1,
-                   help="share of identities held out for validation when the metadata has no \"split\"")
+    d.add_argument("--val_fraction", "--val_split", type=A.unit_float, default=0.1,
+                   help="share of identities held out for validation when the metadata has no \"split\"; the same "
+                        "ones for the same --seed (Lightning's --val_split works too)")
     d.add_argument("--check_data", action="store_true",
                    help="only check the data folder (files, schema, keypoints, every image) and report problems")
 
@@ -66,13 +67,20 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="image loss (combined = (MSE + L1) / 2)")
     t.add_argument("--use_amp", action="store_true",
                    help="mixed precision: fp16 on a CUDA GPU, bf16 autocast on the CPU")
-    t.add_argument("--gradient_accumulation_steps", type=A.positive_int, default=1,
-                   help="batches accumulated into one optimizer step (effective batch = batch_size x this)")
-    t.add_argument("--max_grad_norm", type=A.non_negative_float, default=1.0, help="gradient clipping; 0 = off")
+    t.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+                   help="mixed precision by name: bf16 autocast (GPU or CPU) or fp16 (CUDA only, with loss "
+                        "scaling; without CUDA training runs in fp32); no: --use_amp decides. Lightning's "
+                        "--precision 16-mixed|bf16-mixed|32 is accepted too")
+    A.add_precision_alias(t)
+    t.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", type=A.positive_int, default=1,
+                   help="batches accumulated into one optimizer step (effective batch = batch_size x this; "
+                        "Lightning's --accumulate_grad_batches works too)")
+    t.add_argument("--max_grad_norm", "--gradient_clip_val", type=A.non_negative_float, default=1.0,
+                   help="gradient clipping; 0 = off (Lightning's --gradient_clip_val works too)")
     t.add_argument("--seed", type=int, default=42, help="random seed (data order, initial weights, split)")
-    t.add_argument("--resume", type=str, default=None,
+    t.add_argument("--resume", "--resume_from_checkpoint", type=str, default=None,
                    help="continue from best_model.pth or checkpoint_epoch_N.pth (a different freeze setting "
-                        "starts a new stage from its weights)")
+                        "starts a new stage from its weights; Lightning's --resume_from_checkpoint works too)")
 
     s = parser.add_argument_group("saving and logging")
     s.add_argument("--save_dir", type=str, default="checkpoints_image", help="folder for checkpoints and curve PNGs")
@@ -81,6 +89,20 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="write checkpoint_epoch_N.pth and training_curves_epoch_N.png every N epochs")
     s.add_argument("--image_log_interval", type=A.positive_int, default=10,
                    help="log Images/Comparison to TensorBoard every N epochs")
+    # Lightning's step-based names: these count optimizer steps, --image_log_interval epochs
+    s.add_argument("--log_images_every_n_steps", type=A.positive_int, default=None,
+                   help="log Images/Comparison every N optimizer steps instead (TensorBoard step = optimizer step), "
+                        "in place of --image_log_interval")
+    s.add_argument("--log_every_n_steps", type=A.positive_int, default=50,
+                   help="log Step/TrainLoss (the main process's loss of that step) and Step/LR every N optimizer "
+                        "steps, besides the per-epoch Epoch/* scalars")
+    s.add_argument("--profile", action="store_true",
+                   help="profile optimizer steps 3-7: print where the time goes and save profile_trace.json in "
+                        "--save_dir")
+    A.add_trainer_automation_arguments(
+        parser, top_k_files="top_epoch_N.pth in --save_dir, listed in top_k.json",
+        monitor_names="val_loss (the default with validation pairs), train_loss (the default without), "
+                      "val_image_loss, val_psnr (with --monitor_mode max), val_pose_error_deg, train_image_loss ...")
     return parser
 
 

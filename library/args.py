@@ -162,6 +162,13 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="keep DataLoader workers alive between epochs")
 
 
+def add_precision_alias(group) -> None:
+    """Lightning's spelling of --mixed_precision, applied by training.accel.apply_precision_alias; one
+    widget (mixed_precision) in the GUI is enough, so it is not listed."""
+    group.add_argument("--precision", type=str, default=None,
+                       choices=["16-mixed", "bf16-mixed", "32", "32-true", "16", "bf16"], help=argparse.SUPPRESS)
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
@@ -180,10 +187,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
                    help="mixed precision (fp16 needs CUDA; without it training runs in fp32). Lightning's "
                         "--precision 16-mixed|bf16-mixed|32 is accepted too")
-    # Lightning's spelling of --mixed_precision, applied by training.accel.make_accelerator; one widget
-    # (mixed_precision) in the GUI is enough, so it is not listed
-    g.add_argument("--precision", type=str, default=None,
-                   choices=["16-mixed", "bf16-mixed", "32", "32-true", "16", "bf16"], help=argparse.SUPPRESS)
+    add_precision_alias(g)
     g.add_argument("--full_fp16", action="store_true", help="fp16 training including gradients")
     g.add_argument("--full_bf16", action="store_true", help="bf16 training including gradients")
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in fp32 under mixed precision")
@@ -382,16 +386,20 @@ def fast_dev_run_steps(value):
     return non_negative_int(text)
 
 
-def add_trainer_automation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_trainer_automation_arguments(parser: argparse.ArgumentParser,
+                                     top_k_files: str = "<output_name>-top-step*.safetensors, listed in "
+                                                        "<output_name>-top_k.json",
+                                     monitor_names: str = "any logged name, e.g. loss/validation (the default with "
+                                                          "a validation split), loss/epoch (the default without), "
+                                                          "loss/average") -> None:
     """Lightning-style trainer automation handled by library.training.loop (pass
-    loop.automation_settings(args) to LoopSettings and use loop.prepare_group for --overfit_batches)."""
+    loop.automation_settings(args) to LoopSettings and use loop.prepare_group for --overfit_batches).
+    `top_k_files` and `monitor_names` describe, in the help, where a script keeps its top-k
+    checkpoints and which metrics it logs."""
     g = parser.add_argument_group("trainer automation")
     g.add_argument("--save_top_k", type=positive_int, default=None,
-                   help="keep the K model files with the best --monitor value (<output_name>-top-step*.safetensors, "
-                        "listed in <output_name>-top_k.json) besides the last one")
-    g.add_argument("--monitor", type=str, default=None,
-                   help="metric for --save_top_k: any logged name, e.g. loss/validation (the default with a "
-                        "validation split), loss/epoch (the default without), loss/average")
+                   help=f"keep the K model files with the best --monitor value ({top_k_files}) besides the last one")
+    g.add_argument("--monitor", type=str, default=None, help=f"metric for --save_top_k: {monitor_names}")
     g.add_argument("--monitor_mode", type=str, default="min", choices=["min", "max"],
                    help="whether a lower (min) or higher (max) --monitor value is better")
     g.add_argument("--overfit_batches", type=positive_int, default=None,

@@ -188,3 +188,92 @@ def test_user_errors(tiny_model, pair_data, tmp_path, capsys):
     assert run_cli(gen_pairs.main, ["--checkpoint_dir", str(tmp_path)]) == 2
     assert "not a dual-UNet checkpoint" in capsys.readouterr().err
     assert not Path(tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
+
+
+# --- trainer automation under Lightning's names -------------------------------------------------------
+
+def _parse(*argv):
+    import train_dual_unet
+    from library import args as A
+
+    return A.parse_args(train_dual_unet.setup_parser(), ["--pretrained_model_name_or_path=x", *argv])
+
+
+def test_lightning_names_are_aliases_of_the_flags():
+    import train_dual_unet
+    from library.training.accel import apply_precision_alias
+
+    actions = train_dual_unet.setup_parser()._option_string_actions
+    for alias, flag in {"--val_split": "--validation_split", "--log_images_every_n_steps": "--sample_every",
+                        "--accumulate_grad_batches": "--gradient_accumulation_steps",
+                        "--gradient_clip_val": "--max_grad_norm", "--resume_from_checkpoint": "--resume"}.items():
+        assert actions[alias] is actions[flag], alias
+    args = _parse("--val_split", "0.2", "--log_images_every_n_steps", "7", "--accumulate_grad_batches", "2",
+                  "--gradient_clip_val", "0.5", "--resume_from_checkpoint", "latest", "--precision", "bf16-mixed",
+                  "--save_top_k", "2", "--monitor", "val/struct", "--monitor_mode", "max", "--overfit_batches", "3")
+    assert (args.validation_split, args.sample_every, args.gradient_accumulation_steps) == (0.2, 7, 2)
+    assert (args.max_grad_norm, args.resume) == (0.5, "latest")
+    assert (args.save_top_k, args.monitor, args.monitor_mode, args.overfit_batches) == (2, "val/struct", "max", 3)
+    apply_precision_alias(args)  # what make_accelerator does
+    assert args.mixed_precision == "bf16"
+    assert _parse("--fast_dev_run").fast_dev_run == 2 and _parse("--fast_dev_run", "4").fast_dev_run == 4
+
+
+def test_save_top_k_keeps_the_k_best_checkpoints_by_validation_loss_and_the_last(tiny_model, pair_data, tmp_path):
+    result = run_train(base_argv(tiny_model.diffusers_dir, pair_data, tmp_path, "--max_steps", "4", "--validate_every",
+                                 "1", "--save_every_n_steps", "100", "--sample_every", "0", "--save_top_k", "2"))
+    run = result["run"]
+    rows = [r for r in outputs.read_log(run.validation_log) if r["step"] > 0]  # step 0: the base, before training
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    best = sorted(rows, key=lambda r: r["val_loss"])[:2]
+    index = json.loads((run.root / "dual_unet-top_k.json").read_text())
+    assert (index["monitor"], index["k"]) == ("val/loss", 2)
+    assert [e["step"] for e in index["best_first"]] == [r["step"] for r in best]
+    assert [e["value"] for e in index["best_first"]] == pytest.approx([r["val_loss"] for r in best], rel=1e-5)
+    top = run.root / outputs.TOP_K
+    assert sorted(p.name for p in top.iterdir()) == sorted(f"step_{int(r['step']):06d}" for r in best)
+    for e in index["best_first"]:  # whole checkpoints: both LoRAs, the info file and the state
+        names = {p.name for p in (top / e["file"]).iterdir()}
+        assert {"cf.safetensors", "fa.safetensors", "dual_unet.json", "state"} <= names
+    assert [s for s, _ in run.latest_steps()] == [4]  # the last checkpoint, as always
+    assert result["state"].extra["top_k"] == index["best_first"]
+
+
+def test_fast_dev_run_trains_and_validates_but_writes_nothing(tiny_model, pair_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(pair_data, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    out = tmp_path / "out"
+    argv = base_argv(tiny_model.diffusers_dir, data, out, "--name", "r", "--fast_dev_run", "--cache_latents_to_disk",
+                     "--save_top_k", "1", "--sample_at_first", "--sample_every", "1", "--validate_every", "1",
+                     "--profile")
+    result = run_train(argv)
+    assert result["state"].global_step == 2
+    assert not out.exists()
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # no latent cache files either
+    said = capsys.readouterr().out
+    assert "fast_dev_run: validation val/loss" in said and "fast_dev_run: 2 training steps ran" in said
+
+
+def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tiny_model, pair_data, tmp_path, monkeypatch):
+    from library.dual_unet import data as data_mod
+
+    seen, real = [], data_mod.PairedGroup.make_batch
+
+    def recording(group, indices):
+        batch = real(group, indices)
+        seen.append(list(batch["names"]))
+        return batch
+
+    monkeypatch.setattr(data_mod.PairedGroup, "make_batch", recording)
+    # no validation pairs, so every batch made is a training batch; 10 pairs of 2: 5 batches per epoch
+    argv = base_argv(tiny_model.diffusers_dir, pair_data, tmp_path, "--validation_split", "0", "--validate_every", "0",
+                     "--sample_every", "0", "--save_every_n_steps", "100", "--max_data_loader_n_workers", "0",
+                     "--overfit_batches", "2", "--max_steps", "6")
+    result = run_train(argv)
+    group, _ = data_mod.build_datasets(_parse(*argv[2:]))
+    first_two = [[group.pairs[i].name for i in batch] for batch in group.batch_order(0, 1)[:2]]
+    assert seen == first_two * 3
+    assert (result["state"].global_step, result["state"].epoch) == (6, 3)

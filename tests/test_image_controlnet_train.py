@@ -190,3 +190,174 @@ def test_unreadable_image_in_a_worker_is_one_clean_error(run_a, tmp_path):
         run_train(tmp_path / "data", tmp_path, "--num_workers", "1", epochs=1)
     text = str(err.value)
     assert text.startswith("cannot read the image") and "00001.png" in text and "Traceback" not in text
+
+
+# --- trainer automation under Lightning's names -------------------------------------------------------
+
+def _parse(*argv):
+    import train_image_controlnet as T
+    from library import args as A
+    from library.image_controlnet.argv import normalize_bare_pairs
+
+    parser = T.setup_parser()
+    return A.parse_args(parser, normalize_bare_pairs(parser, ["--data_dir", "d", *argv])[0])
+
+
+def test_lightning_names_are_aliases_of_the_flags():
+    import train_image_controlnet as T
+    from library.image_controlnet import steps as S
+
+    actions = T.setup_parser()._option_string_actions
+    for alias, flag in {"--val_split": "--val_fraction", "--accumulate_grad_batches": "--gradient_accumulation_steps",
+                        "--gradient_clip_val": "--max_grad_norm", "--resume_from_checkpoint": "--resume"}.items():
+        assert actions[alias] is actions[flag], alias
+    args = _parse("--val_split", "0.3", "--accumulate_grad_batches", "2", "--gradient_clip_val", "0.5",
+                  "--resume_from_checkpoint", "c.pth", "--save_top_k", "2", "--monitor", "val_psnr",
+                  "--monitor_mode", "max", "--overfit_batches", "3", "--log_every_n_steps", "5",
+                  "--log_images_every_n_steps", "7", "--profile")
+    assert (args.val_fraction, args.gradient_accumulation_steps, args.max_grad_norm) == (0.3, 2, 0.5)
+    assert args.resume == "c.pth"
+    assert (args.save_top_k, args.monitor, args.monitor_mode, args.overfit_batches) == (2, "val_psnr", "max", 3)
+    assert (args.log_every_n_steps, args.log_images_every_n_steps, args.profile) == (5, 7, True)
+    # the seed's dash-less form takes the aliases, and a bare --fast_dev_run before another flag
+    bare = _parse("val_split", "0.2", "accumulate_grad_batches", "4", "fast_dev_run", "epochs", "3")
+    assert (bare.val_fraction, bare.gradient_accumulation_steps, bare.fast_dev_run, bare.epochs) == (0.2, 4, 2, 3)
+    assert _parse("--fast_dev_run", "--epochs", "3").fast_dev_run == 2 and _parse("fast_dev_run", "5").fast_dev_run == 5
+    # a bare name is the flag as written (not the last spelling of its action, --no-freeze_backbone)
+    assert _parse("freeze_backbone").freeze_backbone is True and _parse("no-freeze_backbone").freeze_backbone is False
+    cpu = torch.device("cpu")
+    assert S.amp_dtype(_parse("--precision", "bf16-mixed"), cpu) == torch.bfloat16
+    assert S.amp_dtype(_parse("--mixed_precision", "bf16"), cpu) == torch.bfloat16
+    assert S.amp_dtype(_parse(), cpu) is None and S.amp_dtype(_parse("--use_amp"), cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="--precision 32"):
+        S.amp_dtype(_parse("--use_amp", "--precision", "32"), cpu)
+    with pytest.raises(UserError, match="--precision 16-mixed"):
+        S.amp_dtype(_parse("--precision", "16-mixed", "--mixed_precision", "bf16"), cpu)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every compute_losses call of a run: (training?, dtype of the generated images)."""
+    from library.image_controlnet import steps as S
+
+    calls, real = [], S.compute_losses
+
+    def spy(model, batch, *a, **k):
+        out = real(model, batch, *a, **k)
+        calls.append((model.training, out[3].dtype))
+        return out
+
+    monkeypatch.setattr(S, "compute_losses", spy)
+    return calls
+
+
+@pytest.mark.parametrize("flags, warning", [(["--mixed_precision", "bf16"], None),
+                                            (["--precision", "bf16-mixed"], None),
+                                            (["--use_amp"], "--use_amp without a CUDA GPU: training uses bf16")])
+def test_mixed_precision_bf16_runs_under_bf16_autocast_like_use_amp(run_a, tmp_path, recorded, monkeypatch, capsys,
+                                                                     flags, warning):
+    from library import logs
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    monkeypatch.setattr(logs, "_warned", set())  # warn_once: once per process
+    data, _ = run_a
+    run_train(data, tmp_path, *flags, epochs=1)
+    assert recorded and {dtype for _, dtype in recorded} == {torch.bfloat16}
+    err = capsys.readouterr().err
+    assert (warning in err) if warning else "warning: --use_amp" not in err
+    state = _load(tmp_path / "ck/checkpoint_epoch_1.pth")
+    assert state["scaler"] == {}  # no fp16 loss scaling for bf16
+    assert torch.isfinite(torch.tensor(state["history"]["train_loss"])).all()
+
+
+def test_fp32_by_default_and_fp16_without_cuda_falls_back_with_a_warning(run_a, tmp_path, recorded, monkeypatch,
+                                                                         capsys):
+    from library import logs
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    monkeypatch.setattr(logs, "_warned", set())
+    data, _ = run_a
+    run_train(data, tmp_path / "a", "--mixed_precision", "fp16", epochs=1)
+    assert "--mixed_precision=fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert {dtype for _, dtype in recorded} == {torch.float32}
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_loss", "min"), ("val_psnr", "max")])
+def test_save_top_k_keeps_exactly_the_k_best_checkpoints_and_the_last(run_a, tmp_path, capsys, monitor, mode):
+    data, _ = run_a
+    run_train(data, tmp_path, "--save_top_k", "2", "--monitor", monitor, "--monitor_mode", mode,
+              "--save_interval", "100", epochs=4)
+    ck = tmp_path / "ck"
+    values = _load(ck / "checkpoint_epoch_4.pth")["history"][monitor]
+    order = sorted(range(4), key=lambda i: values[i], reverse=mode == "max")[:2]
+    kept = [i + 1 for i in order]  # epochs, best first
+    assert {p.name for p in ck.glob("*.pth")} == {"best_model.pth", "checkpoint_epoch_4.pth",
+                                                  *(f"top_epoch_{e}.pth" for e in kept)}
+    index = json.loads((ck / "top_k.json").read_text())
+    assert (index["monitor"], index["mode"], index["k"]) == (monitor, mode, 2)
+    assert [e["epoch"] for e in index["best_first"]] == kept
+    assert [e["value"] for e in index["best_first"]] == pytest.approx([values[i] for i in order])
+    for e in index["best_first"]:  # each is a whole checkpoint of its epoch
+        assert _load(ck / e["file"])["epoch"] == e["epoch"]
+    assert _load(ck / "checkpoint_epoch_4.pth")["top_k"] == index["best_first"]  # a resumed run goes on with it
+    assert "top 2 by " + monitor in capsys.readouterr().out
+
+
+def test_save_top_k_with_an_unknown_monitor_is_a_user_error(run_a, tmp_path):
+    data, _ = run_a
+    with pytest.raises(UserError, match="--monitor val_los is not a metric") as err:
+        run_train(data, tmp_path, "--save_top_k", "1", "--monitor", "val_los", epochs=1)
+    assert "val_loss" in err.value.fix
+
+
+def test_fast_dev_run_trains_and_validates_a_few_batches_and_writes_nothing(run_a, tmp_path, recorded, capsys):
+    data, _ = run_a
+    run_train(data, tmp_path, "--fast_dev_run", "--save_top_k", "1", "--profile", "--log_every_n_steps", "1",
+              "--log_images_every_n_steps", "1", epochs=5)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "logs").exists()
+    assert [training for training, _ in recorded] == [True, True, False, False]  # 2 steps, 2 validation batches
+    out = capsys.readouterr().out
+    assert "fast_dev_run: validation val_loss" in out and "fast_dev_run: 2 training steps ran; nothing was saved" in out
+
+
+def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(run_a, tmp_path, recorded, monkeypatch):
+    from library.image_controlnet import steps as S
+
+    planned, real_loader = [], S.DataLoader
+
+    def spy(*a, batch_sampler=None, **k):  # train_epoch's loader takes the epoch's batches as batch_sampler
+        if batch_sampler is not None:
+            planned.append([list(b) for b in batch_sampler])
+        return real_loader(*a, batch_sampler=batch_sampler, **k)
+
+    monkeypatch.setattr(S, "DataLoader", spy)
+    data, _ = run_a
+    run_train(data, tmp_path, "--overfit_batches", "2", epochs=3)
+    first_two = [indices for indices, _ in S.rank_batches(12, 4, 1, 0, 42, 0)[:2]]  # 12 training pairs, seed 42
+    assert planned == [first_two] * 3
+    assert [training for training, _ in recorded].count(True) == 6
+    assert _load(tmp_path / "ck/checkpoint_epoch_3.pth")["global_step"] == 6
+
+
+def test_profile_writes_a_trace_and_prints_a_summary(run_a, tmp_path, capsys):
+    data, _ = run_a
+    run_train(data, tmp_path, "--profile", epochs=3)  # 9 optimizer steps: steps 3-7 are traced
+    trace = json.loads((tmp_path / "ck" / "profile_trace.json").read_text())
+    assert trace["traceEvents"]
+    out = capsys.readouterr().out
+    assert "profile of steps 3-7:" in out and "Self CPU" in out
+
+
+def test_step_logging_and_images_every_n_steps(run_a, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, _ = run_a
+    run_train(data, tmp_path, "--log_every_n_steps", "2", "--log_images_every_n_steps", "3", epochs=2)  # 6 steps
+    acc = EventAccumulator(glob.glob(str(tmp_path / "logs" / "events.*"))[0], size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("Step/TrainLoss")] == [2, 4, 6]
+    assert [e.step for e in acc.Scalars("Step/LR")] == [2, 4, 6]
+    # optimizer steps, in place of the epoch schedule of --image_log_interval
+    assert [e.step for e in acc.Images("Images/Comparison")] == [3, 6]

@@ -7,6 +7,8 @@
       step_000500_random_pairs/                pair_0000.png (a | b) ... and grid.png
       best_checkpoint/                         the checkpoint with the lowest validation loss so far
       latest_checkpoints/step_000500/ ...      the --keep_last newest checkpoints (rolling)
+      top_k_checkpoints/step_000400/ ...       --save_top_k: the k best by --monitor, listed (best
+                                               first) in dual_unet-top_k.json
       dual_unet-interrupted-state/             only after Ctrl+C: resume from here
 
 A checkpoint folder holds <a>.safetensors and <b>.safetensors (kohya LoRA files that WebUI,
@@ -25,7 +27,7 @@ from library.errors import UserError
 from library.fileio import atomic_dir, write_json_atomic
 from library.dual_unet.model import INFO_FILE, STATE_DIR
 
-LATEST, BEST = "latest_checkpoints", "best_checkpoint"
+LATEST, BEST, TOP_K = "latest_checkpoints", "best_checkpoint", "top_k_checkpoints"
 INTERRUPTED = "dual_unet-interrupted-state"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -44,6 +46,9 @@ class RunFolder:
 
     def checkpoint(self, step: int) -> Path:
         return self.latest / f"step_{step:06d}"
+
+    def top_checkpoint(self, step: int) -> Path:
+        return self.root / TOP_K / f"step_{step:06d}"
 
     def latest_steps(self) -> list[tuple[int, Path]]:
         if not self.latest.is_dir():

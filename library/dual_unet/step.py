@@ -59,8 +59,12 @@ VALIDATION_SEED = 1234  # fixed: validation noise and timesteps are the same at 
 
 
 @torch.no_grad()
-def validation_losses(dual, val_group, make_objective, latents_of, device, **weights) -> dict[str, float]:
-    """The objective on every validation pair with fixed noise and timesteps (deterministic)."""
+def validation_losses(dual, val_group, make_objective, latents_of, device, max_batches: int | None = None,
+                      **weights) -> dict[str, float]:
+    """The objective on every validation pair (the first `max_batches` batches: --fast_dev_run) with
+    fixed noise and timesteps (deterministic)."""
+    from itertools import islice
+
     generator = torch.Generator(device=device).manual_seed(VALIDATION_SEED)
     objective = make_objective()
     was = [n.training for n in dual.networks]
@@ -68,7 +72,7 @@ def validation_losses(dual, val_group, make_objective, latents_of, device, **wei
         network.eval()
     records = []
     try:
-        for batch in val_group.epoch_dataset(0, seed=VALIDATION_SEED):
+        for batch in islice(val_group.epoch_dataset(0, seed=VALIDATION_SEED), max_batches):
             records.append(paired_losses(dual, objective, latents_of(batch), generator, **weights))
     finally:
         for network, training in zip(dual.networks, was):

@@ -6,6 +6,8 @@ each -> optimizer and schedule over both LoRAs -> the shared loop (library.train
 final checkpoint and summary. What differs: a batch is a pair, the objective is
 library/dual_unet/step.py's, and every --validate_every steps a validation loss decides the best
 checkpoint, while rolling checkpoints and sample pairs are written on their own schedules.
+The loop's automation works as for train_network: --save_top_k keeps whole checkpoint folders,
+--fast_dev_run writes nothing (not even the run folder), --overfit_batches repeats the first batches.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from library.fileio import check_writable_dir
 from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion
 from library.training.checkpoint import save_train_state
-from library.training.loop import LoopHooks, LoopSettings, prepare_group, run_training_or_exit, steps_and_epochs
+from library.training.loop import (LoopHooks, LoopSettings, automation_settings, prepare_group, run_training_or_exit,
+                                   steps_and_epochs)
 from library.training.network_trainer import frozen_vae_dtype, seed_everything, to_device
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -84,20 +87,30 @@ def train(args) -> dict:
     args.seed = common_seed(args.seed)  # with several processes: the same on all of them
     main = is_main_process()  # files, folders and messages belong to the main process
     args.unet_lora_alpha = args.unet_lora_alpha or float(args.unet_lora_rank)  # the seed's alpha = rank
-    output_dir = check_writable_dir(args.output_dir, "--output_dir") if main else Path(args.output_dir)
-    run = outputs.RunFolder(output_dir, args.name, create=main)
+    fast = args.fast_dev_run  # a few steps and one validation; nothing is written anywhere
+    writes = main and not fast
+    output_dir = check_writable_dir(args.output_dir, "--output_dir") if writes else Path(args.output_dir)
+    run = outputs.RunFolder(output_dir, args.name, create=writes)
     resume = outputs.resolve_resume(args.resume, run)
     train_group, val_group = data.build_datasets(args)  # every file checked before a model loads
+    if fast and args.cache_latents_to_disk:
+        args.cache_latents, args.cache_latents_to_disk = True, False  # in memory: no files beside the images
 
     from library.models.loading import load_sd_model
     from library.training.accel import make_accelerator
 
     seed_everything(args.seed)
-    accelerator, weight_dtype = make_accelerator(args, str(run.logs))
+    accelerator, weight_dtype = make_accelerator(args, None if fast else str(run.logs))
     device = accelerator.device
-    # Several processes share every batch of pairs (each trains on its part).
-    train_group = prepare_group(train_group, accelerator.num_processes)
+    # Several processes share every batch of pairs (each trains on its part); --overfit_batches keeps N of them.
+    train_group = prepare_group(train_group, accelerator.num_processes, args.overfit_batches or 0)
     accelerator.print(train_group.summary(val_group), flush=True)
+    if args.overfit_batches:
+        accelerator.print(f"overfit_batches: every epoch trains on the same first {train_group.num_batches_per_epoch} "
+                          "batches.", flush=True)
+    if fast:
+        accelerator.print(f"fast_dev_run: {fast} training steps and at most {fast} validation batches; nothing is "
+                          "saved (no run folder, checkpoints, logs, samples or latent files).", flush=True)
     t0 = time.perf_counter()
     vae_dtype = frozen_vae_dtype(args, device, weight_dtype)
     model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
@@ -190,11 +203,11 @@ def train(args) -> dict:
         state.extra.setdefault("dual_unet", {"best_val": None, "best_step": None, "saved_step": None,
                                              "validated_step": None})
         resumed_from = state.global_step if resume else None
-        if accelerator.is_main_process:
+        if writes:
             train_log = outputs.TextLog(run.training_log, ["step", "epoch", *step_mod.TERMS, "lr"], resumed_from)
             val_log = outputs.TextLog(run.validation_log, ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"],
                                       resumed_from)
-        if state.global_step == 0 and args.validate_every:  # the base alone (zero LoRAs): the baseline
+        if state.global_step == 0 and args.validate_every and not fast:  # the base alone (zero LoRAs): the baseline
             log_validation(0, 0)
 
     def validate(step_no: int, epoch: int) -> dict:
@@ -206,7 +219,9 @@ def train(args) -> dict:
             vals = step_mod.validation_losses(
                 dual, val_group, lambda: diffusion.DiffusionObjective(args, model.noise_scheduler, device,
                                                                       rng=random.Random(step_mod.VALIDATION_SEED)),
-                latents_of, device, **weights)
+                latents_of, device, max_batches=fast or None, **weights)
+        if fast:
+            return {f"val/{k}": v for k, v in vals.items()}
         improved = book["best_val"] is None or vals["loss"] < book["best_val"]
         if improved:
             book.update(best_val=vals["loss"], best_step=step_no)
@@ -227,22 +242,30 @@ def train(args) -> dict:
             return writer.save_latest(epoch, step_no, {"best_val_loss": book["best_val"]})
 
     def after_step(step_no: int) -> dict:
-        state = live["state"]
+        # Validation (hooks.validate) and the rolling checkpoints ("step" saves) follow on the loop's
+        # schedule, in that order, so a checkpoint records the validation of its own step.
         logs = {}
         if step_no % args.log_every_n_steps == 0 or step_no == max_train_steps:
             terms = step_mod.mean_terms(records)
             records.clear()
             logs = {f"loss/{k}": v for k, v in terms.items()}
-            if accelerator.is_main_process:
-                train_log.write({"step": step_no, "epoch": state.epoch + 1, **terms,
+            if train_log is not None:
+                train_log.write({"step": step_no, "epoch": live["state"].epoch + 1, **terms,
                                  "lr": optimizer.param_groups[0]["lr"]})
-        if args.validate_every and step_no % args.validate_every == 0:
-            log_validation(step_no, state.epoch)
-        if args.save_every_n_steps and step_no % args.save_every_n_steps == 0 and step_no < max_train_steps:
-            save_latest(step_no, state.epoch)
         return logs
 
+    def validate_now() -> dict:
+        state = live["state"]
+        return validate(state.global_step, state.epoch)
+
     def save_model(kind, epoch, step_no):
+        if kind == "top":  # --save_top_k: a whole checkpoint; the loop ranks, lists and deletes them
+            folder = writer.write(run.top_checkpoint(step_no), epoch, step_no,
+                                  {"best_val_loss": live["state"].extra["dual_unet"]["best_val"]})
+            accelerator.print(f"saved top-k checkpoint {folder}")
+            return folder
+        if kind == "step":
+            return save_latest(step_no, epoch)
         book = live["state"].extra["dual_unet"]
         if book["validated_step"] != step_no:  # the final weights get a validation too
             log_validation(step_no, epoch)
@@ -268,14 +291,21 @@ def train(args) -> dict:
         if tracker is not None:
             tracker.writer.add_image("samples/pairs", grid(a, b), step_no, dataformats="HWC")
 
+    # Without periodic validation the loop must not validate at epoch ends either: no hook then
+    # (fast_dev_run still validates its few batches once).
+    periodic = val_group is not None and bool(args.validate_every or fast)
+    automation = automation_settings(args)
+    automation["monitor"] = args.monitor or ("val/loss" if periodic else "loss/epoch")
     settings = LoopSettings(
         max_train_steps=max_train_steps, num_epochs=num_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, output_dir=run.root, output_name="dual_unet", seed=args.seed, resume=resume,
         num_workers=min(args.max_data_loader_n_workers, 8), persistent_workers=args.persistent_data_loader_workers,
-        log_every_n_steps=args.log_every_n_steps, profile=args.profile)
+        log_every_n_steps=args.log_every_n_steps, profile=args.profile, save_every_n_steps=args.save_every_n_steps,
+        validate_every_n_steps=args.validate_every or None, **automation)
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
-                      sample=sample, want_sample=want_sample, on_state=on_state)
+                      sample=sample, want_sample=want_sample, on_state=on_state,
+                      validate=validate_now if periodic else None)
     accelerator.init_trackers((args.log_prefix or "") + (args.log_tracker_name or "dual_unet")
                               + time.strftime("%Y%m%d%H%M%S"))
     progress = ProgressLogger(accelerator)
@@ -283,15 +313,20 @@ def train(args) -> dict:
     state = run_training_or_exit(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
                                  progress, resume_latest=True)
     accelerator.end_training()
+    result = {"run": run, "state": state, "dual": dual, "model": model, "total_s": time.perf_counter() - t_start,
+              "step_end_times": progress.step_end_times}
+    if fast:  # the loop has said what ran; there are no files to list
+        return result
     book = state.extra["dual_unet"]
     rows = [("run folder", run.root), ("LoRA files", ", ".join(f"{m}.{args.save_model_as}" for m in mods)),
             ("latest checkpoint", run.checkpoint(state.global_step)),
             ("best checkpoint", f"{run.best} (step {book['best_step']}, val loss {book['best_val']:.5f})"
              if book["best_val"] is not None else "- (no validation pairs)"),
+            *([("top-k checkpoints", ", ".join(f"{e['file']} ({settings.monitor} {e['value']:.5f})"
+                                                for e in state.extra["top_k"]))] if state.extra.get("top_k") else []),
             ("steps", state.global_step), ("average loss (last 100 steps)", f"{progress.average_loss:.4f}"),
             ("model load / latent caching", f"{format_seconds(t_load)} / {format_seconds(t_cache)}"),
             ("training time", format_seconds(time.perf_counter() - t_loop)),
             ("TensorBoard logs", f"{run.logs}  (tensorboard --logdir \"{run.logs}\")")]
     accelerator.print(format_summary("training finished", rows))
-    return {"run": run, "state": state, "dual": dual, "model": model, "total_s": time.perf_counter() - t_start,
-            "step_end_times": progress.step_end_times}
+    return result

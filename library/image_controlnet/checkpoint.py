@@ -2,7 +2,8 @@
 
 One file holds everything a resume needs: model weights, optimizer, scheduler, AMP scaler, epochs
 done, optimizer steps, best validation loss, the per-epoch history (so curves continue), the RNG
-states and the model configuration (so inference rebuilds the model without the training flags).
+states, the --save_top_k list (so a resumed run goes on with it) and the model configuration (so
+inference rebuilds the model without the training flags).
 `torch.load(weights_only=True)` refuses anything but tensors and plain containers, so a file that
 holds arbitrary pickled objects is rejected instead of executed.
 """
@@ -32,7 +33,8 @@ def plain(value):
 
 
 def save_checkpoint(path, *, model, optimizer, scheduler, scaler, epoch: int, global_step: int,
-                    best_val_loss: float, history: dict, trainable: dict, args: dict, rng: dict) -> Path:
+                    best_val_loss: float, history: dict, trainable: dict, args: dict, rng: dict,
+                    top_k: list | None = None) -> Path:
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
@@ -41,7 +43,7 @@ def save_checkpoint(path, *, model, optimizer, scheduler, scaler, epoch: int, gl
         "scaler": scaler.state_dict(),
         "epoch": int(epoch), "global_step": int(global_step), "best_val_loss": float(best_val_loss),
         "history": {k: [float(v) for v in vals] for k, vals in history.items()},
-        "trainable": plain(trainable), "args": plain(args), "rng": rng,
+        "trainable": plain(trainable), "args": plain(args), "rng": rng, "top_k": plain(top_k or []),
     }
     torch_save_atomic(payload, path)
     return Path(path)

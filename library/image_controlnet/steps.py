@@ -12,6 +12,10 @@ on its contiguous share of it (library.data.loader.shard_bounds; a process left 
 a copy with weight 0). Each process's loss is scaled by the number of processes, and averaging the
 gradients then gives exactly the sum over the global group: a run equals one process with the
 batch size multiplied by the number of processes. Metrics are summed over the processes.
+
+Debugging aids (Lightning's names): `overfit_batches` N trains every epoch on the first N batches of
+epoch 0; `max_steps` stops an epoch after that many optimizer steps and `max_batches` a validation
+after that many batches (--fast_dev_run).
 """
 from __future__ import annotations
 
@@ -25,12 +29,32 @@ from library.image_controlnet.losses import image_loss, pose_loss, psnr
 from library.image_controlnet.model import POSE_SCALE
 
 
-def autocast_for(device: torch.device, use_amp: bool):
-    """fp16 autocast on CUDA; bf16 on the CPU (fp16 matmuls are slow or missing there)."""
-    if not use_amp:
+def autocast_for(device: torch.device, amp):
+    """`amp`: an autocast dtype (from amp_dtype), None/False for none, or True for --use_amp's choice:
+    fp16 on CUDA, bf16 on the CPU (fp16 matmuls are slow or missing there)."""
+    if amp is True:
+        amp = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if amp is None or amp is False:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=amp)
+
+
+def amp_dtype(args, device: torch.device, warn=None) -> torch.dtype | None:
+    """The run's autocast dtype: --mixed_precision (or Lightning's --precision) by name, else what
+    --use_amp picks. fp16 needs CUDA: elsewhere fp32 with a warning, as in the other trainers."""
+    from library.training.accel import apply_precision_alias, resolve_mixed_precision
+
+    if args.use_amp and getattr(args, "precision", None) in ("32", "32-true"):
+        raise UserError(f"--use_amp asks for mixed precision, --precision {args.precision} for none.",
+                        fix="pass only one of the two flags.")
+    apply_precision_alias(args)
+    mixed = getattr(args, "mixed_precision", "no")
+    if mixed == "no":
+        if args.use_amp and device.type == "cpu" and warn is not None:
+            warn("--use_amp without a CUDA GPU: training uses bf16 autocast on the CPU.")
+        return (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.use_amp else None
+    mixed = resolve_mixed_precision(mixed, device.type)  # warns for fp16 without CUDA
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -61,9 +85,10 @@ def _sum_over(procs, values: torch.Tensor) -> torch.Tensor:
     return reduce_sum(procs, values.to(procs.device)).cpu()
 
 
-def group_sizes(n: int, batch_size: int, accum: int) -> list[int]:
-    """Samples in each accumulation group of an epoch of n samples."""
+def group_sizes(n: int, batch_size: int, accum: int, max_batches: int | None = None) -> list[int]:
+    """Samples in each accumulation group of an epoch of n samples (of its first `max_batches` batches)."""
     batches = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    batches = batches[:max_batches]
     return [sum(batches[i:i + accum]) for i in range(0, len(batches), accum)]
 
 
@@ -97,15 +122,22 @@ def compute_losses(model, batch, loss_type: str, pose_weight: float):
 
 
 def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, args, device, params,
-                progress=None, procs=None) -> tuple[dict, int]:
-    """Train one epoch; returns (mean train metrics, optimizer steps taken)."""
+                progress=None, procs=None, amp=None, overfit_batches: int = 0, max_steps: int | None = None,
+                on_step=None) -> tuple[dict, int]:
+    """Train one epoch; returns (mean train metrics, optimizer steps taken). `amp`: the autocast dtype
+    (None: --use_amp's choice); `on_step(steps taken, mean loss of that step's samples here)` after
+    every optimizer step."""
     world, rank = (procs.num_processes, procs.process_index) if procs is not None else (1, 0)
+    amp = args.use_amp if amp is None else amp
     model.train()
-    sizes = group_sizes(len(dataset), args.batch_size * world, args.gradient_accumulation_steps)
-    shares = rank_batches(len(dataset), args.batch_size, world, rank, args.seed, epoch)
+    overfit = overfit_batches or None
+    sizes = group_sizes(len(dataset), args.batch_size * world, args.gradient_accumulation_steps, overfit)
+    # overfit_batches: epoch 0's order every epoch, cut to its first N batches
+    shares = rank_batches(len(dataset), args.batch_size, world, rank, args.seed, 0 if overfit else epoch)[:overfit]
     loader = DataLoader(dataset, batch_sampler=[indices for indices, _ in shares], num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64)  # total, image, pose loss; samples (a short run trains fewer)
+    group_sums = torch.zeros(2, dtype=torch.float64)
     steps = 0
     in_group = 0
     optimizer.zero_grad(set_to_none=True)
@@ -113,12 +145,15 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         group = i // args.gradient_accumulation_steps
         padded = shares[i][1].padded
-        with autocast_for(device, args.use_amp):
+        with autocast_for(device, amp):
             total, img, pose, _, _ = compute_losses(model, batch, args.loss_type, args.pose_loss_weight)
         # x world: the average of the gradients over the processes is then the sum over the global group
         scaler.scale(total.sum() / sizes[group] * (0.0 if padded else float(world))).backward()
         if not padded:
-            sums += torch.stack([total.detach().sum(), img.detach().sum(), pose.detach().sum()]).double().cpu()
+            part = torch.stack([total.detach().sum(), img.detach().sum(), pose.detach().sum()]).double().cpu()
+            part = torch.cat([part, torch.tensor([float(len(total))], dtype=torch.float64)])
+            sums += part
+            group_sums += part[[0, 3]]
         in_group += 1
         if in_group == args.gradient_accumulation_steps or i == len(shares) - 1:
             if procs is not None:
@@ -137,16 +172,25 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(total.detach().mean()):.4f}", refresh=False)
-    n = max(1, len(dataset))
-    means = (_sum_over(procs, sums) / n).tolist()
+            if on_step is not None:
+                on_step(steps, float(group_sums[0] / max(1.0, float(group_sums[1]))))
+            group_sums.zero_()
+            if max_steps is not None and steps >= max_steps:
+                break
+    totals = _sum_over(procs, sums)
+    means = (totals[:3] / max(1.0, float(totals[3]))).tolist()
     return {"train_loss": means[0], "train_image_loss": means[1], "train_pose_loss": means[2]}, steps
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, args, device, procs=None) -> dict:
+def evaluate(model, dataset, *, args, device, procs=None, amp=None, max_batches: int | None = None) -> dict:
     """Mean validation metrics, including the copy-the-source baseline PSNR and the pose head's error;
-    with several processes each scores every N-th sample and the sums are added up."""
+    with several processes each scores every N-th sample and the sums are added up. `max_batches`
+    (--fast_dev_run): only the first samples, as many as that many batches hold."""
     model.eval()
+    amp = args.use_amp if amp is None else amp
+    if max_batches is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), max_batches * args.batch_size)))
     part = dataset
     if procs is not None and procs.num_processes > 1:
         part = torch.utils.data.Subset(dataset, range(procs.process_index, len(dataset), procs.num_processes))
@@ -155,7 +199,7 @@ def evaluate(model, dataset, *, args, device, procs=None) -> dict:
     sums = dict.fromkeys(keys, 0.0)
     for batch in batches(loader):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_for(device, args.use_amp):
+        with autocast_for(device, amp):
             total, img, pose, generated, pred_pose = compute_losses(model, batch, args.loss_type, args.pose_loss_weight)
         err = (pred_pose.float() * POSE_SCALE - batch["target_pose"]).abs().mean(1)
         for key, value in zip(keys, (total, img, pose, psnr(generated, batch["target"]),
@@ -166,13 +210,14 @@ def evaluate(model, dataset, *, args, device, procs=None) -> dict:
 
 
 @torch.no_grad()
-def generate(model, dataset, indices, *, device, use_amp: bool):
-    """(sources, targets, generated) for the listed validation samples, for TensorBoard images."""
+def generate(model, dataset, indices, *, device, amp):
+    """(sources, targets, generated) for the listed validation samples, for TensorBoard images;
+    `amp` as for autocast_for."""
     model.eval()
     items = [dataset[i] for i in indices]
     source = torch.stack([it["source"] for it in items]).to(device)
     target = torch.stack([it["target"] for it in items]).to(device)
     pose = torch.stack([it["target_pose"] for it in items]).to(device)
-    with autocast_for(device, use_amp):
+    with autocast_for(device, amp):
         generated, _ = model(source, pose)
     return source, target, generated.float()

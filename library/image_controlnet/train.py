@@ -11,6 +11,12 @@ model (the main process's weights are broadcast), trains on its share of each gl
 --batch_size x N samples and averages the gradients (library.image_controlnet.steps), so all stay
 identical; metrics are summed over the processes. Files, TensorBoard, curves and messages belong to
 the main process.
+
+Trainer automation under Lightning's names, as the loop-based trainers have it: --save_top_k keeps
+the k best checkpoints by --monitor (library.training.checkpoint.TopKSaver ranks, deletes and lists
+them), --fast_dev_run trains and validates a few batches and writes nothing, --overfit_batches
+repeats the first batches, --profile traces steps 3-7 (library.training.loop.Profiler),
+--log_every_n_steps / --log_images_every_n_steps log per optimizer step.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from library.image_controlnet.data import load_pairs
 from library.image_controlnet.dataset import PairDataset
 from library.image_controlnet.model import ImageControlNet, ModelConfig, num_generator_stages
 from library.logs import format_seconds, format_summary, warn_once
-from library.training.checkpoint import _rng_states, _set_rng_states
+from library.training.checkpoint import TopKSaver, _rng_states, _set_rng_states
 
 ARCH_FLAGS = ("backbone", "image_size", "feature_dim", "pose_dim", "num_control_layers")
 STRIDES = {"small": 8, "iresnet50": 16, "iresnet100": 16, "resnet50": 32}
@@ -105,6 +111,25 @@ def _prepare_model(args, config, ckpt):
     return model, freeze_backbone, notes
 
 
+def _fast_dev_run(model, train_ds, val_ds, optimizer, scheduler, scaler, args, device, params, procs,
+                  start_epoch: int, amp, say) -> dict:
+    """--fast_dev_run N: N optimizer steps, then N batches of validation; nothing is written."""
+    taken, epoch = 0, start_epoch
+    while taken < args.fast_dev_run:
+        _, k = S.train_epoch(model, train_ds, optimizer, scheduler, scaler, epoch=epoch, args=args, device=device,
+                             params=params, procs=procs, amp=amp, overfit_batches=args.overfit_batches or 0,
+                             max_steps=args.fast_dev_run - taken)
+        if k == 0:
+            break
+        taken, epoch = taken + k, epoch + 1
+    metrics = S.evaluate(model, val_ds, args=args, device=device, procs=procs, amp=amp,
+                         max_batches=args.fast_dev_run) if len(val_ds) else {}
+    if metrics:
+        say("fast_dev_run: validation " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()), flush=True)
+    say(f"fast_dev_run: {taken} training steps ran; nothing was saved.", flush=True)
+    return {"fast_dev_run": taken, **metrics}
+
+
 def train(args, defaults: dict | None = None) -> dict:
     """Run training from parsed arguments; returns the summary numbers (also printed)."""
     from library.training.accel import broadcast_parameters, process_state
@@ -116,11 +141,12 @@ def train(args, defaults: dict | None = None) -> dict:
     config = model_config(args, defaults or {}, ckpt)
     seed_everything(args.seed)
     report = load_pairs(args.data_dir, args.image_dir, val_fraction=args.val_fraction, seed=args.seed)
-    save_dir = check_writable_dir(args.save_dir, "--save_dir") if main else Path(args.save_dir)
-    log_dir = check_writable_dir(args.log_dir, "--log_dir") if main else Path(args.log_dir)
+    fast = args.fast_dev_run  # a few steps and batches of validation; nothing is written anywhere
+    writes = main and not fast
+    save_dir = check_writable_dir(args.save_dir, "--save_dir") if writes else Path(args.save_dir)
+    log_dir = check_writable_dir(args.log_dir, "--log_dir") if writes else Path(args.log_dir)
     device = procs.device if world > 1 else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.use_amp and device.type == "cpu" and main:
-        warn_once("--use_amp without a CUDA GPU: training uses bf16 autocast on the CPU.")
+    amp = S.amp_dtype(args, device, warn_once if main else None)
 
     model, freeze_backbone, notes = _prepare_model(args, config, ckpt)
     trainable = {"freeze_generator": bool(args.freeze_generator), "freeze_backbone": bool(freeze_backbone)}
@@ -134,13 +160,23 @@ def train(args, defaults: dict | None = None) -> dict:
                   "training loss. Set --val_fraction or give items \"split\": \"val\".")
     train_ds = PairDataset(train_pairs, config.image_size, config.pose_dim)
     val_ds = PairDataset(val_pairs, config.image_size, config.pose_dim)
+    monitor = args.monitor or ("val_loss" if len(val_ds) else "train_loss")  # what best_model.pth goes by
+    if args.save_top_k:
+        from library.image_controlnet.tblog import SCALARS
+
+        known = [k for k in SCALARS if len(val_ds) or not k.startswith("val_")]
+        if monitor not in known:
+            raise UserError(f"--monitor {monitor} is not a metric of this run"
+                            + ("" if len(val_ds) else " (it has no validation pairs)") + ".",
+                            fix=f"use one of: {', '.join(known)}.")
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(S.group_sizes(len(train_ds), args.batch_size * world, args.gradient_accumulation_steps))
+    steps_per_epoch = len(S.group_sizes(len(train_ds), args.batch_size * world, args.gradient_accumulation_steps,
+                                        args.overfit_batches))
     scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch, args.lr_warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    start_epoch, global_step, best, history = 0, 0, math.inf, {}
+    start_epoch, global_step, best, history, top_k_entries = 0, 0, math.inf, {}, None
     if ckpt is not None and ckpt["trainable"] == trainable:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -148,6 +184,7 @@ def train(args, defaults: dict | None = None) -> dict:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, global_step, best = ckpt["epoch"], ckpt["global_step"], ckpt["best_val_loss"]
         history = {k: list(v) for k, v in ckpt["history"].items()}
+        top_k_entries = ckpt.get("top_k")  # --save_top_k goes on with the same list
         _set_rng_states(ckpt["rng"], None)
         notes.append(f"resumed from {args.resume} after epoch {start_epoch} (step {global_step})")
     elif ckpt is not None:
@@ -159,6 +196,12 @@ def train(args, defaults: dict | None = None) -> dict:
     say(f"{report.notes[0]}; {sum(p.numel() for p in params):,} trainable of "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}"
         + (f"; {world} processes, {args.batch_size * world} samples per batch" if world > 1 else ""), flush=True)
+    if args.overfit_batches:
+        n_batches = min(args.overfit_batches, -(-len(train_ds) // (args.batch_size * world)))
+        say(f"overfit_batches: every epoch trains on the same first {n_batches} batches.", flush=True)
+    if fast:
+        return _fast_dev_run(model, train_ds, val_ds, optimizer, scheduler, scaler, args, device, params, procs,
+                             start_epoch, amp, say)
     if start_epoch >= args.epochs:
         say(f"nothing to train: the checkpoint already has {start_epoch} epochs (--epochs {args.epochs}).")
         return {"epochs": start_epoch}
@@ -167,23 +210,53 @@ def train(args, defaults: dict | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from library.image_controlnet import tblog
+    from library.training.loop import Profiler
 
     writer = SummaryWriter(str(log_dir)) if main else None
     if main:
         tblog.log_pose_histograms(writer, train_pairs, start_epoch)
     shown = list(range(0, len(val_ds), max(1, len(val_ds) // 8)))[:8] if len(val_ds) else []
     run_args = {k: v for k, v in vars(args).items()}
-    progress = tqdm(total=args.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc="steps",
+    total_steps = args.epochs * steps_per_epoch
+    profiler = Profiler(save_dir, procs) if args.profile and main else None
+    if profiler is not None and total_steps - start_epoch * steps_per_epoch < Profiler.LAST:
+        warn_once(f"--profile traces optimizer steps {Profiler.FIRST}-{Profiler.LAST}, but this run has only "
+                  f"{total_steps - start_epoch * steps_per_epoch}; no profile will be written.")
+    top_k = None
+    if args.save_top_k and main:
+        def save_top(epoch_done, step):  # `state`: the epoch's, set just before top_k.offer
+            return save_checkpoint(save_dir / f"top_epoch_{epoch_done}.pth", best_val_loss=best, rng=_rng_states(None),
+                                   top_k=top_k.entries, **state)
+
+        top_k = TopKSaver(args.save_top_k, monitor, args.monitor_mode, save_top, save_dir / "top_k.json",
+                          top_k_entries)
+    every_images = args.log_images_every_n_steps  # steps; otherwise --image_log_interval epochs
+
+    def on_step(taken: int, loss: float) -> None:
+        step = global_step + taken  # global_step: the steps before this epoch
+        if profiler is not None:
+            profiler.step(step)
+        if writer is None:
+            return
+        if step % args.log_every_n_steps == 0:
+            writer.add_scalar("Step/TrainLoss", loss, step)
+            writer.add_scalar("Step/LR", scheduler.get_last_lr()[0], step)
+        if every_images and shown and step % every_images == 0:
+            tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, amp=amp), step)
+            model.train()  # generate switched it to eval mode mid-epoch
+
+    progress = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc="steps",
                     dynamic_ncols=True, disable=not main)
     metrics = {}
     try:
         for epoch in range(start_epoch, args.epochs):
             metrics, taken = S.train_epoch(model, train_ds, optimizer, scheduler, scaler, epoch=epoch, args=args,
-                                           device=device, params=params, progress=progress, procs=procs)
+                                           device=device, params=params, progress=progress, procs=procs, amp=amp,
+                                           overfit_batches=args.overfit_batches or 0, on_step=on_step)
             global_step += taken
             metrics["lr"] = scheduler.get_last_lr()[0]
             if len(val_ds):
-                metrics.update(S.evaluate(model, val_ds, args=args, device=device, procs=procs))
+                metrics.update(S.evaluate(model, val_ds, args=args, device=device, procs=procs, amp=amp))
             done = epoch + 1
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
@@ -194,16 +267,21 @@ def train(args, defaults: dict | None = None) -> dict:
             if not main:
                 continue
             tblog.log_epoch(writer, metrics, done)
-            if shown and (done % args.image_log_interval == 0 or done == args.epochs or epoch == start_epoch):
-                tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, use_amp=args.use_amp), done)
+            if shown and not every_images and (done % args.image_log_interval == 0 or done == args.epochs
+                                               or epoch == start_epoch):
+                tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, amp=amp), done)
             writer.flush()
             state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=done,
                          global_step=global_step, history=history, trainable=trainable, args=run_args)
+            if top_k is not None:
+                top_k.offer(metrics, done, global_step)
+            entries = dict(top_k=top_k.entries) if top_k is not None else {}
             if improved:
-                save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=_rng_states(None), **state)
+                save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=_rng_states(None), **entries,
+                                **state)
             if done % args.save_interval == 0 or done == args.epochs:
                 save_checkpoint(save_dir / f"checkpoint_epoch_{done}.pth", best_val_loss=best, rng=_rng_states(None),
-                                **state)
+                                **entries, **state)
                 tblog.save_curves(history, save_dir / f"training_curves_epoch_{done}.png", f"epoch {done}")
             progress.write(f"epoch {done}/{args.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr"))
@@ -220,6 +298,9 @@ def train(args, defaults: dict | None = None) -> dict:
         rows.append(("val PSNR", f"{metrics['val_psnr']:.2f} dB (copying the source: "
                                   f"{metrics['val_copy_psnr']:.2f} dB)"))
         rows.append(("pose head error", f"{metrics['val_pose_error_deg']:.2f} deg (mean over angles)"))
+    if top_k is not None:  # --monitor was checked before training: every epoch offered it
+        rows.append((f"top {args.save_top_k} by {monitor}", ", ".join(
+            f"{e['file']} ({e['value']:.5g})" for e in top_k.entries) + f"  (listed in {top_k.index_path})"))
     rows += [("checkpoints", str(save_dir)), ("TensorBoard", f"tensorboard --logdir {log_dir}"),
              ("time", format_seconds(time.perf_counter() - started))]
     print(format_summary("ImageControlNet training finished", rows), flush=True)

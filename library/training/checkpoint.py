@@ -82,6 +82,50 @@ class TopKCheckpoints:
         return {"monitor": self.monitor, "mode": self.mode, "k": self.k, "best_first": self.entries}
 
 
+class TopKSaver:
+    """--save_top_k for any trainer: `offer(metrics, epoch, step)` writes a checkpoint through
+    `save(epoch, step) -> Path` (a file or a folder) when the monitored value is among the k best so
+    far, deletes what dropped out of the best k and rewrites `index_path` (best first). The trainer
+    decides the format; the ranking, deleting and listing are the same everywhere."""
+
+    def __init__(self, k: int, monitor: str, mode: str, save, index_path: Path, entries: list | None = None):
+        self.top = TopKCheckpoints(k, monitor, mode, entries)
+        self.save, self.index_path = save, Path(index_path)
+        self.seen: set[str] = set()  # every metric name offered, for the warning below
+
+    @property
+    def entries(self) -> list[dict]:
+        return self.top.entries
+
+    def offer(self, metrics: dict, epoch: int, step: int) -> Path | None:
+        """Returns the checkpoint written, or None when the value is not among the best k."""
+        self.seen.update(metrics)
+        monitor = self.top.monitor
+        if monitor not in metrics or not self.top.wants(metrics[monitor], step):
+            return None
+        path = self.save(epoch, step)
+        for old in self.top.add(metrics[monitor], epoch, step, path):
+            if old.is_dir():
+                import shutil
+
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+        from library.fileio import write_json_atomic
+
+        write_json_atomic(self.index_path, self.top.index())
+        return Path(path)
+
+    def warn_if_never_offered(self) -> None:
+        """A --monitor name that never came (a typo) would otherwise silently save nothing."""
+        if self.top.monitor in self.seen:
+            return
+        from library.logs import warn_once
+
+        warn_once(f"--save_top_k: the monitored metric {self.top.monitor} was never logged, so no top-k files were "
+                  f"saved (logged: {', '.join(sorted(self.seen)) or 'nothing'}); choose one of these with --monitor.")
+
+
 def state_dir_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
     return Path(model_file_name(output_name, "x", epoch, step)).stem + "-state"
 

@@ -34,11 +34,10 @@ from typing import Callable
 import torch
 
 from library.data.loader import BatchFeeder, OverfitGroup, shares_batches, use_global_batches
-from library.fileio import write_json_atomic
 from library.training import accel
 from library.training import noise as noise_mod
-from library.training.checkpoint import (TopKCheckpoints, TrainState, load_train_state, prune_old,
-                                         save_train_state, state_dir_name)
+from library.training.checkpoint import (TopKSaver, TrainState, load_train_state, prune_old, save_train_state,
+                                         state_dir_name)
 
 
 class StopRequested(Exception):
@@ -83,8 +82,8 @@ class LoopSettings:
 @dataclass
 class LoopHooks:
     compute_loss: Callable[[dict], torch.Tensor]
-    # (kind: "epoch"|"step"|"final"|"top", epoch, step) -> the file written; "top" files (save_top_k)
-    # are named with checkpoint.top_k_file_name
+    # (kind: "epoch"|"step"|"final"|"top", epoch, step) -> the file (or folder) written; "top" files
+    # (save_top_k) are named with checkpoint.top_k_file_name, unless the trainer has its own layout
     save_model: Callable[[str, int, int], Path]
     trainable: torch.nn.Module                                  # what the state folder stores
     params_to_clip: list = field(default_factory=list)
@@ -182,22 +181,15 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
         return save_train_state(cfg.output_dir / name, state, hooks.trainable, optimizer, lr_scheduler,
                                 noise_generator, scaler)
 
-    monitor = monitored_metric(cfg, hooks)
     top_k = None
     if cfg.save_top_k and main and writes:
-        top_k = TopKCheckpoints(cfg.save_top_k, monitor, cfg.monitor_mode, state.extra.get("top_k"))
-
-    seen_metrics: set[str] = set()
+        top_k = TopKSaver(cfg.save_top_k, monitored_metric(cfg, hooks), cfg.monitor_mode,
+                          lambda epoch, step: hooks.save_model("top", epoch, step),
+                          cfg.output_dir / f"{cfg.output_name}-top_k.json", state.extra.get("top_k"))
 
     def offer_top_k(metrics: dict, epoch: int, step: int) -> None:
-        seen_metrics.update(metrics)
-        if top_k is None or monitor not in metrics or not top_k.wants(metrics[monitor], step):
-            return
-        path = hooks.save_model("top", epoch, step)
-        for old in top_k.add(metrics[monitor], epoch, step, path):
-            old.unlink(missing_ok=True)
-        state.extra["top_k"] = top_k.entries
-        write_json_atomic(cfg.output_dir / f"{cfg.output_name}-top_k.json", top_k.index())
+        if top_k is not None and top_k.offer(metrics, epoch, step) is not None:
+            state.extra["top_k"] = top_k.entries  # the state folders carry the list on to --resume
 
     def validate(step: int) -> dict:
         metrics = hooks.validate()
@@ -217,7 +209,7 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
     if sample and state.global_step == 0 and hooks.want_sample and hooks.want_sample(None, 0):
         sample(None, 0)
 
-    profiler = _Profiler(cfg.output_dir, accelerator) if cfg.profile and writes else None
+    profiler = Profiler(cfg.output_dir, accelerator) if cfg.profile and writes else None
     feeder = BatchFeeder(group, cfg.seed, cfg.num_workers, cfg.persistent_workers,
                          pin_memory=torch.cuda.is_available(), rank=accelerator.process_index if sharded else 0,
                          world=world if sharded else 1)
@@ -292,11 +284,8 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
             if stop_early:
                 break  # the final save follows
 
-    if top_k is not None and monitor not in seen_metrics:
-        from library.logs import warn_once
-
-        warn_once(f"--save_top_k: the monitored metric {monitor} was never logged, so no top-k files were saved "
-                  f"(logged: {', '.join(sorted(seen_metrics)) or 'nothing'}); choose one of these with --monitor.")
+    if top_k is not None:
+        top_k.warn_if_never_offered()
     if cfg.fast_dev_run:
         if hooks.validate:
             metrics = hooks.validate()
@@ -346,8 +335,10 @@ def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str,
             prune_old(cfg.output_dir, cfg.output_name, kind, keep, suffix)
 
 
-class _Profiler:
-    """--profile: trace steps 3-7 with the torch profiler, print where the time goes, save a trace."""
+class Profiler:
+    """--profile: trace steps 3-7 with the torch profiler, print where the time goes, save a trace.
+    `accelerator` is anything with .print (an Accelerator, or accelerate's PartialState); call
+    `step(n)` after optimizer step n."""
 
     FIRST, LAST = 3, 7
 
