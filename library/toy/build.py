@@ -27,7 +27,7 @@ from library.fileio import atomic_dir, atomic_path, file_lock, write_json_atomic
 from library.toy import world
 from library.toy.pretrain import Recipe, pretrain
 
-RECIPE_VERSION = 1  # bump when the code of the recipe changes in a way its settings do not show
+RECIPE_VERSION = 2  # bump when the code of the recipe changes in a way its settings do not show
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ROOT = REPO / ".cache" / "toy"
 NAME = "toy-sd15"
