@@ -28,7 +28,7 @@ from tests import controlnet_support as S
 CATEGORIES = {1: "red circle", 2: "blue circle"}
 COLOUR_OF = {name: np.asarray(S.COLOURS[name.split()[0]], np.float32) for name in CATEGORIES.values()}
 SIZE, RADIUS, MARGIN = 32, 4.0, 5.0   # the learning test's world
-RECIPE = {"version": 2, "seed": 0, "unet_steps": 1500, "unet_batch": 32, "unet_lr": 1e-3, "unet_images": 4096,
+RECIPE = {"version": 1, "seed": 0, "unet_steps": 1500, "unet_batch": 32, "unet_lr": 1e-3, "unet_images": 4096,
           "caption_dropout": 0.1}
 UNET = {**S.UNET, "sample_size": SIZE // 4}
 
