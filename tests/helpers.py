@@ -36,3 +36,20 @@ def run_train_network(argv: list[str]):
     GradientState._reset_state()
     PartialState._reset_state()
     return train_network.main(argv)
+
+
+def artifact_recorder(file_name: str):
+    """record(key, value) for a learning proof: prints the number and keeps every number recorded so far
+    in test-artifacts/<file_name> (rewritten on each call, so a failing test still leaves its numbers)."""
+    import json
+
+    numbers: dict = {}
+    out = Path(__file__).resolve().parents[1] / "test-artifacts" / file_name
+
+    def record(key, value):
+        numbers[key] = value
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(numbers, indent=2))
+        print(f"{key}: {value}")
+
+    return record

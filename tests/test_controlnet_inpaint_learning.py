@@ -26,7 +26,8 @@ import pytest
 from PIL import Image
 
 from tests import inpaint_support as I
-from tests.test_controlnet_train import REPO, train
+from tests.helpers import artifact_recorder
+from tests.test_controlnet_train import train
 
 pytestmark = pytest.mark.slow(cpu_minutes=6)  # incl. building its base once (after the radar base)
 
@@ -35,15 +36,7 @@ DILATION, CFG, N_EVAL = 2, 3.0, 64
 TRAIN = ["--max_train_steps", "1200", "--train_batch_size", "16", "--learning_rate", "2e-3", "--lr_scheduler", "cosine",
          "--loss_weight_factor", "30", "--random_mask_prob", "0.1", "--caption_dropout_rate", "0.1",
          "--mask_dilation", str(DILATION), "--min_mask_area", "20", "--validation_split", "0.05"]
-NUMBERS: dict = {}
-
-
-def record(key, value):
-    NUMBERS[key] = value
-    out = REPO / "test-artifacts"
-    out.mkdir(exist_ok=True)
-    (out / "controlnet_inpaint_learning.json").write_text(json.dumps(NUMBERS, indent=2))
-    print(f"{key}: {value}")
+record = artifact_recorder("controlnet_inpaint_learning.json")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from tests import controlnet_support as S
-from tests.test_controlnet_train import REPO, train
+from tests.helpers import artifact_recorder
+from tests.test_controlnet_train import train
 
 pytestmark = pytest.mark.slow(cpu_minutes=17)  # incl. building its base once
 
@@ -37,15 +38,7 @@ STAGE1 = ["--max_train_steps", "1000", "--train_batch_size", "16", "--learning_r
 STAGE2 = ["--max_train_steps", "600", "--train_batch_size", "16", "--learning_rate", "2e-3", "--lora_rank", "8",
           "--loss_weight_factor", "30"]
 N_EVAL = 64
-NUMBERS: dict = {}
-
-
-def record(key, value):
-    NUMBERS[key] = value
-    out = REPO / "test-artifacts"
-    out.mkdir(exist_ok=True)
-    (out / "controlnet_learning.json").write_text(json.dumps(NUMBERS, indent=2))
-    print(f"{key}: {value}")
+record = artifact_recorder("controlnet_learning.json")
 
 
 @pytest.fixture(scope="module")

@@ -36,3 +36,16 @@ def test_tests_of_a_file_stay_together_in_their_order(monkeypatch):
     items = [item("q.py"), first, item("r.py"), second]
     order(items, 2, monkeypatch)
     assert items.index(second) == items.index(first) + 1
+
+
+def test_artifact_recorder_prints_and_keeps_every_number(tmp_path, monkeypatch, capsys):
+    import tests.helpers as helpers
+
+    monkeypatch.setattr(helpers, "__file__", str(tmp_path / "tests" / "helpers.py"))
+    record = helpers.artifact_recorder("proof.json")
+    record("a", 1)
+    record("b", {"c": 0.5})
+    import json
+
+    assert json.loads((tmp_path / "test-artifacts" / "proof.json").read_text()) == {"a": 1, "b": {"c": 0.5}}
+    assert capsys.readouterr().out == "a: 1\nb: {'c': 0.5}\n"

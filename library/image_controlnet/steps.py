@@ -77,9 +77,9 @@ def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoc
 
 
 def _sum_over(procs, values: torch.Tensor) -> torch.Tensor:
-    """Sum a CPU tensor over the processes (on their device: NCCL reduces only CUDA tensors)."""
+    """Sum a tensor over the processes (on their device: NCCL reduces only CUDA tensors); returns it on the CPU."""
     if procs is None or procs.num_processes <= 1:
-        return values
+        return values.cpu()
     from library.training.accel import reduce_sum
 
     return reduce_sum(procs, values.to(procs.device)).cpu()
@@ -125,8 +125,8 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
                 progress=None, procs=None, amp=None, overfit_batches: int = 0, max_steps: int | None = None,
                 on_step=None) -> tuple[dict, int]:
     """Train one epoch; returns (mean train metrics, optimizer steps taken). `amp`: the autocast dtype
-    (None: --use_amp's choice); `on_step(steps taken, mean loss of that step's samples here)` after
-    every optimizer step."""
+    (None: --use_amp's choice); `on_step(steps taken, loss)` after every optimizer step, where `loss()`
+    reads the mean loss of that step's samples here (a host sync, so only when it is logged)."""
     world, rank = (procs.num_processes, procs.process_index) if procs is not None else (1, 0)
     amp = args.use_amp if amp is None else amp
     model.train()
@@ -136,8 +136,9 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
     shares = rank_batches(len(dataset), args.batch_size, world, rank, args.seed, 0 if overfit else epoch)[:overfit]
     loader = DataLoader(dataset, batch_sampler=[indices for indices, _ in shares], num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    sums = torch.zeros(4, dtype=torch.float64)  # total, image, pose loss; samples (a short run trains fewer)
-    group_sums = torch.zeros(2, dtype=torch.float64)
+    # total, image, pose loss; samples (a short run trains fewer). On the device: no host sync per batch.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    group_sums = torch.zeros(2, dtype=torch.float64, device=device)
     steps = 0
     in_group = 0
     optimizer.zero_grad(set_to_none=True)
@@ -150,8 +151,8 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
         # x world: the average of the gradients over the processes is then the sum over the global group
         scaler.scale(total.sum() / sizes[group] * (0.0 if padded else float(world))).backward()
         if not padded:
-            part = torch.stack([total.detach().sum(), img.detach().sum(), pose.detach().sum()]).double().cpu()
-            part = torch.cat([part, torch.tensor([float(len(total))], dtype=torch.float64)])
+            part = torch.stack([total.detach().sum(), img.detach().sum(), pose.detach().sum(),
+                                torch.tensor(float(len(total)), device=device)]).double()
             sums += part
             group_sums += part[[0, 3]]
         in_group += 1
@@ -169,11 +170,17 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
             optimizer.zero_grad(set_to_none=True)
             in_group = 0
             steps += 1
+            done = group_sums.clone()
+
+            def loss(done=done) -> float:
+                return float(done[0] / done[1].clamp(min=1.0))
+
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(total.detach().mean()):.4f}", refresh=False)
+                if steps % max(1, getattr(args, "log_every_n_steps", 1) or 1) == 0:  # a sync: only when logged
+                    progress.set_postfix(loss=f"{loss():.4f}", refresh=False)
             if on_step is not None:
-                on_step(steps, float(group_sums[0] / max(1.0, float(group_sums[1]))))
+                on_step(steps, loss)
             group_sums.zero_()
             if max_steps is not None and steps >= max_steps:
                 break

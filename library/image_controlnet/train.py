@@ -234,14 +234,14 @@ def train(args, defaults: dict | None = None) -> dict:
                           top_k_entries)
     every_images = args.log_images_every_n_steps  # steps; otherwise --image_log_interval epochs
 
-    def on_step(taken: int, loss: float) -> None:
+    def on_step(taken: int, loss) -> None:
         step = global_step + taken  # global_step: the steps before this epoch
         if profiler is not None:
             profiler.step(step)
         if writer is None:
             return
         if step % args.log_every_n_steps == 0:
-            writer.add_scalar("Step/TrainLoss", loss, step)
+            writer.add_scalar("Step/TrainLoss", loss(), step)
             writer.add_scalar("Step/LR", scheduler.get_last_lr()[0], step)
         if every_images and shown and step % every_images == 0:
             tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, amp=amp), step)
