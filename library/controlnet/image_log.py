@@ -77,9 +77,9 @@ def log_images(pipe, examples: list[Example], kind: str, seed: int, step: int, t
     """Generate the examples with `pipe` (library.controlnet.inference.build_pipeline), log the grid
     to `trackers` and write it as a PNG; returns the PNG's path."""
     from library.controlnet.inference import generate, save_png
-    from library.training.sampling import _KeepRng, log_sample_image
+    from library.training.sampling import KeepRng, log_sample_image
 
-    with _KeepRng():
+    with KeepRng():
         generated = generate(pipe, [e.caption for e in examples], [e.condition for e in examples],
                              [seed + i for i in range(len(examples))], STEPS, CFG, clip_skip=clip_skip)
     image = grid(kind, examples, generated)

@@ -17,7 +17,7 @@ from library.training.text import encode_captions
 from library.prompts import SamplePrompt, make_scheduler, read_prompt_file  # noqa: F401
 
 
-class _KeepRng:
+class KeepRng:
     """Save and restore the global RNGs around sampling."""
 
     def __enter__(self):
@@ -58,7 +58,7 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
     was_training = unet.training
     unet.eval()
     text_encoder.eval()
-    with _KeepRng():
+    with KeepRng():
         for i, p in enumerate(prompts):
             seed = p.seed if p.seed is not None else seed_base + i
             generator = torch.Generator(device="cpu").manual_seed(seed)
