@@ -39,7 +39,7 @@ gui: setup
 	$(VPY) -m gui
 
 bench: setup
-	$(THREADS) $(VPY) bench/train_speed.py
+	$(THREADS) $(VPY) bench/run_all.py
 
 clean-demo:
 	rm -rf demo

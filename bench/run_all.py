@@ -18,12 +18,18 @@ subprocess of its own, so peak RSS and import time are clean. Per run it reports
 "Same work" (the bare step, plain diffusers models built from the trainer's own configs, random
 weights, the trainer's dtypes and autocast, no optimizer, no data loading):
   network     frozen UNet forward + backward to the input latents: activation gradients through
-              every layer, no weight gradients, which is what a LoRA step cannot avoid (LoRA's own
-              matmuls, ~1% of the FLOPs, are not in it). `ratio_full` also compares with the same
-              UNet with all weight gradients (what a full fine-tune step computes).
+              every layer, no weight gradients (`ratio`). The LoRA's own matmuls are not in it: at
+              rank 32 they are ~5% of a 256x256 step's FLOPs and ~4% at 512x512, so `ratio` can not
+              go below about 1.05 there. `ratio_same_work` compares with the same bare step plus the
+              trainer's LoRA modules (fp32 weights under autocast, weight gradients, no optimizer):
+              what is left is the trainer's own cost. `ratio_full`: the UNet with all weight
+              gradients (what a full fine-tune step computes).
   controlnet  ControlNet forward (weight gradients, fp32 weights under autocast as the trainer keeps
               them) + frozen UNet forward with its residuals + backward into the ControlNet.
-  dual_unet   two frozen UNet forward + backward passes to their inputs (one per modality).
+  dual_unet   two frozen UNet forward + backward passes to their inputs (one per modality);
+              `ratio_same_work` adds each UNet's LoRA modules, as for network.
+The bare step and the bare step with LoRA are timed alternately, one after the other, so that a
+slower or faster phase of a shared machine falls on both.
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one bare same-work step on the meta device at
 the run's shape (matmul, convolution and attention matmuls; norms and element-wise ops are not
@@ -66,8 +72,8 @@ FIELDS = ("step_s_median", "step_s_min", "steps_measured", "interpreter_s", "imp
           "setup_other_s", "first_step_s", "time_to_first_step_s", "time_to_first_step_from_launch_s",
           "ttfs_over_load_and_caching", "startup_over_load_and_caching", "peak_rss_gib", "peak_cuda_gib",
           "cached_images", "caching_images_per_s",
-          "bare_step_s_median", "bare_step_s_min", "ratio", "ratio_min", "bare_flops", "tflops_per_s",
-          "percent_of_peak")
+          "bare_step_s_median", "bare_step_s_min", "ratio", "ratio_min", "bare_lora_step_s_median",
+          "ratio_same_work", "lora_flops_share", "bare_flops", "tflops_per_s", "percent_of_peak")
 
 
 # --- assets (built once in the cache folder, before any timing) -------------------------------------
@@ -92,10 +98,26 @@ def prepare_model(cache: Path, quick: bool) -> Path:
         if not (paths / "tiny-sd15" / "model_index.json").is_file():
             write_tiny_model(paths)
         return paths / "tiny-sd15"
-    sys.path.insert(0, str(BENCH))
-    from train_speed import build_sd15_checkpoint
+    return build_sd15_checkpoint(cache.parent / "sd15-random-fp16.safetensors")
 
-    return build_sd15_checkpoint(cache.parent / "sd15-random-fp16.safetensors")  # shared with train_speed.py
+
+def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A single-file SD1.5 checkpoint with random weights (fp16, as the usual 2 GB files)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.models.arch import model_kwargs, shipped_config
+    from library.models.saving import save_sd_checkpoint
+
+    if path.exists():
+        return path
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**model_kwargs(shipped_config("unet")))
+    vae = AutoencoderKL(**model_kwargs(shipped_config("vae")))
+    te = CLIPTextModel(CLIPTextConfig(**model_kwargs(shipped_config("text_encoder"))))
+    save_sd_checkpoint(path, unet, te, vae, dtype=torch.float16)
+    return path
 
 
 def prepare_data(cache: Path, trainer: str, size: int, count: int) -> Path:
@@ -259,33 +281,64 @@ def build_bare_models(kind: str, unet_config: dict, controlnet_config: dict | No
     return unet, controlnet
 
 
+def add_lora(unet, rank: int, device):
+    """The trainers' LoRA modules on `unet` (fp32, trainable, as train_network keeps them); returns them.
+    `restore()` on each takes them off again."""
+    import torch
+
+    from networks.lora import create_network
+
+    network = create_network(1.0, rank, rank, None, None, unet)
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    network.to(device, dtype=torch.float32)
+    torch.nn.init.normal_(next(iter(network.unet_loras)).lora_up.weight)  # any non-zero: no effect on time
+    return network.unet_loras
+
+
 def count_flops(kind: str, unet_config: dict, controlnet_config: dict | None, batch: int, resolution: int,
-                precision: str) -> float:
+                precision: str, lora_rank: int | None = None) -> float:
+    """FLOPs of one bare step; with `lora_rank`, of the bare step with the LoRA modules on."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
     unet, controlnet = build_bare_models(kind, unet_config, controlnet_config, "fp32", meta)
     step = bare_step(kind, unet, controlnet, batch, resolution, "fp32", meta)
+    if lora_rank:
+        add_lora(unet, lora_rank, meta)
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())
 
 
-def time_bare(kind, unet_config, controlnet_config, batch, resolution, precision, device, steps, full=False):
+def time_bare(kind, unet_config, controlnet_config, batch, resolution, precision, device, steps, full=False,
+              lora_rank: int | None = None):
+    """Seconds per bare step, the first (warm-up) left out. With `lora_rank`, also the bare step with the
+    LoRA modules on, the two timed alternately: returns (bare, bare_with_lora), else (bare, None)."""
     import torch
 
     unet, controlnet = build_bare_models(kind, unet_config, controlnet_config, precision, device, full)
     step = bare_step(kind, unet, controlnet, batch, resolution, precision, device, full)
-    times = []
-    for _ in range(steps):
+    loras = add_lora(unet, lora_rank, device) if lora_rank else []
+
+    def timed(with_lora: bool) -> float:
+        for module in loras:
+            module.apply_to() if with_lora else module.restore()
         t0 = time.perf_counter()
         step()
+        for module in loras:
+            module.zero_grad(set_to_none=True)  # as the trainer's optimizer step, not accumulated
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    del unet, controlnet, step
-    return times[1:]  # the first is a warm-up, as step 1 of the trainer
+        return time.perf_counter() - t0
+
+    times, lora_times = [], []
+    for _ in range(steps):
+        times.append(timed(False))
+        if loras:
+            lora_times.append(timed(True))
+    del unet, controlnet, step, loras
+    return times[1:], (lora_times[1:] if lora_rank else None)  # the first is a warm-up, as the trainer's step 1
 
 
 def gpu_peak(name: str, precision: str, override: float | None) -> float | None:
@@ -342,13 +395,15 @@ def worker(spec: dict) -> dict:
         torch.cuda.empty_cache()
     kind, cfgs = spec["trainer"], (probe.unet_config, probe.controlnet_config)
     geometry = (spec["batch_size"], spec["resolution"], spec["precision"])
+    lora_rank = spec["rank"] if kind in ("network", "dual_unet") else None
     t_bare = time.perf_counter()
-    bare = time_bare(kind, *cfgs, *geometry, device, spec["bare_steps"])
+    bare, bare_lora = time_bare(kind, *cfgs, *geometry, device, spec["bare_steps"], lora_rank=lora_rank)
     bare_full = None
     if kind == "network" and spec["bare_full"]:
-        bare_full = time_bare(kind, *cfgs, *geometry, device, max(2, spec["bare_steps"] // 2 + 1), full=True)
+        bare_full, _ = time_bare(kind, *cfgs, *geometry, device, max(2, spec["bare_steps"] // 2 + 1), full=True)
     t_flops = time.perf_counter()
     flops = count_flops(kind, *cfgs, *geometry)
+    lora_flops = count_flops(kind, *cfgs, *geometry, lora_rank=lora_rank) if lora_rank else None
     t_done = time.perf_counter()
     med = statistics.median(steps)
     tflops = flops / med / 1e12
@@ -374,6 +429,10 @@ def worker(spec: dict) -> dict:
                  "dual_unet": "2 x frozen UNet fwd+bwd to input"}[kind],
         "bare_step_s_median": r(statistics.median(bare)), "bare_step_s_min": r(min(bare)),
         "ratio": r(med / statistics.median(bare), 3), "ratio_min": r(min(steps) / min(bare), 3),
+        "bare_lora_step_s_median": r(statistics.median(bare_lora)) if bare_lora else None,
+        "ratio_same_work": r(med / statistics.median(bare_lora), 3) if bare_lora else None,
+        "lora_time_share": r(statistics.median(bare_lora) / statistics.median(bare) - 1, 3) if bare_lora else None,
+        "lora_flops_share": r(lora_flops / flops - 1, 4) if lora_flops else None,
         "bare_full_step_s_median": r(statistics.median(bare_full)) if bare_full else None,
         "ratio_full": r(med / statistics.median(bare_full), 3) if bare_full else None,
         "bare_flops": flops, "tflops_per_s": r(tflops, 5), "peak_tflops": peak,
@@ -417,7 +476,9 @@ def write_json_atomic(path: Path, data) -> None:
 def table(runs: list[dict]) -> str:
     cols = [("trainer", "trainer", "{}"), ("prec", "precision", "{}"), ("res", "resolution", "{}"),
             ("bs", "batch_size", "{}"), ("s/step med", "step_s_median", "{:.3f}"), ("min", "step_s_min", "{:.3f}"),
-            ("bare", "bare_step_s_median", "{:.3f}"), ("ratio", "ratio", "{:.2f}"), ("full", "ratio_full", "{:.2f}"),
+            ("bare", "bare_step_s_median", "{:.3f}"), ("ratio", "ratio", "{:.2f}"),
+            ("+lora", "bare_lora_step_s_median", "{:.3f}"), ("same work", "ratio_same_work", "{:.2f}"),
+            ("full", "ratio_full", "{:.2f}"),
             ("import", "import_s", "{:.1f}"), ("load", "model_load_s", "{:.1f}"), ("cache", "caching_s", "{:.1f}"),
             ("other", "setup_other_s", "{:.1f}"), ("step1", "first_step_s", "{:.1f}"),
             ("ttfs", "time_to_first_step_s", "{:.1f}"), ("ttfs/(l+c)", "ttfs_over_load_and_caching", "{:.2f}"),

@@ -66,6 +66,12 @@ def test_values_are_sane(quick_report, trainer):
     assert run["peak_cuda_gib"] is None and run["percent_of_peak"] is None  # CPU run
     if trainer == "network":
         assert run["ratio_full"] > 0 and run["bare_full_step_s_median"] > 0
+    if trainer == "controlnet":  # no LoRA in a ControlNet step: no same-work step with one
+        assert run["ratio_same_work"] is None and run["lora_flops_share"] is None
+    else:
+        assert run["bare_lora_step_s_median"] > 0 and run["ratio_same_work"] > 0
+        assert run["ratio_same_work"] == pytest.approx(run["step_s_median"] / run["bare_lora_step_s_median"],
+                                                       rel=0.02)
 
 
 def test_flop_count_matches_the_frozen_unet_step(quick_report):
@@ -74,6 +80,14 @@ def test_flop_count_matches_the_frozen_unet_step(quick_report):
     flops = {r["trainer"]: r["bare_flops"] for r in report["runs"]}
     assert flops["dual_unet"] == pytest.approx(2 * flops["network"])
     assert flops["controlnet"] > flops["network"] * 0.5
+
+
+def test_lora_flops_are_counted_in_the_same_work_step(quick_report):
+    """The LoRA modules add FLOPs to the bare step, by the same share for one UNet and for two."""
+    report, _ = quick_report
+    share = {r["trainer"]: r["lora_flops_share"] for r in report["runs"]}
+    assert share["network"] > 0.05  # rank 32 on the tiny model: about as wide as its layers
+    assert share["dual_unet"] == pytest.approx(share["network"], rel=1e-3)
 
 
 def test_table_is_printed(quick_report):

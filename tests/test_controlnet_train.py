@@ -267,6 +267,14 @@ def test_trainer_automation_flags_save_top_k_and_fast_dev_run(tiny_model, radar_
         train(base_flags(tiny_model, radar_data, tmp_path / "joint", "--joint", "--save_top_k", "1"))
 
 
+def test_profile_writes_a_trace_and_prints_a_summary(tiny_model, radar_data, tmp_path, capsys):
+    out = tmp_path / "prof"
+    train(base_flags(tiny_model, radar_data, out, "--max_train_steps", "8", "--profile"))
+    assert "profile of steps 3-7" in capsys.readouterr().out
+    trace = json.loads((out / "profile_trace.json").read_text())
+    assert any("aten::" in event.get("name", "") for event in trace["traceEvents"])
+
+
 def test_log_images_every_n_steps_grids_in_tensorboard_and_sample_folder(tiny_model, radar_data, tmp_path,
                                                                          monkeypatch):
     """Radar: every 2 steps one grid of the 2 validation images, rows condition | target | result, in

@@ -300,7 +300,7 @@ def train(args) -> dict:
         max_train_steps=max_train_steps, num_epochs=num_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm, output_dir=run.root, output_name="dual_unet", seed=args.seed, resume=resume,
         num_workers=min(args.max_data_loader_n_workers, 8), persistent_workers=args.persistent_data_loader_workers,
-        log_every_n_steps=args.log_every_n_steps, profile=args.profile, save_every_n_steps=args.save_every_n_steps,
+        log_every_n_steps=args.log_every_n_steps, save_every_n_steps=args.save_every_n_steps,
         validate_every_n_steps=args.validate_every or None, **automation)
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,

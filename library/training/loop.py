@@ -146,7 +146,7 @@ def automation_settings(args) -> dict:
     """LoopSettings fields from the flags of args.add_trainer_automation_arguments."""
     return {"save_top_k": getattr(args, "save_top_k", None), "monitor": getattr(args, "monitor", None),
             "monitor_mode": getattr(args, "monitor_mode", None) or "min",
-            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0}
+            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0, "profile": bool(getattr(args, "profile", False))}
 
 
 def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_steps: int,

@@ -407,7 +407,7 @@ def train(args) -> dict:
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end, resume=args.resume,
         num_workers=0 if caching else min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps,
-        profile=args.profile, validate_every_n_steps=args.validate_every_n_steps,
+        validate_every_n_steps=args.validate_every_n_steps,
         validate_every_n_epochs=args.validate_every_n_epochs, **automation_settings(args))
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
