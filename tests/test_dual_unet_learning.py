@@ -7,7 +7,7 @@ what the method relies on and what it must not break.
 """
 import pytest
 
-pytestmark = pytest.mark.slow(cpu_minutes=9)  # incl. building its base once
+pytestmark = pytest.mark.slow(cpu_minutes=5)  # incl. building its base once
 
 
 @pytest.fixture(scope="module")
