@@ -18,12 +18,12 @@ subprocess of its own, so peak RSS and import time are clean. Per run it reports
 "Same work" (the bare step, plain diffusers models built from the trainer's own configs, random
 weights, the trainer's dtypes and autocast, no optimizer, no data loading):
   network     frozen UNet forward + backward to the input latents: activation gradients through
-              every layer, no weight gradients (`ratio`). The LoRA's own matmuls are not in it: at
-              rank 32 they are ~5% of a 256x256 step's FLOPs and ~4% at 512x512, so `ratio` can not
-              go below about 1.05 there. `ratio_same_work` compares with the same bare step plus the
-              trainer's LoRA modules (fp32 weights under autocast, weight gradients, no optimizer):
-              what is left is the trainer's own cost. `ratio_full`: the UNet with all weight
-              gradients (what a full fine-tune step computes).
+              every layer, no weight gradients (`ratio`). The LoRA's own matmuls are not in it (at
+              rank 32, 5% of a 256x256 step's FLOPs), while its backward reaches below the first LoRA
+              layer, where a LoRA step stops. `ratio_same_work` compares with the same bare step plus
+              the trainer's LoRA modules (fp32 weights under autocast, weight gradients, no
+              optimizer): what is left is the trainer's own cost. `ratio_full`: the UNet with all
+              weight gradients (what a full fine-tune step computes).
   controlnet  ControlNet forward (weight gradients, fp32 weights under autocast as the trainer keeps
               them) + frozen UNet forward with its residuals + backward into the ControlNet.
   dual_unet   two frozen UNet forward + backward passes to their inputs (one per modality);
