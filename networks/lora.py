@@ -78,8 +78,10 @@ class LoRAModule(torch.nn.Module):
         if self.multiplier == 0:
             return out
         scale = self.scale
+        # Scaled in rank space (r channels, not the layer's width): one pass less over the layer's
+        # output forward and backward, 7% of a CPU step on SD1.5 at rank 32.
         if not self.training:
-            return out + self.lora_up(self.lora_down(x)) * (self.multiplier * scale)
+            return out + self.lora_up(self.lora_down(x) * (self.multiplier * scale))
         if self.module_dropout and torch.rand(1) < self.module_dropout:
             return out
         lx = self.lora_down(x)
@@ -93,8 +95,6 @@ class LoRAModule(torch.nn.Module):
                 mask = mask[:, :, None, None]
             lx = lx * mask.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
-        # Scaled in rank space (r channels, not the layer's width): one pass less over the layer's
-        # output forward and backward, 7% of a CPU step on SD1.5 at rank 32.
         return out + self.lora_up(lx * (self.multiplier * scale))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

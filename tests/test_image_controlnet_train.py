@@ -64,6 +64,7 @@ def test_checkpoints_are_plain_and_complete(run_a):
                                "num_control_layers": 3}
     assert {"optimizer", "scheduler", "scaler", "rng", "history", "best_val_loss"} <= set(state)
     assert len(state["history"]["val_psnr"]) == 2
+    assert state["optimizer"]["param_groups"][0]["fused"] is True  # one AdamW kernel, as the other trainers
 
 
 def test_tensorboard_tags_and_curve_pngs(run_a):

@@ -68,6 +68,13 @@ def test_optimizer_args_parsing():
 
 # --- optimizers -------------------------------------------------------------------------------------
 
+def test_fast_adamw_is_fused_where_torch_has_it_and_foreach_elsewhere():
+    from library.training.optim import fast_adamw_kwargs
+
+    assert fast_adamw_kwargs("cpu") == fast_adamw_kwargs("cuda") == {"fused": True}
+    assert fast_adamw_kwargs("mps") == {"foreach": True}
+
+
 def test_adamw_default_with_args_and_kohya_description():
     args = make_args(["--learning_rate=0.01", "--optimizer_args", "weight_decay=0.05", "betas=0.8,0.99"])
     opt, desc = build_optimizer(args, params(), "cpu")

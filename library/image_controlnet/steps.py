@@ -177,7 +177,7 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
 
             if progress is not None:
                 progress.update(1)
-                if steps % max(1, getattr(args, "log_every_n_steps", 1) or 1) == 0:  # a sync: only when logged
+                if steps % args.log_every_n_steps == 0:  # a host sync: only when logged
                     progress.set_postfix(loss=f"{loss():.4f}", refresh=False)
             if on_step is not None:
                 on_step(steps, loss)

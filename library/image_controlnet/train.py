@@ -37,6 +37,7 @@ from library.image_controlnet.dataset import PairDataset
 from library.image_controlnet.model import ImageControlNet, ModelConfig, num_generator_stages
 from library.logs import format_seconds, format_summary, warn_once
 from library.training.checkpoint import TopKSaver, _rng_states, _set_rng_states
+from library.training.optim import fast_adamw_kwargs
 
 ARCH_FLAGS = ("backbone", "image_size", "feature_dim", "pose_dim", "num_control_layers")
 STRIDES = {"small": 8, "iresnet50": 16, "iresnet100": 16, "resnet50": 32}
@@ -170,9 +171,8 @@ def train(args, defaults: dict | None = None) -> dict:
                             + ("" if len(val_ds) else " (it has no validation pairs)") + ".",
                             fix=f"use one of: {', '.join(known)}.")
 
-    # fused: one kernel over all tensors (the other trainers use it too, via library.training.optim)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                  **({"fused": True} if device.type in ("cuda", "cpu") else {}))
+                                  **fast_adamw_kwargs(device.type))
     steps_per_epoch = len(S.group_sizes(len(train_ds), args.batch_size * world, args.gradient_accumulation_steps,
                                         args.overfit_batches))
     scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch, args.lr_warmup_steps)

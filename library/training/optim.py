@@ -149,6 +149,13 @@ def _check_adaptive_lrs(name: str, param_groups, lr) -> None:
                   "use --learning_rate 1.0 (and --unet_lr/--text_encoder_lr 1.0 if set).")
 
 
+def fast_adamw_kwargs(device_type: str) -> dict:
+    """torch.optim.AdamW's fastest implementation on `device_type`. One fused kernel over all tensors:
+    measured on one CPU thread 3.4x faster than foreach on 384 LoRA tensors and 4.3x on large ones (a
+    ControlNet's); also the fastest on CUDA. Elsewhere foreach, which every device has."""
+    return {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+
+
 def build_optimizer(args, param_groups, device_type: str):
     """Return (optimizer, description) for --optimizer_type with --optimizer_args.
 
@@ -163,10 +170,8 @@ def build_optimizer(args, param_groups, device_type: str):
     hidden = {}  # arguments kohya does not list in ss_optimizer (nesterov) or that only change speed
 
     if key == "adamw":
-        # One fused kernel over all tensors: measured on one CPU thread 3.4x faster than foreach on
-        # 384 LoRA tensors and 4.3x on large ones (a ControlNet's); also the fastest on CUDA.
         if "fused" not in kwargs and "foreach" not in kwargs:
-            hidden = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+            hidden = fast_adamw_kwargs(device_type)
     elif key == "sgdnesterov":
         kwargs.setdefault("momentum", 0.9)  # Nesterov needs momentum; kohya's default
         hidden = {"nesterov": True}
