@@ -43,6 +43,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = A.parse_args(setup_parser(), argv)
+    from tqdm import tqdm
+
     import torch
 
     from library.dataprep.captioner import Captioner, GenerationOptions, caption_images
@@ -57,14 +59,16 @@ def main(argv=None):
     print(f"captioning {len(paths)} images with {captioner.folder}", flush=True)
     options = GenerationOptions(args.beam_search, args.num_beams, args.top_p, args.max_length, args.min_length)
 
+    bar = tqdm(total=len(paths), desc="captioning", unit="img", smoothing=0)  # the GUI's progress bar reads it
+
     def progress(done, total, path, text):
+        bar.update(done - bar.n)
         if args.debug:
-            print(f"{path}: {text}")
-        elif done % 50 == 0 or done == total:
-            print(f"  {done}/{total}", flush=True)
+            bar.write(f"{path}: {text}")
 
     written, failed = caption_images(captioner, paths, options, args.caption_extention or args.caption_extension,
                                      args.batch_size, progress)
+    bar.close()
     print(f"wrote {len(written)} caption files", flush=True)
     if failed:
         lines = "; ".join(f"{p} ({why})" for p, why in failed)

@@ -61,6 +61,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = A.parse_args(setup_parser(), argv)
+    from tqdm import tqdm
+
     if args.force_download:
         raise UserError("--force_download: this toolkit never downloads models.",
                         fix="copy the tagger's model.onnx and selected_tags.csv into a folder and pass it as --model_dir.")
@@ -81,11 +83,12 @@ def main(argv=None):
     paths = find_images(args.train_data_dir, args.recursive)
     print(f"tagging {len(paths)} images with {tagger.model_path} (input {tagger.size}x{tagger.size})", flush=True)
 
+    bar = tqdm(total=len(paths), desc="tagging", unit="img", smoothing=0)  # the GUI's progress bar reads it
+
     def progress(done, total, path, tags):
+        bar.update(done - bar.n)
         if args.debug:
-            print(f"{path}: {sep.join(tags)}")
-        elif done % 50 == 0 or done == total:
-            print(f"  {done}/{total}", flush=True)
+            bar.write(f"{path}: {sep.join(tags)}")
 
     run = tag_images(tagger, paths, opts, args.caption_extention or args.caption_extension,
                      args.append_tags, args.batch_size, progress)
@@ -93,6 +96,7 @@ def main(argv=None):
         print("Tag frequencies:")
         for tag, n in sorted(run.frequencies.items(), key=lambda kv: -kv[1]):
             print(f"{tag}: {n}")
+    bar.close()
     print(f"wrote {len(run.written)} caption files", flush=True)
     if run.failed:
         lines = "; ".join(f"{p} ({why})" for p, why in run.failed)

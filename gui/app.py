@@ -10,6 +10,7 @@ import tkinter as tk
 from tkinter import ttk
 
 from gui import presets, registry, theme
+from gui.captioneditor import CaptionEditor
 from gui.datasettab import DatasetTab
 from gui.queuetab import QueueTab
 from gui.runcontrol import POLL_MS, RunControl
@@ -78,6 +79,8 @@ class App(RunControl):
         self.notebook.add(self.tools_page, text="Tools")
         self.dataset_tab = DatasetTab(self.notebook, self)
         self.notebook.add(self.dataset_tab, text="Dataset")
+        self.caption_editor = CaptionEditor(self.notebook, scale=self.scale)
+        self.notebook.add(self.caption_editor, text="Captions")
         self.queue_tab = QueueTab(self.notebook, self)
         self.notebook.add(self.queue_tab, text="Queue")
         self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale)
