@@ -59,7 +59,7 @@ def main(argv=None):
     print(f"captioning {len(paths)} images with {captioner.folder}", flush=True)
     options = GenerationOptions(args.beam_search, args.num_beams, args.top_p, args.max_length, args.min_length)
 
-    bar = tqdm(total=len(paths), desc="captioning", unit="img", smoothing=0)  # the GUI's progress bar reads it
+    bar = tqdm(total=len(paths), desc="captioning", smoothing=0)  # the GUI's progress bar reads it
 
     def progress(done, total, path, text):
         bar.update(done - bar.n)

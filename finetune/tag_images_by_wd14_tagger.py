@@ -83,7 +83,7 @@ def main(argv=None):
     paths = find_images(args.train_data_dir, args.recursive)
     print(f"tagging {len(paths)} images with {tagger.model_path} (input {tagger.size}x{tagger.size})", flush=True)
 
-    bar = tqdm(total=len(paths), desc="tagging", unit="img", smoothing=0)  # the GUI's progress bar reads it
+    bar = tqdm(total=len(paths), desc="tagging", smoothing=0)  # the GUI's progress bar reads it
 
     def progress(done, total, path, tags):
         bar.update(done - bar.n)

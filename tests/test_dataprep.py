@@ -28,6 +28,7 @@ def run_script(script, *args, check=True):
                           text=True, env=env, cwd=REPO, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    proc.raw_stderr = proc.stderr
     proc.stderr = " ".join(proc.stderr.split())  # error messages are wrapped at 100 columns
     return proc
 
@@ -97,6 +98,10 @@ def test_tagger_script_writes_captions(tagger_dir, images):
     assert tags_of(images / "red.txt") == "1girl, solo, red theme, hatsune miku\n"
     assert tags_of(images / "blue.txt") == "solo, long hair, saber (fate)\n"
     assert "solo: 2" in proc.stdout and "wrote 2 caption files" in proc.stdout
+    from gui.runner import parse_progress
+
+    progress = parse_progress(proc.raw_stderr)  # what the GUI's progress bar shows for this run
+    assert progress is not None and (progress.desc, progress.n, progress.total) == ("tagging", 2, 2)
     assert "requires torchvision" not in proc.stdout + proc.stderr
 
 
