@@ -40,11 +40,11 @@ SCRIPTS: list[ScriptEntry] = [
     ScriptEntry("Extract LoRA", "networks.extract_lora_from_models", "tool"),
     ScriptEntry("Check LoRA", "networks.check_lora_weights", "tool"),
     ScriptEntry("Generate images", "gen_img", "tool"),
-    ScriptEntry("Tag images (WD14)", "finetune.tag_images_by_wd14_tagger", "tool"),
-    ScriptEntry("Caption images (BLIP)", "finetune.make_captions", "tool"),
-    ScriptEntry("Captions to metadata", "finetune.merge_captions_to_metadata", "tool"),
-    ScriptEntry("Tags to metadata", "finetune.merge_dd_tags_to_metadata", "tool"),
-    ScriptEntry("Clean metadata", "finetune.clean_captions_and_tags", "tool"),
+    ScriptEntry("Tagger", "finetune.tag_images_by_wd14_tagger", "tool"),
+    ScriptEntry("Captioner", "finetune.make_captions", "tool"),
+    ScriptEntry("Captions→JSON", "finetune.merge_captions_to_metadata", "tool"),
+    ScriptEntry("Tags→JSON", "finetune.merge_dd_tags_to_metadata", "tool"),
+    ScriptEntry("Clean JSON", "finetune.clean_captions_and_tags", "tool"),
     ScriptEntry("Resize images", "tools.resize_images_to_resolution", "tool"),
 ]
 

@@ -83,16 +83,37 @@ def test_caption_editor_browse_edit_and_tag_ops(app, folder):
 
 def test_dataset_tools_are_tool_pages(app):
     names = {app.tools_notebook.tab(h, "text"): h for h in app.tools_notebook.tabs()}
-    for name in ("Tag images (WD14)", "Caption images (BLIP)", "Captions to metadata", "Tags to metadata",
-                 "Clean metadata"):
+    for name in ("Tagger", "Captioner", "Captions→JSON", "Tags→JSON",
+                 "Clean JSON"):
         app.notebook.select(app.tools_page)
         app.tools_notebook.select(names[name])
         app.root.update()
         tab = app.tool_tab()
         assert tab is not None, name
-    app.tools_notebook.select(names["Tag images (WD14)"])
+    app.tools_notebook.select(names["Tagger"])
     app.root.update()
     tab = app.tool_tab()
     values, _ = tab.values()
     assert values == {}  # untouched form: every field at the script's default (the ", " separator too)
     screenshot(app.root, "tools-tagger")
+
+
+def test_dataset_tab_opens_the_preparation_tools(app, folder, tmp_path):
+    """The Dataset tab's buttons open the caption editor and the tagger on the training images."""
+    lora = app.tabs["train_network"]
+    parent = tmp_path / "dataset"
+    (parent / "10_mychar").mkdir(parents=True)
+    for f in folder.glob("img0.*"):
+        (parent / "10_mychar" / f.name).write_bytes(f.read_bytes())
+    lora.form.fields["train_data_dir"].var.set(str(parent))
+    app.notebook.select(app.dataset_tab)
+    app.root.update()
+    app.dataset_tab.edit_captions()          # train_data_dir: its <repeats>_<name> sub-folders
+    editor = app.caption_editor
+    assert app.notebook.select() == str(editor) and editor.recursive_var.get()
+    assert editor.listbox.get(0, "end") == ("10_mychar/img0.png",)
+    app.dataset_tab.h_images.set(str(folder))  # the Images folder wins when set
+    app.dataset_tab.open_tool("Tagger")
+    tab = app.tool_tab()
+    assert app.notebook.select() == str(app.tools_page)
+    assert tab.form.fields["train_data_dir"].var.get() == str(folder)
