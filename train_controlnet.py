@@ -9,9 +9,9 @@
     python train_controlnet.py ... --joint --lora_learning_rate 5e-5 --stage2_loss_weight_factor 60
     python train_controlnet.py ... --image_dir coco/train2017 --ann_file coco/annotations/instances_train2017.json \
         --conditioning_type inpaint --mask_dilation 4 --min_mask_area 256         # inpainting from COCO
-    python train_controlnet.py --config config.yaml                                    # the seed's YAML
+    python train_controlnet.py --config config.yaml                                    # the radar recipe's YAML
 
-Every option can also come from a TOML file of flag names, or from the seed guide's sections
+Every option can also come from a TOML file of flag names, or from the radar recipe's sections
 (project / model / data / training / controlnet / early_stopping / stage1 / stage2) in TOML or YAML.
 """
 from __future__ import annotations

@@ -126,7 +126,7 @@ def refuse_unsupported(argv) -> None:
 
 
 def normalise_argv(argv) -> list[str]:
-    """The seed guides' (radar YAML, Lightning inpainting) and diffusers' spellings of a few flags."""
+    """The spellings of a few flags in the radar recipe's YAML, the Lightning COCO inpainting scripts and diffusers' examples."""
     out = []
     for arg in argv:
         flag, eq, value = arg.partition("=")

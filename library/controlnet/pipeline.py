@@ -1,4 +1,4 @@
-"""One command for the seed guide's whole recipe: stage 1 (ControlNet), then stage 2 (UNet LoRA on the
+"""One command for the whole two-stage radar recipe: stage 1 (ControlNet), then stage 2 (UNet LoRA on the
 frozen stage-1 ControlNet).
 
 1. Stage 1 runs from --controlnet_config unless its output folder already holds a finished run

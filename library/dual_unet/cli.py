@@ -42,7 +42,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="keep DataLoader workers alive between epochs")
 
     g = parser.add_argument_group("dual unet")
-    g.add_argument("--name", type=str, default=None, help="run folder inside --output_dir (the seed's run name)")
+    g.add_argument("--name", type=str, default=None, help="run folder inside --output_dir (the original scripts' run name)")
     g.add_argument("--max_steps", type=A.positive_int, default=None, help="same as --max_train_steps")
     g.add_argument("--unet_lora_rank", type=A.positive_int, default=16, help="rank of each modality's LoRA")
     g.add_argument("--unet_lora_alpha", type=A.positive_float, default=None,
@@ -57,10 +57,10 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--struct_lambda", type=A.non_negative_float, default=0.3,
                    help="weight of the structure loss between the two modalities' predicted x0 (Sobel edges)")
     g.add_argument("--struct_loss", type=str, default="l1", choices=["l1", "ncc"],
-                   help="l1: L1 between Sobel edge magnitudes (the seed's); ncc: 1 - correlation of them "
+                   help="l1: L1 between Sobel edge magnitudes (as the original CF/FA scripts); ncc: 1 - correlation of them "
                         "(blind to edge strength)")
     g.add_argument("--offset_noise_strength", type=A.non_negative_float, default=None,
-                   help="offset noise (same as --noise_offset; 0.1 in the seed's recipe)")
+                   help="offset noise (same as --noise_offset; 0.1 in the original CF/FA recipe)")
     g.add_argument("--validate_every", type=A.non_negative_int, default=500,
                    help="validation loss every N steps (and at the end); the best one is kept in best_checkpoint/")
     g.add_argument("--keep_last", type=A.positive_int, default=3,

@@ -10,11 +10,11 @@
              stage's features plus coordinate channels, modulated by the pose embedding, and adds
              its output through a zero-initialised 1x1 conv. As in ControlNet, the untrained branch
              adds exactly nothing, so it cannot disturb a trained generator at the start of stage 1
-             of the seed's two-stage recipe; the zero conv still gets gradients and opens up.
+             of the two-stage recipe; the zero conv still gets gradients and opens up.
   generator  upsampling stages from the feature map to the image (--freeze_generator freezes this)
   pose_head  reads (yaw, pitch, roll) back from the generated image; it keeps spatial layout
              (coordinate channels, pooled to 4x4 and flattened): a global average pool stayed at
-             chance in the seed notes' experiments.
+             chance in our earlier toy experiments.
 Only GroupNorm in the trained parts, so accumulation of k x b equals one step of k*b.
 """
 from __future__ import annotations
