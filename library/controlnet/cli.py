@@ -126,7 +126,8 @@ def refuse_unsupported(argv) -> None:
 
 
 def normalise_argv(argv) -> list[str]:
-    """The spellings of a few flags in the radar recipe's YAML, the Lightning COCO inpainting scripts and diffusers' examples."""
+    """The spellings of a few flags in the radar recipe's YAML, the Lightning COCO inpainting scripts
+    and diffusers' examples."""
     out = []
     for arg in argv:
         flag, eq, value = arg.partition("=")
