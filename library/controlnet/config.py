@@ -77,7 +77,7 @@ def flag_values(parser: argparse.ArgumentParser, data: dict, path) -> dict:
             close = difflib.get_close_matches(dest, dests, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"unknown key '{where}' in the config file {path}.{hint}", path=path,
-                            fix="remove the key or correct its name (see the README's ControlNet config part).")
+                            fix="remove the key or correct its name (docs/train_controlnet.md, Config files).")
         out[dest] = value
 
     def walk(table: dict, section: str | None, trail: str):

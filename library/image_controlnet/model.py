@@ -4,7 +4,7 @@
              feature maps reach the generator stages of the same resolution through 1x1 convs
              (`skips`, U-Net style). Without them identity detail had to pass the 4x4 map at 32 px,
              and a toy model after 900 steps still drew grey blobs (+1.7 dB over copying the source);
-             with them, +4.3 dB after 600 steps, pose followed (measured, README numbers).
+             with them, +4.3 dB after 600 steps, pose followed (measured; docs/train_image_controlnet.md).
   pose_embed an MLP on (sin, cos) of the target angles (smooth, bounded, no wrap-around jump)
   control    one block per controlled generator stage, --num_control_layers of them: it sees the
              stage's features plus coordinate channels, modulated by the pose embedding, and adds
