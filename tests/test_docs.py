@@ -1,7 +1,7 @@
 """The repository explains itself and stands alone.
 
 - No tracked file points outside the repository: no absolute path of the machine it was written on,
-  no sibling folder (`../shared`), no notes a user does not have.
+  no sibling folder of it, no notes a user does not have.
 - Every relative link in README.md and docs/*.md reaches a file of the repository, and a `#anchor`
   a heading (or an explicit `<a id>`) of that file. Two pages are written on another branch and
   allowed by name until they land.
