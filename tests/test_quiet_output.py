@@ -56,3 +56,35 @@ def test_only_the_fallback_warning_is_dropped():
                            "`CLIPImageProcessorPil` for backward compatibility."))
     assert keep(record("Could not import module 'CLIPTextModel'."))
     assert library._TorchvisionFallbackFilter in logging.getLogger("transformers.utils.import_utils").filters
+
+
+def test_data_loader_workers_are_capped_at_the_cpu_count():
+    """More workers than CPUs only compete, and torch then warns in every run (the paired trainer's
+    default of 8 did on a 2-core machine): the shared feeder and the ImageControlNet loader cap them."""
+    from library.data.loader import BatchFeeder
+    from library.image_controlnet.steps import workers
+
+    class Group:  # the feeder asks the first epoch's dataset whether it wants workers at all
+        def epoch_dataset(self, epoch, seed):
+            return type("Dataset", (), {"needs_workers": True})()
+
+    cpus = os.cpu_count() or 1
+    assert BatchFeeder(Group(), seed=0, num_workers=cpus + 6).num_workers == cpus
+    assert BatchFeeder(Group(), seed=0, num_workers=1).num_workers == 1
+    assert workers(cpus + 6) == cpus and workers(0) == 0
+
+
+def test_a_paired_run_with_default_workers_prints_no_library_noise(tiny_model, tmp_path):
+    from PIL import Image
+
+    for modality, colour in (("cf", (200, 80, 40)), ("fa", (30, 30, 30))):
+        (tmp_path / "pairs" / modality).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (64, 64), colour).save(tmp_path / "pairs" / modality / f"{i:04d}.png")
+    proc = _run([sys.executable, str(REPO / "train_dual_unet.py"),
+                 f"--pretrained_model_name_or_path={tiny_model.single_file}", f"--data_dir={tmp_path / 'pairs'}",
+                 f"--output_dir={tmp_path / 'out'}", "--resolution=64", "--max_steps=1", "--validation_split=0.25",
+                 "--sample_every=0", "--unet_lora_rank=2"], tmp_path)
+    assert (tmp_path / "out" / "best_checkpoint").is_dir()
+    for noise in (*NOISE, "UserWarning", "worker processes in total"):
+        assert noise not in proc.stderr, proc.stderr
