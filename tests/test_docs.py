@@ -138,7 +138,8 @@ def test_the_readme_is_a_first_page():
     assert "make demo" in text and "make test" in text
     # every entry script has its row in "Which script do I run"
     scripts = sorted(p.name for p in REPO.glob("*.py")) + sorted(
-        f"networks/{p.name}" for p in (REPO / "networks").glob("*.py") if "__main__" in p.read_text(encoding="utf-8"))
+        f"{folder}/{p.name}" for folder in ("networks", "finetune") for p in (REPO / folder).glob("*.py")
+        if "__main__" in p.read_text(encoding="utf-8"))
     table = text.split("## Which script do I run", 1)[1].split("\n## ", 1)[0]
     missing = [s for s in scripts if f"`{s}" not in table]
     assert not missing, f"scripts without a row in the README's table: {missing}"

@@ -49,20 +49,11 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from transformers.utils import logging as hf_logging
-
         folder = Path(folder)
         _check_folder(folder)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            # Without torchvision transformers falls back to its PIL image processor and says so on
-            # every load; that notice is not the user's problem.
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-            try:
-                self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-            finally:
-                hf_logging.set_verbosity(level)
+            self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             self.model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"the captioning model in {folder} cannot be loaded ({err}).", path=folder,
