@@ -1,0 +1,23 @@
+"""SDXL base: the second model family (issue 17), as self-contained parts for the family seam.
+
+Usage sketch:
+
+    from library.models.sdxl.loading import load_sdxl_model
+    from library.models.sdxl.conditioning import encode_prompts, size_ids
+    from library.models.sdxl.lora_names import unet_lora_names
+
+    model = load_sdxl_model("sd_xl_base_1.0.safetensors")   # or a diffusers folder; vae_path=--vae
+    cond = encode_prompts(model.tokenizers, model.text_encoders, ["a photo of a cat"])
+    time_ids = size_ids([(1024, 1024)], [(0, 0)], [(1024, 1024)])
+    noise_pred = model.unet(latents, t, cond.hidden_states,
+                            added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
+
+Module map:
+    arch.py          shipped configs (configs/sdxl), configs inferred from shapes, family detection
+    convert.py       original single-file layout <-> diffusers/transformers keys (both ways)
+    loading.py       load_sdxl_model: single files and diffusers folders, --vae, clear errors
+    saving.py        save_sdxl_checkpoint (original layout) / save_sdxl_diffusers
+    tiny.py          the tiny SDXL-structured model for tests (both layouts)
+    conditioning.py  both encoders' penultimate states, bigG's pooled output, size/crop ids, long prompts
+    lora_names.py    kohya's SDXL LoRA names (lora_unet_input_blocks_..., lora_te1_, lora_te2_)
+"""
