@@ -260,6 +260,13 @@ def _rename(key: str, prefixes: dict) -> str:
     return key
 
 
+def unet_module_paths_to_ldm(paths, state_keys) -> dict:
+    """diffusers UNet module paths (`down_blocks.1.attentions.0.proj_in`) -> the same modules' paths
+    in the original layout (`input_blocks.4.1.proj_in`); `state_keys`: the UNet's state dict keys."""
+    prefixes = _unet_prefixes(state_keys)
+    return {path: _rename(path + ".", prefixes)[:-1] for path in paths}
+
+
 def unet_to_ldm(unet_sd: dict) -> dict:
     prefixes = _unet_prefixes(unet_sd)
     return {UNET_PREFIX + _rename(k, prefixes): v for k, v in unet_sd.items()}
