@@ -1,0 +1,214 @@
+"""kohya's SDXL LoRA names: our map from diffusers modules to kohya's original-layout names, checked
+exhaustively against kohya's rules (written out from kohya's SDXL UNet) on the tiny model and on
+SDXL's real shapes (meta device), and against diffusers' own reading of kohya SDXL files."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from library.models.arch import model_kwargs
+from library.models.sdxl import arch
+from library.models.sdxl.lora_names import part_of, sdxl_lora_names, text_encoder_lora_names, unet_lora_names
+from library.models.sdxl.tiny import build_tiny_sdxl
+
+# kohya's SdxlUNet2DConditionModel (library/sdxl_original_unet.py): the attention blocks and their
+# transformer depth, the ResNet blocks, which of them change width (a 1x1 skip_connection), and the
+# down/upsamplers.
+ATTENTIONS = {"input_blocks.4.1": 2, "input_blocks.5.1": 2, "input_blocks.7.1": 10, "input_blocks.8.1": 10,
+              "middle_block.1": 10, **{f"output_blocks.{i}.1": 10 for i in (0, 1, 2)},
+              **{f"output_blocks.{i}.1": 2 for i in (3, 4, 5)}}
+RESNETS = [f"input_blocks.{i}.0" for i in (1, 2, 4, 5, 7, 8)] + ["middle_block.0", "middle_block.2"] + \
+    [f"output_blocks.{i}.0" for i in range(9)]
+WIDTH_CHANGES = ["input_blocks.4.0", "input_blocks.7.0"] + [f"output_blocks.{i}.0" for i in range(9)]
+SAMPLERS = ["input_blocks.3.0.op", "input_blocks.6.0.op", "output_blocks.2.2.conv", "output_blocks.5.2.conv"]
+CLIP_LAYER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
+
+
+def kohya_unet_modules(conv: bool = False) -> list[str]:
+    """kohya's rule: Linear / 1x1 conv inside Transformer2DModel (+ every conv/Linear of the ResNet
+    and sampler blocks with conv_dim), named by their path in the original UNet."""
+    paths = []
+    for block, depth in ATTENTIONS.items():
+        paths += [f"{block}.proj_in", f"{block}.proj_out"]
+        for t in range(depth):
+            for attn in ("attn1", "attn2"):
+                paths += [f"{block}.transformer_blocks.{t}.{attn}.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")]
+            paths += [f"{block}.transformer_blocks.{t}.ff.net.0.proj", f"{block}.transformer_blocks.{t}.ff.net.2"]
+    if conv:
+        for block in RESNETS:
+            paths += [f"{block}.in_layers.2", f"{block}.emb_layers.1", f"{block}.out_layers.3"]
+        paths += [f"{block}.skip_connection" for block in WIDTH_CHANGES] + SAMPLERS
+    return paths
+
+
+def kohya_names(conv: bool = False, te1_layers: int = 12, te2_layers: int = 32) -> dict[str, set]:
+    flat = lambda prefix, path: f"{prefix}_{path}".replace(".", "_")  # noqa: E731
+    te = lambda prefix, n: {flat(prefix, f"text_model.encoder.layers.{i}.{m}") for i in range(n) for m in CLIP_LAYER}  # noqa: E731
+    return {"unet": {flat("lora_unet", p) for p in kohya_unet_modules(conv)},
+            "te1": te("lora_te1", te1_layers), "te2": te("lora_te2", te2_layers)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_sdxl(0)
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        return (UNet2DConditionModel(**model_kwargs(arch.shipped_config("unet"))),
+                CLIPTextModel(CLIPTextConfig(**arch.shipped_config("text_encoder"))),
+                CLIPTextModelWithProjection(CLIPTextConfig(**arch.shipped_config("text_encoder_2"))))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["lora", "locon"])
+def test_names_are_kohyas_on_the_tiny_and_the_full_size_model(tiny, full_size, conv):
+    expected = kohya_names(conv)
+    for unet, te1, te2 in ((tiny.unet, tiny.text_encoder, tiny.text_encoder_2), full_size):
+        names = sdxl_lora_names(unet, te1, te2, conv=conv)
+        for part in ("unet", "te1", "te2"):
+            assert set(names[part].values()) == expected[part], part
+            assert len(set(names[part].values())) == len(names[part])  # one name per module, no clash
+            assert all(part_of(n) == part for n in names[part].values())
+
+
+def test_key_counts_at_sdxl_shape_rank_32(full_size):
+    """The tensors of a rank-32 LoRA file at SDXL's shapes, per part, against kohya's rules.
+
+    kohya: 722 UNet modules (70 transformer blocks x 10 Linear + 11 x proj_in/proj_out), 12 x 6
+    in ViT-L, 32 x 6 in bigG; LoCon adds 17 ResNets x 3 + 11 skip convs + 4 samplers = 66.
+    """
+    unet, te1, te2 = full_size
+    kohya = {conv: {part: 3 * len(names) for part, names in kohya_names(conv).items()} for conv in (False, True)}
+    for conv in (False, True):
+        ours = sdxl_lora_names(unet, te1, te2, conv=conv)
+        keys = {part: 3 * len(names) for part, names in ours.items()}  # lora_down, lora_up, alpha
+        assert keys == kohya[conv]
+    assert kohya[False] == {"unet": 3 * 722, "te1": 3 * 72, "te2": 3 * 192}
+    assert kohya[True]["unet"] == 3 * 788
+
+
+CHANNELS = {"input_blocks.4": 640, "input_blocks.5": 640, "input_blocks.7": 1280, "input_blocks.8": 1280,
+            "middle_block": 1280, **{f"output_blocks.{i}": 1280 for i in (0, 1, 2)},
+            **{f"output_blocks.{i}": 640 for i in (3, 4, 5)}}
+
+
+def kohya_shape(name: str) -> tuple[int, int]:
+    """(in, out) of a kohya SDXL LoRA module's layer, from SDXL's widths (LoRA, no LoCon)."""
+    if name.startswith(("lora_te1_", "lora_te2_")):
+        width, mlp = (768, 3072) if name.startswith("lora_te1_") else (1280, 5120)
+        return (width, mlp) if name.endswith("fc1") else (mlp, width) if name.endswith("fc2") else (width, width)
+    block = next(b for b in CHANNELS if name.startswith("lora_unet_" + b.replace(".", "_") + "_"))
+    c = CHANNELS[block]
+    if "attn2_to_k" in name or "attn2_to_v" in name:
+        return 2048, c  # cross-attention reads the 768 + 1280 text states
+    if name.endswith("ff_net_0_proj"):
+        return c, 8 * c  # GEGLU: two halves of 4c
+    if name.endswith("ff_net_2"):
+        return 4 * c, c
+    return c, c
+
+
+def test_modules_have_kohyas_shapes_at_sdxl_size(full_size):
+    unet, te1, te2 = full_size
+    names = sdxl_lora_names(unet, te1, te2)
+    checked = 0
+    for root, part in ((unet, "unet"), (te1, "te1"), (te2, "te2")):
+        for path, name in names[part].items():
+            layer = root.get_submodule(path)
+            assert (layer.in_features, layer.out_features) == kohya_shape(name), name
+            checked += 1
+    assert checked == 722 + 72 + 192
+
+
+def test_unet_names_point_at_the_same_weights_in_the_original_layout(tiny):
+    """Each kohya name is the layer's path in SDXL's original layout: the checkpoint tensor at that path
+    (in the file diffusers' from_single_file reads as we do, test_sdxl_models) is the layer's weight."""
+    from library.models import convert as base_convert
+    from library.models.sdxl.saving import checkpoint_state_dict
+
+    original = checkpoint_state_dict(tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
+    names = unet_lora_names(tiny.unet, conv=True)
+    paths = base_convert.unet_module_paths_to_ldm(names, tiny.unet.state_dict().keys())
+    for path, name in names.items():
+        assert name == "lora_unet_" + paths[path].replace(".", "_")
+        weight = original["model.diffusion_model." + paths[path] + ".weight"]
+        assert torch.equal(weight, tiny.unet.get_submodule(path).weight), path
+
+
+def test_text_encoder_names_keep_the_text_model_level(tiny):
+    te1 = text_encoder_lora_names(tiny.text_encoder, 1)
+    te2 = text_encoder_lora_names(tiny.text_encoder_2, 2)
+    assert te1["encoder.layers.0.self_attn.q_proj"] == "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    assert te2["text_model.encoder.layers.31.mlp.fc2"] == "lora_te2_text_model_encoder_layers_31_mlp_fc2"
+    assert not any("text_projection" in n for n in te2.values())  # not inside CLIPAttention / CLIPMLP
+
+
+def kohya_file(tiny, conv: bool, rank: int = 4, alpha: float = 2.0) -> dict:
+    """A LoRA state dict named as kohya's sdxl_train_network.py writes it, random nonzero tensors."""
+    gen = torch.Generator().manual_seed(1)
+    sd = {}
+    roots = {"unet": tiny.unet, "te1": tiny.text_encoder, "te2": tiny.text_encoder_2}
+    for part, names in sdxl_lora_names(tiny.unet, tiny.text_encoder, tiny.text_encoder_2, conv=conv).items():
+        for path, name in names.items():
+            layer = roots[part].get_submodule(path)
+            if isinstance(layer, torch.nn.Linear):
+                down, up = (rank, layer.in_features), (layer.out_features, rank)
+            else:
+                down, up = (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+            sd[f"{name}.lora_down.weight"] = torch.randn(down, generator=gen) * 0.1
+            sd[f"{name}.lora_up.weight"] = torch.randn(up, generator=gen) * 0.1
+            sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["lora", "locon"])
+def test_diffusers_reads_kohya_sdxl_names_as_our_modules(conv):
+    """diffusers' StableDiffusionXLPipeline.load_lora_weights (its own kohya-SDXL key conversion)
+    puts every module of a kohya-named file on the layer our map names, with the file's tensors."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from library.models.loading import make_noise_scheduler
+    from library.models.sdxl.loading import load_sdxl_tokenizers
+
+    tiny = build_tiny_sdxl(0)
+    sd = kohya_file(tiny, conv)
+    names = sdxl_lora_names(tiny.unet, tiny.text_encoder, tiny.text_encoder_2, conv=conv)
+    tok1, tok2 = load_sdxl_tokenizers()
+    pipe = StableDiffusionXLPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, text_encoder_2=tiny.text_encoder_2,
+                                     tokenizer=tok1, tokenizer_2=tok2, unet=tiny.unet, scheduler=make_noise_scheduler())
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(dict(sd))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    said = records + [str(w.message) for w in caught if not issubclass(w.category, FutureWarning)]
+    assert not [m for m in said if "key" in m.lower() or "not " in m.lower()], said
+    found = 0
+    for part, root in (("unet", pipe.unet), ("te1", pipe.text_encoder), ("te2", pipe.text_encoder_2)):
+        for path, module in root.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            name = names[part][path]  # a KeyError: diffusers patched a layer our map does not name
+            adapter = module.active_adapters[0]
+            assert torch.equal(module.lora_A[adapter].weight, sd[name + ".lora_down.weight"]), name
+            assert torch.equal(module.lora_B[adapter].weight, sd[name + ".lora_up.weight"]), name
+            assert module.scaling[adapter] == pytest.approx(2.0 / 4), name
+            found += 1
+    assert found == sum(len(n) for n in names.values())  # every module of the file was used
