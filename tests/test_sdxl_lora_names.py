@@ -212,3 +212,33 @@ def test_diffusers_reads_kohya_sdxl_names_as_our_modules(conv):
             assert module.scaling[adapter] == pytest.approx(2.0 / 4), name
             found += 1
     assert found == sum(len(n) for n in names.values())  # every module of the file was used
+
+
+def test_block_indices_are_kohyas_sdxl_blocks(full_size):
+    from library.models.sdxl.lora_names import NUM_BLOCKS, block_index
+
+    unet, te1, te2 = full_size
+    names = sdxl_lora_names(unet, te1, te2, conv=True)
+    per_block = {}
+    for name in names["unet"].values():
+        per_block[block_index(name)] = per_block.get(block_index(name), 0) + 1
+    # input_blocks 1-2 / 4-5 / 7-8 -> 2-3 / 5-6 / 8-9, downsamplers 3 and 6 -> 4 and 7, middle 10-12,
+    # output_blocks 0-8 -> 13-21; nothing is targeted in 0 (embeddings), 1 (conv_in) or 22 (out)
+    assert sorted(per_block) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] + list(range(13, 22))
+    assert per_block[4] == per_block[7] == 1  # input_blocks.3.0.op, input_blocks.6.0.op
+    assert per_block[10] == per_block[12] == 3  # middle ResNets: in_layers, emb_layers, out_layers
+    assert per_block[8] == 4 + 2 + 10 * 10  # ResNet with skip_connection + proj_in/out + 10 blocks
+    assert block_index("lora_unet_output_blocks_8_0_skip_connection") == 21
+    assert block_index("lora_unet_label_emb_0_0") == 0 and block_index("lora_unet_out_2") == NUM_BLOCKS - 1
+    assert block_index("lora_te2_text_model_encoder_layers_0_mlp_fc1") is None
+
+
+def test_sdxl_metadata_values_are_kohyas():
+    from library.models.sdxl.metadata import lora_metadata_values
+
+    values = lora_metadata_values()
+    assert values["ss_base_model_version"] == "sdxl_base_v1-0" and values["ss_v2"] == "False"
+    assert values["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert values["modelspec.resolution"] == "1024x1024" and values["modelspec.prediction_type"] == "epsilon"
+    assert lora_metadata_values(True, (896, 1152))["modelspec.resolution"] == "896x1152"
+    assert lora_metadata_values(True)["modelspec.prediction_type"] == "v"

@@ -71,7 +71,7 @@ def test_single_file_is_laid_out_like_sdxl(original):
     assert arch.detect(keys) == arch.SDXL_BASE
 
 
-def test_both_layouts_load_with_equal_weights_and_outputs(tiny_sdxl, loaded):
+def test_both_layouts_load_the_same_weights_as_built(tiny_sdxl, loaded):
     reference = build_tiny_sdxl(0)
     ref = dict(zip(PARTS, (reference.unet, reference.vae, reference.text_encoder, reference.text_encoder_2)))
     for model in loaded:
@@ -249,3 +249,15 @@ def test_diffusers_folder_checks(tmp_path, tiny_sdxl):
     index.update(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None])
     (folder / "model_index.json").write_text(json.dumps(index))
     assert "SDXL refiner" in str(_error(folder))
+
+
+def test_diffusers_sdxl_pipeline_runs_from_the_tiny_folder_offline(tiny_sdxl):
+    """The folder is a real diffusers SDXL model: StableDiffusionXLPipeline loads it offline and denoises."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl.diffusers_dir), local_files_only=True)
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer_2.pad_token_id == 0 and pipe.tokenizer.pad_token_id == 49407
+    out = pipe("a photo of a cat", num_inference_steps=1, height=64, width=64, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and (out >= 0).all() and (out <= 1).all()

@@ -60,6 +60,24 @@ def sdxl_lora_names(unet, text_encoder_1, text_encoder_2, conv: bool = False) ->
             "te2": text_encoder_lora_names(text_encoder_2, 2)}
 
 
+# kohya's SDXL blocks for block_dims / block_alphas / down_lr_weight ...: 0 time and size
+# embeddings, 1-9 input_blocks 0-8, 10-12 middle_block 0-2, 13-21 output_blocks 0-8, 22 out.
+NUM_BLOCKS = 23
+
+
+def block_index(lora_name: str) -> int | None:
+    """kohya's SDXL block of a UNet module name (sdxl get_block_index); None for text encoders."""
+    if not lora_name.startswith(UNET_PREFIX + "_"):
+        return None
+    name = lora_name[len(UNET_PREFIX) + 1:]
+    for start, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+        if name.startswith(start):
+            return first + int(name[len(start):].split("_", 1)[0])
+    if name.startswith(("time_embed_", "label_emb_")):
+        return 0
+    return NUM_BLOCKS - 1 if name.startswith("out_") else None
+
+
 def part_of(lora_name: str) -> str | None:
     """"unet", "te1" or "te2" for a kohya SDXL module name (None for another model's name)."""
     for part, prefix in (("unet", UNET_PREFIX), ("te1", TE1_PREFIX), ("te2", TE2_PREFIX)):
