@@ -45,8 +45,12 @@ def kohya_unet_modules(conv: bool = False) -> list[str]:
 
 
 def kohya_names(conv: bool = False, te1_layers: int = 12, te2_layers: int = 32) -> dict[str, set]:
-    flat = lambda prefix, path: f"{prefix}_{path}".replace(".", "_")  # noqa: E731
-    te = lambda prefix, n: {flat(prefix, f"text_model.encoder.layers.{i}.{m}") for i in range(n) for m in CLIP_LAYER}  # noqa: E731
+    def flat(prefix, path):
+        return f"{prefix}_{path}".replace(".", "_")
+
+    def te(prefix, layers):
+        return {flat(prefix, f"text_model.encoder.layers.{i}.{m}") for i in range(layers) for m in CLIP_LAYER}
+
     return {"unet": {flat("lora_unet", p) for p in kohya_unet_modules(conv)},
             "te1": te("lora_te1", te1_layers), "te2": te("lora_te2", te2_layers)}
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
@@ -53,7 +52,8 @@ def test_single_file_is_laid_out_like_sdxl(original):
     keys = set(original)
     prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in keys}
     assert prefixes == {"model.diffusion_model", "conditioner.embedders", "first_stage_model.encoder",
-                        "first_stage_model.decoder", "first_stage_model.quant_conv", "first_stage_model.post_quant_conv"}
+                        "first_stage_model.decoder", "first_stage_model.quant_conv",
+                        "first_stage_model.post_quant_conv"}
     assert {k.split(".")[3] for k in keys if k.startswith("conditioner.")} == {"transformer", "model"}
     assert "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight" in keys
     assert "conditioner.embedders.0.transformer.text_model.encoder.layers.12.mlp.fc2.weight" not in keys
