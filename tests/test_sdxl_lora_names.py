@@ -246,3 +246,89 @@ def test_sdxl_metadata_values_are_kohyas():
     assert values["modelspec.resolution"] == "1024x1024" and values["modelspec.prediction_type"] == "epsilon"
     assert lora_metadata_values(True, (896, 1152))["modelspec.resolution"] == "896x1152"
     assert lora_metadata_values(True)["modelspec.prediction_type"] == "v"
+
+
+# --- networks.lora on SDXL: the file it writes ------------------------------------------------------
+
+def file_parts(keys) -> dict[str, set]:
+    out = {"unet": set(), "te1": set(), "te2": set()}
+    for key in keys:
+        out[part_of(key)].add(key.split(".", 1)[0])
+    return out
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["lora", "locon"])
+def test_networks_lora_rank_32_at_sdxl_shape_has_kohyas_keys(full_size, conv):
+    """`networks.lora` built on full-size SDXL (meta device, no memory): every key kohya's
+    sdxl_train_network.py writes for --network_dim 32 (--network_args conv_dim=32), and no other."""
+    from accelerate import init_empty_weights
+
+    from networks import lora
+
+    unet, te1, te2 = full_size
+    kwargs = {"conv_dim": "32", "conv_alpha": "16"} if conv else {}
+    with init_empty_weights():
+        network = lora.create_network(1.0, 32, 16, None, [te1, te2], unet, **kwargs)
+    keys = [k for k in network.state_dict() if k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    parts = file_parts(keys)
+    assert parts == kohya_names(conv)
+    counts = {part: 3 * len(names) for part, names in parts.items()}
+    assert counts == {"unet": 3 * (788 if conv else 722), "te1": 216, "te2": 576}
+    shapes = network.state_dict()
+    assert shapes["lora_unet_input_blocks_7_1_transformer_blocks_9_attn2_to_k.lora_down.weight"].shape == (32, 2048)
+    assert shapes["lora_te2_text_model_encoder_layers_31_mlp_fc1.lora_up.weight"].shape == (5120, 32)
+
+
+def test_networks_lora_file_on_tiny_sdxl_loads_in_diffusers_with_equal_outputs(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from library.models.loading import make_noise_scheduler
+    from library.models.sdxl.conditioning import encode_prompts, size_ids
+    from library.models.sdxl.loading import load_sdxl_tokenizers
+    from networks import lora
+
+    ours = build_tiny_sdxl(0)
+    encoders = (ours.text_encoder, ours.text_encoder_2)
+    network = lora.create_network(1.0, 4, 2, ours.vae, list(encoders), ours.unet, conv_dim="4", conv_alpha="2")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for module in network.all_loras():
+            module.lora_up.weight.normal_(0, 0.2)  # trained-looking: lora_up starts at zero
+    network.apply_to(list(encoders), ours.unet)
+    path = tmp_path / "sdxl_lora.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_base_model_version": "sdxl_base_v1-0"})
+    sd = load_file(str(path))
+    assert file_parts(sd) == kohya_names(conv=True, te1_layers=12, te2_layers=32)
+
+    tokenizers = load_sdxl_tokenizers()
+    latents, time_ids = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), size_ids(
+        [(64, 64)], [(0, 0)], [(64, 64)])
+
+    def outputs(unet, te1, te2):
+        with torch.no_grad():
+            cond = encode_prompts(tokenizers, (te1, te2), ["a photo of a cat"])
+            noise = unet(latents, 500, cond.hidden_states,
+                         added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": time_ids}).sample
+        return cond.hidden_states, cond.pooled, noise
+
+    network.eval()
+    with_network = outputs(ours.unet, *encoders)
+    theirs = build_tiny_sdxl(0)
+    base = outputs(theirs.unet, theirs.text_encoder, theirs.text_encoder_2)
+    pipe = StableDiffusionXLPipeline(vae=theirs.vae, text_encoder=theirs.text_encoder,
+                                     text_encoder_2=theirs.text_encoder_2, tokenizer=tokenizers[0],
+                                     tokenizer_2=tokenizers[1], unet=theirs.unet, scheduler=make_noise_scheduler())
+    pipe.load_lora_weights(str(path))
+    with_diffusers = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    for a, b, c in zip(with_network, with_diffusers, base):
+        assert not torch.allclose(a, c, atol=1e-3)  # the LoRA changes every output
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+    # and our own loader reads the file back onto the same modules
+    fresh = build_tiny_sdxl(0)
+    again, weights = lora.create_network_from_weights(1.0, str(path), fresh.vae,
+                                                      [fresh.text_encoder, fresh.text_encoder_2], fresh.unet)
+    assert again.unmatched_modules == [] and len(again.all_loras()) == len(network.all_loras())
+    info = again.load_state_dict(weights, strict=False)
+    assert not info.missing_keys and not info.unexpected_keys
