@@ -242,12 +242,18 @@ def test_diffusers_folder_checks(tmp_path, tiny_sdxl):
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    (folder / "model_index.json").rename(tmp_path / "model_index.json")
+    assert load_sdxl_model(folder).unet.config.addition_embed_type == "text_time"  # told by unet/config.json
+    (tmp_path / "model_index.json").rename(folder / "model_index.json")
     shutil.rmtree(folder / "text_encoder_2")
     text = str(_error(folder))
     assert "text_encoder_2/config.json missing" in text
     index = json.loads((folder / "model_index.json").read_text())
     index.update(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None])
     (folder / "model_index.json").write_text(json.dumps(index))
+    assert "SDXL refiner" in str(_error(folder))
+    (folder / "model_index.json").unlink()  # a refiner folder without its index: no text_encoder/
+    shutil.rmtree(folder / "text_encoder")
     assert "SDXL refiner" in str(_error(folder))
 
 

@@ -19,5 +19,8 @@ Module map:
     saving.py        save_sdxl_checkpoint (original layout) / save_sdxl_diffusers
     tiny.py          the tiny SDXL-structured model for tests (both layouts)
     conditioning.py  both encoders' penultimate states, bigG's pooled output, size/crop ids, long prompts
-    lora_names.py    kohya's SDXL LoRA names (lora_unet_input_blocks_..., lora_te1_, lora_te2_)
+    lora_names.py    kohya's SDXL LoRA names (lora_unet_input_blocks_..., lora_te1_, lora_te2_), block index
+    metadata.py      the SDXL values of a LoRA file's ss_* / modelspec metadata
+
+networks.lora builds SDXL networks with these names when given an SDXL UNet and [te1, te2].
 """

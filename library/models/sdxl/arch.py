@@ -58,13 +58,14 @@ def detect(keys) -> str:
     return UNKNOWN
 
 
-def detect_folder(model_index: dict, unet_config: dict) -> str:
-    """The family of a diffusers folder from its model_index.json and unet/config.json."""
-    if model_index.get("_class_name", "").startswith("StableDiffusionXL") or "text_encoder_2" in model_index:
-        has_te1 = (model_index.get("text_encoder") or [None])[0] is not None
-        return SDXL_BASE if has_te1 else SDXL_REFINER
-    if unet_config.get("addition_embed_type") == "text_time":
-        return SDXL_BASE if unet_config.get("cross_attention_dim") == 2048 else SDXL_REFINER
+def detect_folder(model_index: dict, unet_config: dict, has_text_encoder: bool) -> str:
+    """The family of a diffusers folder from its model_index.json, unet/config.json and whether it
+    has a text_encoder/ (CLIP ViT-L, which the refiner lacks; its pipeline lists it as null)."""
+    sdxl = (model_index.get("_class_name", "").startswith("StableDiffusionXL") or "text_encoder_2" in model_index
+            or unet_config.get("addition_embed_type") == "text_time")
+    if sdxl:
+        listed = (model_index.get("text_encoder") or [None])[0] is not None if model_index else True
+        return SDXL_BASE if has_text_encoder and listed else SDXL_REFINER
     return SD2 if unet_config.get("use_linear_projection") else SD1
 
 

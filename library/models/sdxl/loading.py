@@ -204,7 +204,8 @@ def _load_folder(path: Path, dtype, vae_dtype, need_vae: bool):
 
     from library.models.loading import _from_pretrained
 
-    kind = arch.detect_folder(_read_json(path / "model_index.json"), _read_json(path / "unet" / "config.json"))
+    kind = arch.detect_folder(_read_json(path / "model_index.json"), _read_json(path / "unet" / "config.json"),
+                              has_text_encoder=(path / "text_encoder").is_dir())
     if kind == arch.SDXL_REFINER:
         raise UserError(f"{path} is an SDXL refiner (no CLIP ViT-L text_encoder/): training the refiner is not "
                         "supported.", path=path, fix=FIX_BASE)
