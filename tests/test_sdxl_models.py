@@ -267,3 +267,14 @@ def test_diffusers_sdxl_pipeline_runs_from_the_tiny_folder_offline(tiny_sdxl):
     out = pipe("a photo of a cat", num_inference_steps=1, height=64, width=64, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (1, 64, 64, 3) and (out >= 0).all() and (out <= 1).all()
+
+
+def test_dtypes_and_fp32_vae(tiny_sdxl):
+    """bf16 training with --no_half_vae: UNet and both encoders in bf16, the VAE kept in fp32."""
+    model = load_sdxl_model(tiny_sdxl.single_file, dtype=torch.bfloat16, vae_dtype=torch.float32)
+    for part in (model.unet, *model.text_encoders):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+    assert model.noise_scheduler.config.prediction_type == "epsilon"
+    assert load_sdxl_model(tiny_sdxl.single_file, v_parameterization=True).noise_scheduler.config.prediction_type \
+        == "v_prediction"
