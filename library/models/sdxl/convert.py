@@ -6,6 +6,11 @@ their prefixes: the UNet and VAE are the same layouts (plus SDXL's `label_emb` <
 and bigG is SD2's OpenCLIP layout under `conditioner.embedders.1.model.`, keeping all its layers
 and its text projection (the pooled output needs them). Every key maps both ways, so a round
 trip is exact (tested).
+
+bigG's `text_projection` is transposed into the Linear weight, as SDXL computes it (OpenCLIP's
+`x @ P`) and as diffusers and ComfyUI read it. kohya's single-file loader (sdxl_model_util) copies
+it untransposed, so kohya's pooled output from a single file is `x @ P.T`, unlike SDXL's and
+unlike kohya's own from a diffusers folder: a deliberate difference from kohya.
 """
 from __future__ import annotations
 
