@@ -174,21 +174,18 @@ class LoRANetwork(torch.nn.Module):
         if with_conv or modules_dim is not None:  # from weights: the file decides
             unet_targets = unet_targets + fmt.UNET_CONV_TARGETS
         self.is_sdxl = _is_sdxl(unet)
-        unet_names = None
+        namer = fmt.lora_name
         if self.is_sdxl:  # kohya's SDXL names: the UNet's original layout, lora_te1_ / lora_te2_
             from library.models.sdxl import lora_names as sdxl_names
 
+            namer = sdxl_names.lora_module_name
             encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-            self.text_encoder_loras = []
-            for index, encoder in enumerate(encoders[:2], start=1):
-                if encoder is not None:
-                    self.text_encoder_loras += self._create(fmt.TE_PREFIX, encoder, fmt.TE_TARGETS,
-                                                            sdxl_names.text_encoder_lora_names(encoder, index))
-            unet_names = sdxl_names.unet_lora_names(unet, conv=True)
+            self.text_encoder_loras = [lora for prefix, encoder in zip(sdxl_names.TEXT_ENCODER_PREFIXES, encoders)
+                                       for lora in self._create(prefix, encoder, fmt.TE_TARGETS, namer)]
         else:
             text_encoder = _single_text_encoder(text_encoder)
             self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
-        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets, unet_names)
+        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets, namer)
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
         if varbose:
@@ -205,13 +202,13 @@ class LoRANetwork(torch.nn.Module):
                 logger.warning("%d LoRA modules in the weights match no layer of this model and are "
                                "ignored, e.g. %s", len(self.unmatched_modules), self.unmatched_modules[:3])
 
-    def _create(self, prefix, root, class_names, names=None):
-        """`names`: {module path: LoRA name} where the family's names are not `prefix` + the path (SDXL)."""
+    def _create(self, prefix, root, class_names, namer=fmt.lora_name):
+        """`namer(prefix, module path)`: the name in the file (SDXL's differs from the path)."""
         if root is None:
             return []
         loras = []
         for path, layer in fmt.iter_targets(root, class_names):
-            name = fmt.lora_name(prefix, path) if names is None else names[path]
+            name = namer(prefix, path)
             conv3x3 = not (isinstance(layer, torch.nn.Linear) or fmt.is_1x1(layer))
             index = blocks.block_index(name)
             if self._modules_dim is not None:

@@ -11,8 +11,10 @@ import torch
 
 from library.models.arch import model_kwargs
 from library.models.sdxl import arch
-from library.models.sdxl.lora_names import part_of, sdxl_lora_names, text_encoder_lora_names, unet_lora_names
+from library.models.sdxl import lora_names
+from library.models.sdxl.lora_names import lora_module_name, part_of
 from library.models.sdxl.tiny import build_tiny_sdxl
+from networks import lora_format as fmt
 
 # kohya's SdxlUNet2DConditionModel (library/sdxl_original_unet.py): the attention blocks and their
 # transformer depth, the ResNet blocks, which of them change width (a 1x1 skip_connection), and the
@@ -53,6 +55,22 @@ def kohya_names(conv: bool = False, te1_layers: int = 12, te2_layers: int = 32) 
 
     return {"unet": {flat("lora_unet", p) for p in kohya_unet_modules(conv)},
             "te1": te("lora_te1", te1_layers), "te2": te("lora_te2", te2_layers)}
+
+
+def sdxl_lora_names(unet, te1, te2, conv: bool = False) -> dict[str, dict[str, str]]:
+    """Per part: {module path: name} for every layer networks.lora targets, named by lora_module_name."""
+    unet_classes = fmt.UNET_TARGETS + (fmt.UNET_CONV_TARGETS if conv else ())
+    parts = (("unet", "lora_unet", unet, unet_classes), ("te1", "lora_te1", te1, fmt.TE_TARGETS),
+             ("te2", "lora_te2", te2, fmt.TE_TARGETS))
+    return {part: {path: lora_module_name(prefix, path) for path, _ in fmt.iter_targets(root, classes)}
+            for part, prefix, root, classes in parts}
+
+
+def test_target_classes_are_networks_lora_s():
+    assert (lora_names.UNET_TARGETS, lora_names.UNET_CONV_TARGETS, lora_names.TE_TARGETS) == \
+        (fmt.UNET_TARGETS, fmt.UNET_CONV_TARGETS, fmt.TE_TARGETS)
+    with pytest.raises(ValueError):
+        lora_module_name("lora_te", "encoder.layers.0.mlp.fc1")  # SD1's prefix is not SDXL's
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +151,14 @@ def test_modules_have_kohyas_shapes_at_sdxl_size(full_size):
 
 
 def test_unet_names_point_at_the_same_weights_in_the_original_layout(tiny):
-    """Each kohya name is the layer's path in SDXL's original layout: the checkpoint tensor at that path
-    (in the file diffusers' from_single_file reads as we do, test_sdxl_models) is the layer's weight."""
+    """Each kohya name is the layer's path in SDXL's original layout, as mapped from the model's own
+    keys: the checkpoint tensor at that path (in the file diffusers' from_single_file reads as we do,
+    test_sdxl_models) is the layer's weight."""
     from library.models import convert as base_convert
     from library.models.sdxl.saving import checkpoint_state_dict
 
     original = checkpoint_state_dict(tiny.unet, tiny.vae, tiny.text_encoder, tiny.text_encoder_2)
-    names = unet_lora_names(tiny.unet, conv=True)
+    names = sdxl_lora_names(tiny.unet, tiny.text_encoder, tiny.text_encoder_2, conv=True)["unet"]
     paths = base_convert.unet_module_paths_to_ldm(names, tiny.unet.state_dict().keys())
     for path, name in names.items():
         assert name == "lora_unet_" + paths[path].replace(".", "_")
@@ -148,11 +167,10 @@ def test_unet_names_point_at_the_same_weights_in_the_original_layout(tiny):
 
 
 def test_text_encoder_names_keep_the_text_model_level(tiny):
-    te1 = text_encoder_lora_names(tiny.text_encoder, 1)
-    te2 = text_encoder_lora_names(tiny.text_encoder_2, 2)
-    assert te1["encoder.layers.0.self_attn.q_proj"] == "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
-    assert te2["text_model.encoder.layers.31.mlp.fc2"] == "lora_te2_text_model_encoder_layers_31_mlp_fc2"
-    assert not any("text_projection" in n for n in te2.values())  # not inside CLIPAttention / CLIPMLP
+    names = sdxl_lora_names(tiny.unet, tiny.text_encoder, tiny.text_encoder_2)
+    assert names["te1"]["encoder.layers.0.self_attn.q_proj"] == "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    assert names["te2"]["text_model.encoder.layers.31.mlp.fc2"] == "lora_te2_text_model_encoder_layers_31_mlp_fc2"
+    assert not any("text_projection" in n for n in names["te2"].values())  # not inside CLIPAttention / CLIPMLP
 
 
 def kohya_file(tiny, conv: bool, rank: int = 4, alpha: float = 2.0) -> dict:

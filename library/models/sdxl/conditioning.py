@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from library.training.text import tokenize
-
 
 @dataclass
 class SDXLTextConditioning:
@@ -32,6 +30,8 @@ class SDXLTextConditioning:
 
 def tokenize_sdxl(tokenizers, captions: list[str], max_token_length: int | None = None):
     """(ids for ViT-L, ids for bigG): [B, 77] each, or [B, n, 77] windows for long captions."""
+    from library.training.text import tokenize  # the windowing SD1/SD2 captions use
+
     return tuple(tokenize(tok, list(captions), max_token_length) for tok in tokenizers)
 
 

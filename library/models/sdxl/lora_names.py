@@ -1,4 +1,4 @@
-"""kohya's SDXL LoRA module names, and the map between them and our (diffusers) modules.
+"""kohya's SDXL LoRA module names, from our (diffusers) module paths.
 
 kohya trains SDXL on its own copy of the original UNet (library/sdxl_original_unet.py), so its
 SDXL LoRA files name UNet modules by the ORIGINAL layout, dots turned into underscores:
@@ -9,60 +9,61 @@ SDXL LoRA files name UNet modules by the ORIGINAL layout, dots turned into under
     lora_unet_input_blocks_1_0_in_layers_2                         (down_blocks.0.resnets.0.conv1, LoCon)
 
 and the two text encoders `lora_te1_text_model_...` (CLIP ViT-L) and `lora_te2_text_model_...`
-(bigG), with transformers' names. Which layers get a module is the rule of SD1.x LoRA (kohya's
-and networks/lora_format.py's): Linear and 1x1-conv layers inside Transformer2DModel (UNet) and
-CLIPAttention/CLIPMLP (text encoders); with conv_dim (LoCon) also the layers of ResnetBlock2D,
-Downsample2D and Upsample2D. diffusers names these classes as kohya's UNet does.
+(bigG), with transformers' names. Which layers get a module is SD1.x's rule (kohya's, and
+networks/lora_format.py's; the class lists below are kept equal to those by a test, as
+library/models does not import networks/): Linear and 1x1-conv layers inside Transformer2DModel
+(UNet) and CLIPAttention/CLIPMLP (text encoders); with conv_dim (LoCon) also the layers of
+ResnetBlock2D, Downsample2D and Upsample2D. diffusers names these classes as kohya's UNet does.
 
-At SDXL's shapes that is, per part: UNet 722 modules (788 with LoCon), te1 72, te2 192; each
-module is 3 tensors in a file (lora_down, lora_up, alpha).
+The UNet's block numbering is SDXL base's (3 levels of 2 layers, attention in all but the
+first level, which kohya's UNet hard-codes); the tiny model shares it. At SDXL's shapes a LoRA
+has, per part: UNet 722 modules (788 with LoCon), te1 72, te2 192; each is 3 tensors in a file
+(lora_down, lora_up, alpha).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from library.models import convert as base_convert
-from networks import lora_format as fmt
 
 UNET_PREFIX = "lora_unet"
 TE1_PREFIX = "lora_te1"
 TE2_PREFIX = "lora_te2"
-
-
-def _flat(prefix: str, path: str) -> str:
-    return f"{prefix}_{path}".replace(".", "_")
-
-
-def unet_lora_names(unet, conv: bool = False) -> dict[str, str]:
-    """{diffusers module path: kohya SDXL LoRA name} for every layer a LoRA targets.
-
-    `conv`: LoCon (conv_dim) also targets the ResNet, down- and upsampler layers.
-    """
-    classes = fmt.UNET_TARGETS + (fmt.UNET_CONV_TARGETS if conv else ())
-    paths = [path for path, _ in fmt.iter_targets(unet, classes)]
-    original = base_convert.unet_module_paths_to_ldm(paths, unet.state_dict().keys())
-    return {path: _flat(UNET_PREFIX, original[path]) for path in paths}
-
-
-def text_encoder_lora_names(text_encoder, index: int) -> dict[str, str]:
-    """{module path: kohya name} for text encoder `index` (1: CLIP ViT-L, 2: bigG).
-
-    kohya's names keep transformers 4's `text_model.` level, which transformers 5's CLIPTextModel
-    (not CLIPTextModelWithProjection) no longer has.
-    """
-    prefix = {1: TE1_PREFIX, 2: TE2_PREFIX}[index]
-    return {path: _flat(prefix, "text_model." + path.removeprefix("text_model."))
-            for path, _ in fmt.iter_targets(text_encoder, fmt.TE_TARGETS)}
-
-
-def sdxl_lora_names(unet, text_encoder_1, text_encoder_2, conv: bool = False) -> dict[str, dict[str, str]]:
-    """Per part ("unet", "te1", "te2"): {module path: kohya name}."""
-    return {"unet": unet_lora_names(unet, conv),
-            "te1": text_encoder_lora_names(text_encoder_1, 1),
-            "te2": text_encoder_lora_names(text_encoder_2, 2)}
-
+TEXT_ENCODER_PREFIXES = (TE1_PREFIX, TE2_PREFIX)
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 # kohya's SDXL blocks for block_dims / block_alphas / down_lr_weight ...: 0 time and size
 # embeddings, 1-9 input_blocks 0-8, 10-12 middle_block 0-2, 13-21 output_blocks 0-8, 22 out.
 NUM_BLOCKS = 23
+
+
+@lru_cache(maxsize=1)
+def _sdxl_unet_keys() -> tuple[str, ...]:
+    """Enough of SDXL base's diffusers key names to number its blocks the original way."""
+    keys = [f"down_blocks.{i}.resnets.{j}.conv1.weight" for i in range(3) for j in range(2)]
+    keys += [f"up_blocks.{i}.resnets.{j}.conv1.weight" for i in range(3) for j in range(3)]
+    keys += [f"up_blocks.{i}.attentions.{j}.proj_in.weight" for i in (0, 1) for j in range(3)]
+    return tuple(keys)
+
+
+def original_unet_path(module_path: str) -> str:
+    """A diffusers SDXL UNet module's path in the original layout (`input_blocks.4.1.proj_in`)."""
+    return base_convert.unet_module_paths_to_ldm([module_path], _sdxl_unet_keys())[module_path]
+
+
+def lora_module_name(prefix: str, module_path: str) -> str:
+    """kohya's SDXL name for a module: `lora_unet` + its original-layout path, or `lora_te1`/`lora_te2`
+    + its transformers path with transformers 4's `text_model.` level (which transformers 5's
+    CLIPTextModel, not CLIPTextModelWithProjection, dropped); dots become underscores."""
+    if prefix == UNET_PREFIX:
+        module_path = original_unet_path(module_path)
+    elif prefix in TEXT_ENCODER_PREFIXES:
+        module_path = "text_model." + module_path.removeprefix("text_model.")
+    else:
+        raise ValueError(f"not an SDXL LoRA prefix: {prefix!r}")
+    return f"{prefix}_{module_path}".replace(".", "_")
 
 
 def block_index(lora_name: str) -> int | None:
