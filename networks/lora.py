@@ -169,13 +169,23 @@ class LoRANetwork(torch.nn.Module):
                 None if conv_block_dims is None else list(conv_block_alphas or [conv_alpha or 1.0] * len(conv_block_dims)))
         self.block_lr_weight = None
 
-        text_encoder = _single_text_encoder(text_encoder)
         unet_targets = fmt.UNET_TARGETS
         with_conv = conv_lora_dim if self.block_dims is None else self.block_dims.conv_dims
         if with_conv or modules_dim is not None:  # from weights: the file decides
             unet_targets = unet_targets + fmt.UNET_CONV_TARGETS
-        self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
-        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets)
+        self.is_sdxl = _is_sdxl(unet)
+        namer = fmt.lora_name
+        if self.is_sdxl:  # kohya's SDXL names: the UNet's original layout, lora_te1_ / lora_te2_
+            from library.models.sdxl import lora_names as sdxl_names
+
+            namer = sdxl_names.lora_module_name
+            encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+            self.text_encoder_loras = [lora for prefix, encoder in zip(sdxl_names.TEXT_ENCODER_PREFIXES, encoders)
+                                       for lora in self._create(prefix, encoder, fmt.TE_TARGETS, namer)]
+        else:
+            text_encoder = _single_text_encoder(text_encoder)
+            self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
+        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets, namer)
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
         if varbose:
@@ -192,12 +202,13 @@ class LoRANetwork(torch.nn.Module):
                 logger.warning("%d LoRA modules in the weights match no layer of this model and are "
                                "ignored, e.g. %s", len(self.unmatched_modules), self.unmatched_modules[:3])
 
-    def _create(self, prefix, root, class_names):
+    def _create(self, prefix, root, class_names, namer=fmt.lora_name):
+        """`namer(prefix, module path)`: the name in the file (SDXL's differs from the path)."""
         if root is None:
             return []
         loras = []
         for path, layer in fmt.iter_targets(root, class_names):
-            name = fmt.lora_name(prefix, path)
+            name = namer(prefix, path)
             conv3x3 = not (isinstance(layer, torch.nn.Linear) or fmt.is_1x1(layer))
             index = blocks.block_index(name)
             if self._modules_dim is not None:
@@ -388,6 +399,11 @@ class LoRANetwork(torch.nn.Module):
         scaled = norms * ratios
         keys_scaled = int((ratios < 1.0).sum())
         return keys_scaled, float(scaled.mean()), float(scaled.max())
+
+
+def _is_sdxl(unet) -> bool:
+    """An SDXL UNet (its pooled-text + size embedding), as kohya tells SDXL by its UNet's class."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 def _single_text_encoder(text_encoder):
