@@ -144,12 +144,16 @@ def path_kind(dest: str, list_valued: bool = False) -> str | None:
     return None
 
 
-SECRET_WORDS = ("api_key", "token", "password", "secret")
+SECRET_WORDS = ("password", "secret", "apikey")
 
 
 def is_secret(dest: str) -> bool:
-    """Shown masked in the form (it is still written to the preset, as the script needs it)."""
-    return any(w in dest.lower() for w in SECRET_WORDS)
+    """Shown masked in the form (it is still written to the preset, as the script needs it).
+    Whole words only: `hf_token` and `wandb_api_key` are secrets, `keep_tokens` and
+    `max_token_length` are not."""
+    words = dest.lower().split("_")
+    joined = "_".join(words)
+    return any(w in words for w in SECRET_WORDS) or words[-1] == "token" or joined.endswith("api_key")
 
 
 def required_for(kind: str, dests: set[str]) -> list:
