@@ -82,6 +82,10 @@ PATHS: dict[str, str] = {
     "tokenizer_cache_dir": "dir",
 }
 
+# The user's own files: loading a preset that does not set them, or Defaults, keeps them.
+KEEP_ON_PRESET = ["pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "dataset_config",
+                  "output_dir", "output_name", "logging_dir", "sample_prompts"]
+
 NOT_PATHS = {"output_name", "save_model_as", "network_module", "log_prefix", "log_tracker_name",
              "caption_extension", "save_precision", "optimizer_type", "log_with", "output_config"}
 

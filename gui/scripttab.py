@@ -99,14 +99,31 @@ class ScriptTab(ttk.Frame):
     def load_selected(self):
         index = self.preset_box.current()
         if 0 <= index < len(self.preset_files):
-            self.load_file(self.preset_files[index].path)
+            self.load_file(self.preset_files[index].path, keep_paths=True)
+
+    def kept_paths(self, preset_values: dict) -> dict:
+        """The form's model, dataset and output paths that a preset or Defaults would clear:
+        a preset is settings, the user's files stay."""
+        out = {}
+        for dest in layout.KEEP_ON_PRESET:
+            f = self.form.fields.get(dest)
+            if f is not None and dest not in preset_values and f.is_set():
+                try:
+                    out[dest] = f.value()
+                except ValueError:
+                    continue
+        return out
 
     def known(self) -> set[str]:
         return {a.dest for a in self.loaded.parser._actions}
 
-    def load_file(self, path, remember: bool = True) -> presets.Preset:
+    def load_file(self, path, remember: bool = True, keep_paths: bool = False) -> presets.Preset:
         path = Path(path)
         preset = presets.load(path, self.known(), self.script)
+        kept = self.kept_paths(preset.values) if keep_paths else {}
+        if kept:
+            preset.values.update(kept)
+            preset.notes.append(f"kept your {', '.join(kept)} (the preset does not set them).")
         self.apply_preset(preset)
         builtin = presets.BUILTIN_DIR in path.parents
         # a built-in preset is a starting point: Save writes a user copy, never the built-in file
@@ -170,21 +187,26 @@ class ScriptTab(ttk.Frame):
                                               filetypes=[("TOML preset", "*.toml")],
                                               initialfile=presets.safe_filename(self.preset_name or "my preset"))
         if chosen:
-            self.preset_name = Path(chosen).stem
-            return self.save_to(chosen)
+            # "SD1.5 LoRA quick" has a dot: the name is everything before .toml, and the file
+            # always ends in .toml (the dialog adds it only to names without a dot)
+            name = chosen[:-5] if chosen.lower().endswith(".toml") else chosen
+            self.preset_name = Path(name).name
+            return self.save_to(name + ".toml")
         return None
 
     def open_file(self):
         chosen = filedialog.askopenfilename(parent=self, filetypes=[("TOML", "*.toml"), ("all", "*")])
         if chosen:
-            self.load_file(chosen)
+            self.load_file(chosen, keep_paths=True)
 
     def reset(self):
+        """Every option back to its default, except the model, dataset and output paths."""
+        kept = self.kept_paths({})
         self.unknown = {}
         self.preset_path, self.saved_text, self.preset_name = None, None, None
         self.preset_var.set(NO_PRESET)
-        self.form.set_values({})
-        self.show_notes([])
+        self.form.set_values(kept)
+        self.show_notes([f"kept your {', '.join(kept)}; everything else is back to its default."] if kept else [])
 
     @property
     def dirty(self) -> bool:
@@ -197,16 +219,22 @@ class ScriptTab(ttk.Frame):
             return self.preset_path
         return presets.gui_home() / "runs" / f"{self.script}.toml"
 
-    def write_run_file(self) -> Path:
-        path = self.run_file()
+    def write_run_file(self, overrides: dict | None = None) -> Path:
+        """The file the run reads; `overrides` (e.g. resume for one run) go into it, not into
+        the form or the preset."""
+        path = presets.gui_home() / "runs" / f"{self.script}.toml" if overrides else self.run_file()
         if path != self.preset_path:
             from library.fileio import write_text_atomic
 
-            write_text_atomic(path, self.preset_text())
+            values, _ = self.values()
+            values.update(overrides or {})
+            write_text_atomic(path, presets.dump(self.script, values, self.form.order(), self.unknown,
+                                                 self.preset_name))
         return path
 
-    def argv(self, config_path=None, style: str = "config file") -> list[str]:
+    def argv(self, config_path=None, style: str = "config file", overrides: dict | None = None) -> list[str]:
         values, _ = self.values()
+        values.update(overrides or {})
         specs = self.form.specs
         if style == "flags":
             args = [w for s in specs if s.dest in values for w in flag_args(s, values[s.dest])]
@@ -243,8 +271,9 @@ class ScriptTab(ttk.Frame):
             self._preview_job = None
 
     # -- for checks and runs ---------------------------------------------------------------
-    def snapshot(self) -> dict:
+    def snapshot(self, overrides: dict | None = None) -> dict:
         values, problems = self.values()
+        values.update(overrides or {})
         return {"parser": self.loaded.parser, "script": self.script, "kind": self.entry.kind,
                 "specs": self.form.specs, "values": values,
                 "path_kinds": {d: f.path_kind for d, f in self.form.fields.items()},

@@ -80,12 +80,13 @@ def test_start_progress_samples_stop(app, tiny_model, tmp_path):
     outcome = app.run_panel.outcome.cget("text")
     assert outcome.startswith("■ Stopped") and "state saved in" in outcome
     screenshot(app.root, "run-stopped")
-    # one click continues from the saved state: the form gets resume = that folder, then Start
+    # one click continues from the saved state: that run resumes, the form keeps resume empty
     assert app.run_panel.resume_button.winfo_manager()
     started = []
-    app.start_tab = started.append
+    app.start_tab = lambda t, overrides=None: started.append((t, overrides))
     app.run_panel.resume_button.invoke()
-    assert started == [tab] and os.path.samefile(tab.values()[0]["resume"], state)
+    assert started[0][0] is tab and os.path.samefile(started[0][1]["resume"], state)
+    assert "resume" not in tab.values()[0]
 
 
 def test_tensorboard_button_starts_on_a_free_port_and_stops_on_exit(make_app, tmp_path, monkeypatch):

@@ -1,0 +1,84 @@
+"""Issue 20's GUI bugs, each reproduced in the real window under Xvfb (bugs 1-2 need no
+window: test_gui_logic.py)."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gui import presets
+from tests.gui_fixtures import (app, choose, gui_display, gui_home, make_app, paste_text,  # noqa: F401
+                                screenshot, type_text, wait_until)
+from tests.helpers import write_image_folder
+
+pytestmark = pytest.mark.gui
+
+
+def lora(app):
+    return app.tabs["train_network"]
+
+
+def field(app, dest):
+    return lora(app).form.fields[dest]
+
+
+def test_save_as_with_a_dot_in_the_name_keeps_the_whole_name(app, monkeypatch):
+    """Bug 3: "SD1.5 LoRA quick" was saved without .toml, named "SD1" and never listed."""
+    tab = lora(app)
+    folder = presets.user_dir("train_network")
+    monkeypatch.setattr("gui.scripttab.filedialog.asksaveasfilename",
+                        lambda **kw: str(folder / "SD1.5 LoRA quick"))
+    type_text(app.root, field(app, "network_dim").widget, "8")
+    path = tab.save_as()
+    assert path == folder / "SD1.5 LoRA quick.toml" and path.is_file()
+    assert tomllib.loads(path.read_text(encoding="utf-8"))["preset"]["name"] == "SD1.5 LoRA quick"
+    assert "SD1.5 LoRA quick" in tab.preset_box.cget("values")
+    assert tab.preset_var.get() == "SD1.5 LoRA quick"
+
+
+def test_resume_is_for_one_run_and_never_saved_into_the_preset(app, tmp_path, monkeypatch):
+    """Bug 4: after Resume the form kept the state path; Save wrote it and the next Start resumed."""
+    tab = lora(app)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")            # the check only needs it to exist: nothing is run
+    write_image_folder(tmp_path / "data", "2_sks disk", count=2, size=64)
+    state = tmp_path / "out" / "last-interrupted-state"
+    state.mkdir(parents=True)
+    tab.form.set_values({"pretrained_model_name_or_path": str(model), "train_data_dir": str(tmp_path / "data"),
+                         "output_dir": str(tmp_path / "out"), "resolution": "64"})
+    begun = []
+    monkeypatch.setattr(app, "_begin", lambda argv, title, tab, **kw: begun.append(argv))
+    app.resume(tab, str(state))
+    assert wait_until(app.root, lambda: begun, timeout=30), app.statusbar.cget("text")
+    config = Path(begun[0][begun[0].index("--config_file") + 1])
+    assert tomllib.loads(config.read_text(encoding="utf-8"))["resume"] == str(state)   # this run resumes
+    assert field(app, "resume").var.get() == "" and "resume" not in tab.values()[0]  # the form does not
+    saved = tab.save_to(tmp_path / "after resume.toml")
+    assert "resume" not in tomllib.loads(saved.read_text(encoding="utf-8"))
+    begun.clear()
+    tab.start_button.invoke()          # the next Start is a fresh run
+    assert wait_until(app.root, lambda: begun, timeout=30)
+    config = Path(begun[0][begun[0].index("--config_file") + 1])
+    assert "resume" not in tomllib.loads(config.read_text(encoding="utf-8"))
+
+
+def test_presets_and_defaults_keep_the_users_paths(app, tmp_path):
+    """Bug 5: Defaults or picking a preset wiped the model, dataset and output paths."""
+    tab = lora(app)
+    mine = {"pretrained_model_name_or_path": str(tmp_path / "my model.safetensors"),
+            "train_data_dir": str(tmp_path / "my data"), "output_dir": str(tmp_path / "my out")}
+    for dest, value in mine.items():
+        paste_text(app.root, field(app, dest).widget, value)
+    type_text(app.root, field(app, "network_dim").widget, "12")
+    labels = list(tab.preset_box.cget("values"))
+    choose(app.root, tab.preset_box, next(v for v in labels if "locon" in v.lower()))
+    values = tab.values()[0]
+    assert {k: values.get(k) for k in mine} == mine            # kept
+    assert values["network_args"] == ["conv_dim=8", "conv_alpha=4"] and values.get("network_dim") != 12
+    assert "kept your" in tab.notes.cget("text")
+    type_text(app.root, field(app, "network_dim").widget, "12")
+    tab.reset()
+    values = tab.values()[0]
+    assert values == mine                                       # everything else is back to default
+    assert "kept your" in tab.notes.cget("text")
