@@ -197,6 +197,11 @@ class Form:
         if self._loading:
             return
         if field.problem:
+            # the same problem on other fields (one of train_data_dir / dataset_config, a bucket
+            # range on min and max) is fixed by this edit as well: unmark them all
+            for other in self.fields.values():
+                if other.problem == field.problem and other is not field:
+                    other.mark(None)
             field.mark(None)
         if field.spec.dest in _controllers():
             self.refresh()

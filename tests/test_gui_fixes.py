@@ -82,3 +82,30 @@ def test_presets_and_defaults_keep_the_users_paths(app, tmp_path):
     values = tab.values()[0]
     assert values == mine                                       # everything else is back to default
     assert "kept your" in tab.notes.cget("text")
+
+
+def marked(app, dest) -> bool:
+    return str(field(app, dest).widget.cget("style")).startswith("Error.")
+
+
+def test_marks_go_when_fixed_and_land_on_the_field_to_fix(app, tmp_path):
+    """Bug 6: red marks stayed after the fix; a bucket error was pinned on train_data_dir."""
+    tab = lora(app)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    write_image_folder(tmp_path / "data", "2_sks disk", count=2, size=64)
+    tab.start_button.invoke()
+    assert wait_until(app.root, lambda: app.dialogs, timeout=20)
+    app.dialogs[-1].ok.invoke()
+    assert marked(app, "train_data_dir") and marked(app, "dataset_config")     # "set one of" both
+    paste_text(app.root, field(app, "train_data_dir").widget, str(tmp_path / "data"))
+    assert not marked(app, "train_data_dir") and not marked(app, "dataset_config")
+    tab.form.set_values({"pretrained_model_name_or_path": str(tmp_path / "model.safetensors"),
+                         "train_data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"),
+                         "resolution": "64", "enable_bucket": True, "min_bucket_reso": 256})
+    app.check_tab(tab)
+    assert wait_until(app.root, lambda: len(app.dialogs) == 2, timeout=30), app.statusbar.cget("text")
+    app.dialogs[-1].ok.invoke()
+    assert marked(app, "min_bucket_reso") and not marked(app, "train_data_dir")
+    screenshot(app.root, "fix-bucket-mark")
+    type_text(app.root, field(app, "min_bucket_reso").widget, "64")
+    assert not any(marked(app, d) for d in ("min_bucket_reso", "max_bucket_reso", "resolution"))
