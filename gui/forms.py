@@ -74,11 +74,17 @@ class Section:
                 f.widget.grid_forget()
             for i, f in enumerate(shown):
                 f.widget.grid(row=i // BOOL_COLUMNS, column=i % BOOL_COLUMNS, sticky="w", padx=(0, 18))
+            # a grid whose last child is removed keeps its old size (a blank gap under Find):
+            # hide the empty containers themselves
+            part.bool_frame.grid() if shown else part.bool_frame.grid_remove()
+            part.has_visible = any(f.visible for f in fields)
+            if part is self.main:
+                part.grid() if part.has_visible else part.grid_remove()
             any_visible |= any(f.visible for f in fields)
         if self.adv_frame is not None:
             open_ = self.expanded.get() or bool(query)
             self.toggle.configure(text=f"{'▾' if open_ else '▸'} Advanced options ({len(self.advanced)})")
-            self.adv_frame.grid() if open_ else self.adv_frame.grid_remove()
+            self.adv_frame.grid() if open_ and self.adv_frame.has_visible else self.adv_frame.grid_remove()
             if query and not any(f.visible for f in self.advanced):
                 self.toggle.grid_remove()
             else:

@@ -11,16 +11,17 @@ from gui.samples import SamplesPane
 MAX_LOG_LINES = 5000
 
 
-def progress_text(p: Progress) -> str:
+def progress_text(p: Progress, final: bool = False) -> str:
+    """The header line; `final` (the run is over): no speed or ETA, they are not live any more."""
     parts = [f"{p.desc + ' ' if p.desc else ''}{p.n}/{p.total}"]
     if "loss" in p.postfix:
         parts.append(f"loss {p.postfix['loss']}")
     if "avr_loss" in p.postfix:
         parts.append(f"avg {p.postfix['avr_loss']}")
-    if p.rate:
+    if p.rate and not final:
         parts.append(f"{p.rate:.2f} it/s" if p.rate >= 1 else f"{1 / p.rate:.2f} s/it")
     parts.append(f"elapsed {p.elapsed}")
-    if p.eta != "?":
+    if p.eta != "?" and not final:
         parts.append(f"ETA {p.eta}")
     return "  ·  ".join(parts)
 
@@ -144,7 +145,10 @@ class RunPanel(ttk.Frame):
         if outcome == "finished":
             self.bar.configure(value=1.0)
         self.stop_button.configure(state="disabled", text="Stop")
-        self.stats.configure(text=progress_text(self._progress) if self._progress else "")
+        p = self._progress
+        if p is not None and outcome == "finished" and p.total:
+            p.n = p.total    # tqdm's last refresh may be a step behind the end
+        self.stats.configure(text=progress_text(p, final=True) if p else "")
         heads = {"finished": ("✔ Finished", "Ok.TLabel"),
                  "stopped": ("■ Stopped", "Stopped.TLabel"),
                  "failed": (f"✖ Failed (exit code {returncode})", "Error.TLabel")}

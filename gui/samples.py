@@ -34,7 +34,8 @@ class SamplesPane(ttk.Frame):
         self._photos = []          # Tk drops images Python does not reference
         self._after = None
         ttk.Label(self, text="Sample images", style="Heading.TLabel").pack(anchor="w")
-        self.caption = ttk.Label(self, text="Sample images appear here during a run (set sample_prompts).",
+        self.hint = "Images a run writes appear here."
+        self.caption = ttk.Label(self, text=self.hint,
                                  style="Muted.TLabel", justify="left", wraplength=int(240 * scale))
         self.caption.pack(anchor="w")
         self.bind("<Configure>", self._resized, add="+")
@@ -51,6 +52,12 @@ class SamplesPane(ttk.Frame):
             self._room = room
             if self.shown:
                 self._show(self.shown)
+
+    def set_hint(self, text: str):
+        """What the pane says while it shows no image (depends on the tab in front)."""
+        self.hint = text
+        if not self.shown:
+            self.caption.configure(text=text)
 
     def watch(self, folder: Path | None, since: float = 0.0):
         """Follow `folder` (None: stop); only images written after `since` count as this run's."""

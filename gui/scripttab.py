@@ -293,6 +293,10 @@ class ScriptTab(ttk.Frame):
                 return self._folder(values[dest]) / sub if sub else self._folder(values[dest])
         return None
 
+    def image_option(self) -> str | None:
+        """The option naming where this script writes images, if it has one."""
+        return next((d for d, _ in layout.IMAGE_DIRS if d in self.form.fields), None)
+
     def logging_folder(self) -> Path | None:
         values = self.values()[0]
         return next((self._folder(values[d]) for d in layout.LOG_DIRS if values.get(d)), None)

@@ -9,7 +9,9 @@ from library.fileio import write_text_atomic
 
 
 def save_session(app) -> None:
-    data = {"theme": app.theme_mode.get(), "geometry": app.root.winfo_geometry(), "presets": {},
+    # root.geometry() is the frame's position as set; winfo_geometry() is the client area's,
+    # which sits below the menu bar / title bar and moved the window down on every restart
+    data = {"theme": app.theme_mode.get(), "geometry": app.root.geometry(), "presets": {},
             "launcher": next((t.launcher_var.get() for t in app.tabs.values()), app.launcher)}
     try:
         data["tab"] = app.notebook.tab(app.notebook.select(), "text")

@@ -109,3 +109,47 @@ def test_marks_go_when_fixed_and_land_on_the_field_to_fix(app, tmp_path):
     screenshot(app.root, "fix-bucket-mark")
     type_text(app.root, field(app, "min_bucket_reso").widget, "64")
     assert not any(marked(app, d) for d in ("min_bucket_reso", "max_bucket_reso", "resolution"))
+
+
+def test_small_annoyances(make_app):
+    """Bug 8: the finished header kept speed and ETA; the samples pane asked every tab for
+    sample_prompts; Find left blank gaps; the window moved down on every restart; Ctrl+A."""
+    from gui.runner import Progress
+
+    app = make_app()
+    panel = app.run_panel
+    panel.begin("a run")
+    panel.show_progress(Progress("steps", 19, 20, "00:30", "00:16", 1.2, {"loss": "0.1"}))
+    assert "ETA" in panel.stats.cget("text")
+    panel.finish("finished", 0)
+    assert "ETA" not in panel.stats.cget("text") and "it/s" not in panel.stats.cget("text")
+    assert "20/20" in panel.stats.cget("text")
+
+    assert "Sample prompts" in panel.samples.caption.cget("text")          # LoRA tab in front
+    app.notebook.select(app.queue_tab)
+    assert wait_until(app.root, lambda: "sample" not in panel.samples.caption.cget("text").lower())
+
+    app.notebook.select(0)
+    tab = lora(app)
+    tab.filter_var.set("lr")
+    app.root.update()
+    network = next(s for s in tab.form.sections if s.title == "Network")
+    shown = [f for f in network.common + network.advanced if f.visible]
+    assert shown and all(not f.spec.kind == "bool" for f in shown)
+    bottom = max(f.widget.winfo_y() + f.widget.winfo_height() for f in shown)
+    part = network.main
+    assert part.winfo_height() - bottom < 12, "blank gap under the found options"
+    assert not network.adv_frame.winfo_ismapped()      # no advanced option matches: no empty box
+
+    tab.filter_var.set("")
+    entry = field(app, "output_name").widget
+    type_text(app.root, entry, "my lora")
+    entry.event_generate("<Control-a>")
+    app.root.update()
+    assert entry.selection_present() and entry.index("sel.first") == 0 and entry.index("sel.last") == 7
+
+    geometry = app.root.geometry()
+    app.on_close()
+    second = make_app()
+    second.root.update()
+    assert second.root.geometry() == geometry        # not 32 px lower (the menu bar) each time
