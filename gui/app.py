@@ -194,6 +194,7 @@ class App(RunControl):
         sw, sh = self.root.winfo_screenwidth(), self.root.winfo_screenheight()
         # most of a big screen, all of a small one; room for the desktop's panels
         w = min(sw, max(int(1280 * self.scale), int(sw * 0.9)))
+        w = sw if sw - w < 100 else w         # a small screen: all of its width
         h = min(sh - int(60 * self.scale), max(int(880 * self.scale), int(sh * 0.9)))
         geometry = f"{w}x{h}+0+0"
         saved = re.fullmatch(r"(\d+)x(\d+)\+(-?\d+)\+(-?\d+)", self.session.get("geometry") or "")

@@ -61,11 +61,15 @@ class ScriptTab(ttk.Frame):
         box.pack(side="bottom", fill="x", pady=(4, 0))
         row = ttk.Frame(box)
         row.pack(fill="x")
-        ttk.Label(row, text="Command:").pack(side="left")
+        ttk.Label(row, text="Command:").pack(side="left", anchor="n")
         self.cmd_var = tk.StringVar(self)
-        self.cmd_entry = ttk.Entry(row, textvariable=self.cmd_var, state="readonly", font="TkFixedFont")
-        self.cmd_entry.pack(side="left", fill="x", expand=True, padx=4)
-        ttk.Button(row, text="Copy", command=self.copy_command).pack(side="left")
+        # wrapped over as many lines as it needs (3 at most, then it scrolls); selectable, not editable
+        self.cmd_text = tk.Text(row, height=1, wrap="char", font="TkFixedFont", relief="flat", borderwidth=1,
+                                highlightthickness=0, padx=4, pady=2, state="disabled", cursor="xterm")
+        self.cmd_text.pack(side="left", fill="x", expand=True, padx=4)
+        self.cmd_text.bind("<Configure>", lambda e: self._fit_command(), add="+")
+        self.cmd_var.trace_add("write", lambda *a: self._show_command())
+        ttk.Button(row, text="Copy", command=self.copy_command).pack(side="left", anchor="n")
         self.style_var = tk.StringVar(self, value="config file")
         ttk.Combobox(row, textvariable=self.style_var, values=["config file", "flags"], state="readonly",
                      width=10).pack(side="left", padx=(4, 0))
@@ -257,6 +261,25 @@ class ScriptTab(ttk.Frame):
                                  ("" if self.style_var.get() == "flags" else f"  ·  reads {self.run_file()}"))
         self.state_label.configure(text="" if not self.dirty else
                                    ("● unsaved changes" if self.preset_path else "● not saved as a preset"))
+
+    def _show_command(self):
+        from gui.theme import palette
+
+        p = palette(self)
+        self.cmd_text.configure(state="normal", background=p["text_bg"], foreground=p["fg"])
+        self.cmd_text.delete("1.0", "end")
+        self.cmd_text.insert("1.0", self.cmd_var.get())
+        self.cmd_text.configure(state="disabled")
+        self._fit_command()
+
+    def _fit_command(self):
+        try:
+            lines = self.cmd_text.count("1.0", "end", "displaylines")
+        except tk.TclError:
+            return
+        lines = min(3, max(1, lines[0] if isinstance(lines, tuple) else lines or 1))
+        if int(self.cmd_text.cget("height")) != lines:
+            self.cmd_text.configure(height=lines)
 
     def copy_command(self):
         if self.style_var.get() != "flags":

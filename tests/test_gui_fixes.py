@@ -153,3 +153,74 @@ def test_small_annoyances(make_app):
     second = make_app()
     second.root.update()
     assert second.root.geometry() == geometry        # not 32 px lower (the menu bar) each time
+
+
+# --- readable forms -----------------------------------------------------------------------------
+
+def test_readable_labels_dropdowns_and_required_first(app, tmp_path, monkeypatch):
+    tab = lora(app)
+    first = tab.form.sections[0]
+    assert first.title == "Start here"
+    assert [f.spec.dest for f in first.common][:2] == ["pretrained_model_name_or_path", "output_dir"]
+    model = field(app, "pretrained_model_name_or_path")
+    assert model.label.cget("text") == "Base model *" and "--pretrained_model_name_or_path" in model.tip_text()
+    assert field(app, "train_data_dir").label.cget("text") == "Training images folder"
+    assert field(app, "network_dim").label.cget("text") == "Network rank (dim)"
+    assert field(app, "cache_latents").widget.cget("text") == "Cache latents"
+    tab.filter_var.set("rank (dim")                       # Find matches the readable label too
+    app.root.update()
+    assert field(app, "network_dim").visible
+    tab.filter_var.set("")
+    # choices are dropdowns; usual values of free-text options too, and any value can be typed
+    for dest in ("lr_scheduler", "mixed_precision", "save_model_as", "optimizer_type", "network_module"):
+        assert field(app, dest).widget.winfo_class() == "TCombobox", dest
+    assert "Prodigy" in field(app, "optimizer_type").widget.cget("values")
+    type_text(app.root, field(app, "optimizer_type").widget, "torch.optim.RAdam")
+    assert tab.values()[0]["optimizer_type"] == "torch.optim.RAdam"
+    # LyCORIS: the algorithm is a dropdown beside the network type, written into network_args
+    algo = tab.form.algo
+    assert not algo.winfo_manager()
+    choose(app.root, field(app, "network_module").widget, "lycoris.kohya")
+    assert algo.winfo_manager() and tab.form.algo_var.get() == "lora"
+    type_text(app.root, field(app, "network_args").widget, "conv_dim=4")
+    choose(app.root, algo, "lokr")
+    assert tab.values()[0]["network_args"] == ["algo=lokr", "conv_dim=4"]
+    type_text(app.root, field(app, "network_args").widget, "algo=loha")
+    assert tab.form.algo_var.get() == "loha"
+    # the command wraps over lines, with the flag names
+    tab.style_var.set("flags")
+    paste_text(app.root, model.widget, str(tmp_path / ("a long folder name " * 4) / "model.safetensors"))
+    tab.update_preview()
+    app.root.update()
+    assert int(tab.cmd_text.cget("height")) >= 2
+    assert "--pretrained_model_name_or_path=" in tab.cmd_text.get("1.0", "end")
+    screenshot(app.root, "readable-form")
+
+
+def test_file_dialogs_filter_remember_and_skip_dot_folders(app, tmp_path, monkeypatch):
+    from gui import fields
+
+    calls = []
+    (tmp_path / "models").mkdir()
+    chosen = str(tmp_path / "models" / "base.safetensors")
+    monkeypatch.setattr(fields.filedialog, "askopenfilename", lambda **kw: calls.append(kw) or chosen)
+    monkeypatch.setattr(fields, "LAST_DIRS", {})
+    model = field(app, "pretrained_model_name_or_path")
+    model.browse("file")
+    assert model.var.get() == chosen
+    assert any("*.safetensors" in pattern for _, pattern in calls[0]["filetypes"])
+    assert app.root.tk.call("set", "::tk::dialog::file::showHiddenVar") in ("0", 0)
+    field(app, "network_weights").browse("file")          # another field starts where the last one was
+    assert calls[1]["initialdir"] == str(tmp_path / "models")
+    field(app, "dataset_config").browse("file")
+    assert calls[2]["filetypes"][0][1] == "*.toml"
+    app.on_close()
+    assert presets.read_session()["last_dirs"][""] == str(tmp_path / "models")   # remembered across restarts
+
+
+def test_every_path_option_has_file_buttons(app):
+    gen = next((t for t in app.load_all_tools() if t.script == "gen_img"), None)
+    assert gen is not None
+    for dest in ("controlnet", "control_image", "ckpt", "network_weights", "from_file", "outdir"):
+        f = gen.form.fields[dest]
+        assert f.path_kind and f.buttons.winfo_children(), dest
