@@ -36,6 +36,7 @@ class App(RunControl):
         self.run: Run | None = None
         self.run_done = None
         self.run_tab: ScriptTab | None = None
+        self.run_output = None          # the running trainer's output folder (Save now / Sample now)
         self.results: queue.Queue = queue.Queue()
         self.tensorboard = TensorBoard()
         self.dialogs: list[Dialog] = []
@@ -81,7 +82,7 @@ class App(RunControl):
         self.notebook.add(self.dataset_tab, text="Dataset")
         self.queue_tab = QueueTab(self.notebook, self)
         self.notebook.add(self.queue_tab, text="Queue")
-        self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale)
+        self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale, on_request=self.request_now)
         self.panes.add(self.notebook, weight=3)
         self.panes.add(self.run_panel, weight=1)
 

@@ -79,7 +79,8 @@ class RunControl:
             return
         path = tab.write_run_file(overrides)
         argv = tab.argv(config_path=path, overrides=overrides)
-        self._begin(argv, f"{tab.entry.tab}: {tab.preset_name or 'current form'}", tab)
+        values = {**tab.values()[0], **(overrides or {})}
+        self._begin(argv, f"{tab.entry.tab}: {tab.preset_name or 'current form'}", tab, values=values)
         if overrides and overrides.get("resume"):
             self.run_panel.append(f"[gui] resuming from {overrides['resume']} (this run only; the form and "
                                   "preset keep resume empty)", "gui")
@@ -117,7 +118,21 @@ class RunControl:
                 self.root.after_idle(lambda: done("failed", -1, str(err)))
             return
         self.run_panel.samples.watch(tab.image_folder(values), since=self.run.started_at - 1)
+        values = tab.values()[0] if values is None else values
+        trains = tab.entry.kind == "train" and bool(values.get("output_dir"))
+        self.run_output = tab._folder(values.get("output_dir")) if trains else None
+        self.run_panel.allow_requests(trains, trains and bool(values.get("sample_prompts")))
         self.status(f"running (process group {self.run.pgid})")
+
+    def request_now(self, what: str):
+        """Save now / Sample now: the running script takes the request at its next step."""
+        from library.training import live_requests
+
+        if not self.busy() or self.run_output is None:
+            return
+        live_requests.request(self.run_output, what)
+        self.run_panel.append(f"[gui] asked the run to {what} at its next step", "gui")
+        self.status(f"asked the run to {what} at its next step")
 
     def resume(self, tab: ScriptTab, state_path: str):
         """Continue a stopped run: the same form, resumed from its saved state. The state path
@@ -183,6 +198,11 @@ class RunControl:
                 and self.run_done is None:
             self.run_panel.offer_resume(lambda: self.resume(tab, run.resume_path))
         self.run_panel.samples.stop()
+        if self.run_output is not None:     # a request the run did not reach must not hit the next run
+            from library.training import live_requests
+
+            live_requests.take(self.run_output)
+            self.run_output = None
         self.status(f"{outcome} (exit code {run.returncode})")
         done, self.run_done = self.run_done, None
         if done:
