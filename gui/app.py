@@ -83,6 +83,7 @@ class App(RunControl):
         self.queue_tab = QueueTab(self.notebook, self)
         self.notebook.add(self.queue_tab, text="Queue")
         self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale, on_request=self.request_now)
+        self.run_panel.samples.folder_source = self._gallery_folder
         self.panes.add(self.notebook, weight=3)
         self.panes.add(self.run_panel, weight=1)
 
@@ -180,6 +181,10 @@ class App(RunControl):
         event.widget.selection_range(0, "end")
         event.widget.icursor("end")
         return "break"
+
+    def _gallery_folder(self):
+        tab = self.current_tab() or (self.run_tab if self.run_tab is not None else None)
+        return tab.image_folder() if tab is not None else None
 
     def _tab_changed(self):
         tab = self.current_tab()

@@ -32,6 +32,10 @@ class ScriptTab(ttk.Frame):
                          help_wrap=int(380 * app.scale))
         self._build_commandbar()   # packed at the bottom before the form: a short window shrinks the form
         self.form.scroll.pack(fill="both", expand=True)
+        self.prompts_editor = None
+        prompts = self.form.fields.get("sample_prompts")
+        if prompts is not None and hasattr(prompts, "buttons"):
+            ttk.Button(prompts.buttons, text="Edit…", width=7, command=self.edit_prompts).pack(side="left")
         self.update_preview()
 
     # -- building --------------------------------------------------------------------------
@@ -315,6 +319,29 @@ class ScriptTab(ttk.Frame):
             if values.get(dest):
                 return self._folder(values[dest]) / sub if sub else self._folder(values[dest])
         return None
+
+    def prompts_path(self) -> Path:
+        """The prompt file to edit: the field's, else one in the output folder, else the GUI's own."""
+        values = self.values()[0]
+        if values.get("sample_prompts"):
+            return self._folder(values["sample_prompts"])
+        if values.get("output_dir"):
+            return self._folder(values["output_dir"]) / "sample_prompts.txt"
+        return presets.gui_home() / "prompts" / f"{self.script}.txt"
+
+    def edit_prompts(self):
+        from gui.prompts_editor import PromptsEditor
+
+        if self.prompts_editor is not None and self.prompts_editor.winfo_exists():
+            self.prompts_editor.destroy()
+        sampler = self.form.fields.get("sample_sampler")
+        self.prompts_editor = PromptsEditor(self, self.prompts_path(), on_saved=self._prompts_saved,
+                                            samplers=sampler.spec.choices if sampler else None)
+        return self.prompts_editor
+
+    def _prompts_saved(self, path: Path):
+        self.form.fields["sample_prompts"].var.set(str(path))
+        self.app.status(f"saved the sample prompts to {path}")
 
     def image_option(self) -> str | None:
         """The option naming where this script writes images, if it has one."""

@@ -224,3 +224,71 @@ def test_every_path_option_has_file_buttons(app):
     for dest in ("controlnet", "control_image", "ckpt", "network_weights", "from_file", "outdir"):
         f = gen.form.fields[dest]
         assert f.path_kind and f.buttons.winfo_children(), dest
+
+
+# --- sample prompts editor and gallery ------------------------------------------------------------
+
+def test_prompts_editor_writes_the_file_the_trainer_reads(app, tmp_path):
+    from gui.prompts_editor import set_options
+    from library.prompts import read_prompt_file
+
+    assert set_options("a cat --w 256 --s 20", {"w": "512", "d": "3"}) == "a cat --s 20 --w 512 --d 3"
+    tab = lora(app)
+    paste_text(app.root, field(app, "output_dir").widget, str(tmp_path / "out"))
+    editor = tab.edit_prompts()
+    app.root.update()
+    assert editor.path == tmp_path / "out" / "sample_prompts.txt" and "--n" in editor.content()   # an example
+    editor.text.delete("1.0", "end")
+    editor.text.insert("1.0", "a sks disk on a table --w abc\n")
+    assert editor.save() is None and "--w" in editor.status.cget("text")          # the trainer's own check
+    editor.text.delete("1.0", "end")
+    editor.text.insert("1.0", "a sks disk on a table\na red circle --n blurry\n")
+    editor.text.mark_set("insert", "1.3")
+    editor.option_vars["w"].set("64")
+    editor.option_vars["h"].set("64")
+    editor.option_vars["ss"].set("euler")
+    editor.apply_options()
+    screenshot(app.root, "prompts-editor")
+    path = editor.save()
+    assert path.is_file() and field(app, "sample_prompts").var.get() == str(path)
+    prompts = read_prompt_file(path)
+    assert [(p.prompt, p.width, p.height, p.sampler) for p in prompts][0] == ("a sks disk on a table", 64, 64,
+                                                                                "euler")
+    assert prompts[1].negative == "blurry"
+    again = tab.edit_prompts()                             # reopens the saved file
+    assert again.content() == path.read_text(encoding="utf-8")
+    again.destroy()
+
+
+def test_sample_gallery_shows_every_step_and_enlarges(app, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from gui import gallery
+
+    sample = tmp_path / "out" / "sample"
+    sample.mkdir(parents=True)
+    for step in (2, 4, 6):
+        for i in range(2):
+            Image.new("RGB", (64, 64), (40 * step, 80 * i, 90)).save(
+                sample / f"last_{step:06d}_{i:02d}_20261208-030000_{i}.png")
+    Image.new("RGB", (64, 64)).save(sample / "last_e000001_00_20261208-030000_0.png")
+    paste_text(app.root, field(app, "output_dir").widget, str(tmp_path / "out"))
+    view = app.run_panel.samples.open_gallery()
+    app.root.update()
+    assert [h for h, _ in view.rows][:3] == ["step 2", "step 4", "step 6"] or \
+        sorted(h for h, _ in view.rows) == ["epoch 1", "step 2", "step 4", "step 6"]
+    assert all(len(images) == 2 for h, images in view.rows if h.startswith("step"))
+    assert "7 image(s)" in view.summary.cget("text")
+    thumbs = [w for w in view.scroll.inner.winfo_children() if str(w.cget("cursor")) == "hand2"]
+    assert len(thumbs) == 7
+    thumbs[0].event_generate("<Button-1>")
+    app.root.update()
+    assert view.viewer is not None and view.viewer.winfo_exists()
+    assert view.viewer.photo.width() > 256                  # enlarged, not the thumbnail
+    opened = []
+    monkeypatch.setattr(gallery.subprocess, "Popen", lambda argv, **kw: opened.append(argv))
+    view.open_folder()
+    assert opened and opened[0][-1] == str(sample)
+    screenshot(view, "sample-gallery")
+    view.viewer.destroy()
+    view.close()

@@ -53,10 +53,31 @@ def grab(root, path: Path):
     ImageGrab.grab(bbox=(x, top, x + w, y + h), xdisplay=os.environ["DISPLAY"]).save(path)
 
 
+def fake_samples(folder: Path):
+    """Sample files named as a trainer names them: a circle that gets rounder with the steps."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in (0, 50, 100, 150):
+        for i, color in enumerate(((40, 170, 60), (200, 60, 60))):
+            im = Image.new("RGB", (256, 256), (235, 235, 225))
+            r = 40 + step // 3
+            ImageDraw.Draw(im).ellipse((128 - r, 128 - r * (1 + (150 - step) / 300), 128 + r, 128 + r), fill=color)
+            im.save(folder / f"demo_{step:06d}_{i:02d}_20261208-030000_{i}.png")
+
+
 def setup_screen(app, name: str):
-    """Put the window into the state a screen shows."""
+    """Put the window into the state a screen shows; returns a window to shoot instead of the main one."""
     tab = app.tabs["train_network"]
     app.notebook.select(tab)
+    out = Path(os.environ["SDT_GUI_HOME"]) / "demo output"
+    if name in ("prompts", "gallery"):
+        tab.form.set_values({"output_dir": str(out)})
+    if name == "prompts":
+        return tab.edit_prompts()
+    if name == "gallery":
+        fake_samples(out / "sample")
+        return app.run_panel.samples.open_gallery()
     if name == "lycoris":
         tab.form.set_values({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=4"],
                              "pretrained_model_name_or_path": "models/base.safetensors",
@@ -71,7 +92,7 @@ def setup_screen(app, name: str):
         app.notebook.select({"tools": app.tools_page, "dataset": app.dataset_tab, "queue": app.queue_tab}[name])
 
 
-SCREENS = ["lora", "lycoris", "find", "samples", "tools", "dataset", "queue"]
+SCREENS = ["lora", "lycoris", "find", "samples", "tools", "dataset", "queue", "prompts", "gallery"]
 
 
 def main(argv=None) -> int:
@@ -95,10 +116,10 @@ def main(argv=None) -> int:
             root = tk.Tk()
             app = App(root, theme_mode="light")
             pump(root)
-            setup_screen(app, name)
+            window = setup_screen(app, name)
             pump(root, 0.5)
             path = out / f"{name}-{args.size}.png"
-            grab(root, path)
+            grab(window or root, path)
             print(path)
             app.on_close(force=True)
     finally:
