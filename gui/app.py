@@ -143,6 +143,7 @@ class App(RunControl):
         file_menu.add_command(label="Save preset", accelerator="Ctrl+S", command=lambda: self._on_tab("save"))
         file_menu.add_command(label="Save preset as…", accelerator="Ctrl+Shift+S",
                               command=lambda: self._on_tab("save_as"))
+        file_menu.add_command(label="Import kohya_ss preset (JSON)…", command=lambda: self._on_tab("import_kohya_dialog"))
         file_menu.add_separator()
         file_menu.add_command(label="Quit", accelerator="Ctrl+Q", command=self.on_close)
         run_menu = tk.Menu(menu, tearoff=False)

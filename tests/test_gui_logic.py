@@ -333,3 +333,41 @@ def test_stop_escalates_until_the_whole_group_is_gone():
     assert run.returncode == -9 and run.outcome() == "stopped"
     with pytest.raises(ProcessLookupError):
         os.killpg(run.pgid, 0)      # the child is gone too
+
+
+# --- kohya_ss import ----------------------------------------------------------------------------
+
+# the shape of a kohya_ss GUI LoRA preset: its own names, numbers as strings, "" / 0 for "not set"
+KOHYA_SS_LOKR = {
+    "LoRA_type": "LyCORIS/LoKr", "LyCORIS_preset": "full", "factor": 6, "conv_dim": 100000, "conv_alpha": 1,
+    "additional_parameters": '--lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=1000" --foo 3',
+    "bucket_reso_steps": 64.0, "cache_latents": True, "clip_skip": "2", "epoch": 150, "learning_rate": "0.0001",
+    "lr_warmup": 10, "max_resolution": "512,512", "max_train_steps": "", "seed": "", "min_snr_gamma": 5,
+    "noise_offset_type": "Multires", "noise_offset": 0.05, "multires_noise_iterations": 6, "network_dim": 16,
+    "optimizer": "Prodigy", "optimizer_args": '"d0=1e-5" "weight_decay=0.4"', "save_every_n_steps": 0,
+    "num_cpu_threads_per_process": 2, "sdxl_no_half_vae": True, "stop_text_encoder_training": 0,
+    "xformers": "xformers", "sample_prompts": "a sks disk --w 64 --h 64\n", "use_tucker": False,
+    "lora_network_weights": "", "train_on_input": True,
+}
+
+
+def test_kohya_ss_preset_converts_and_reports_what_has_no_equivalent():
+    from gui.kohya_import import convert
+
+    p = _parser()
+    got = convert(KOHYA_SS_LOKR, p)
+    v = got.values
+    assert v["network_module"] == "lycoris.kohya"
+    assert v["network_args"] == ["algo=lokr", "conv_dim=100000", "conv_alpha=1", "factor=6", "preset=full"]
+    assert v["optimizer_type"] == "Prodigy" and v["optimizer_args"] == ["d0=1e-5", "weight_decay=0.4"]
+    assert v["max_train_epochs"] == 150 and v["lr_warmup_steps"] == 0.1 and v["resolution"] == "512,512"
+    assert v["learning_rate"] == 0.0001 and v["clip_skip"] == 2 and "bucket_reso_steps" not in v   # 64.0: our default
+    assert v["multires_noise_iterations"] == 6 and "noise_offset" not in v     # Multires: the offset is unused
+    assert v["lr_scheduler_type"] == "CosineAnnealingLR" and v["lr_scheduler_args"] == ["T_max=1000"]
+    assert "save_every_n_steps" not in v and "seed" not in v and "max_train_steps" not in v   # 0 / "" = not set
+    assert got.prompts_text == "a sks disk --w 64 --h 64\n"
+    assert got.unmapped == {"sdxl_no_half_vae": True, "train_on_input": True, "additional_parameters": "--foo 3"}
+    assert "no equivalent" in got.report() and "train_on_input=True" in got.report()
+    args = A.parse_args(p, preflight.cli_args(specs_from_parser(p), v) + [
+        w for s in specs_from_parser(p) if s.dest in v for w in flag_args(s, v[s.dest])])
+    assert args.optimizer_type == "Prodigy" and args.max_train_epochs == 150   # the script takes every value
