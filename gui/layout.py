@@ -160,13 +160,23 @@ LABELS: dict[str, str] = {
     "controlnet": "ControlNet",
     "control_image": "Control image(s)",
     "from_file": "Prompts file",
+    "sd_model": "Base model (optional)",
+    "models": "LoRA files",
+    "save_to": "Save to",
 }
 
 
+ACRONYMS = {"sd": "SD", "lr": "LR", "vae": "VAE", "ema": "EMA", "cfg": "CFG", "te": "TE", "unet": "U-Net",
+            "lora": "LoRA", "ddp": "DDP", "snr": "SNR", "fp16": "fp16", "bf16": "bf16", "gpu": "GPU", "cpu": "CPU",
+            "svd": "SVD", "ckpt": "checkpoint", "reso": "resolution", "dir": "folder", "n": "N", "id": "ID"}
+
+
 def label_of(dest: str) -> str:
+    """The readable label: LABELS, else the name in words ("sd_model" -> "SD model")."""
     if dest in LABELS:
         return LABELS[dest]
-    text = dest.replace("_", " ").strip()
+    words = [ACRONYMS.get(w, w) for w in dest.split("_") if w]
+    text = " ".join(words)
     return text[:1].upper() + text[1:]
 
 
