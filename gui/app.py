@@ -190,7 +190,7 @@ class App(RunControl):
     def _tab_changed(self):
         tab = self.current_tab()
         if tab is not None and "sample_prompts" in tab.form.fields:
-            hint = "Sample images appear here during a run (set Sample prompts in the Sample images section)."
+            hint = "Sample images appear here during a run (set the Sample prompts file, then Edit… it)."
         elif tab is not None and tab.image_option():
             hint = f"Images this tool writes (to {tab.image_option()}) appear here."
         else:

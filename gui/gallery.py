@@ -91,11 +91,13 @@ class Viewer(tk.Toplevel):
 
 
 class Gallery(tk.Toplevel):
-    def __init__(self, master, folder: Path, title: str = "Sample images", thumb_px: int = 128):
+    def __init__(self, master, folder: Path, title: str = "Sample images", thumb_px: int | None = None):
         super().__init__(master)
         from gui.widgets import ScrollFrame
 
-        self.folder, self.thumb_px = Path(folder), thumb_px
+        # thumbnails grow with the screen: 136 px at 1366 wide, 192 px at 1920
+        self.folder = Path(folder)
+        self.thumb_px = thumb_px or max(128, min(256, self.winfo_screenwidth() // 10))
         self.title(f"{title}: {folder}")
         top = master.winfo_toplevel()
         w, h = int(top.winfo_width() * 0.8), int(top.winfo_height() * 0.8)
