@@ -324,3 +324,20 @@ def test_a_kohya_ss_json_preset_is_imported_and_runs(app, tiny_model, tmp_path):
     # the imported preset is a config file the script runs unchanged
     run_train_network(["--config_file", str(path)])
     assert (tmp_path / "out" / "imported.safetensors").is_file()
+
+
+def test_screenshot_tool_shoots_at_the_asked_screen_size(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    if not shutil.which("Xvfb"):
+        pytest.skip("no Xvfb")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "tools" / "gui_screenshots.py"), "--size", "1366x768",
+                          "--out", str(tmp_path), "--screens", "lora"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with Image.open(tmp_path / "lora-1366x768.png") as shot:
+        assert shot.width == 1366 and 600 < shot.height <= 768       # the whole screen's width, usable height
