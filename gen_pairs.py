@@ -8,7 +8,7 @@ modality denoised by its own UNet + LoRA.
 Writes OUTPUT/<a>/0000.png and OUTPUT/<b>/0000.png (a new paired dataset in the --data_dir layout),
 OUTPUT/pair_0000.png (the two side by side), OUTPUT/grid.png (the first --grid_pairs pairs) and
 OUTPUT/generation.json (settings and seeds). Pair i starts from seed + i. (`test_gen.py` is the
-same script under the seed's name.)
+same script under the name the original CF/FA dual-UNet scripts used.)
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
     python infer_image_controlnet.py --checkpoint best_model.pth --source_image face.png \
         --pose_file poses.json --output out.png        # writes out_000.png, out_001.png, ...
 
-Angles are degrees in the convention of the training data (README: yaw > 0 turns the face to the
+Angles are degrees in the convention of the training data (docs/train_image_controlnet.md: yaw > 0 turns the face to the
 image's right). A pose file is JSON ([[yaw, pitch, roll], ...] or [{"yaw": .., "pitch": .., "roll": ..}]),
 .npy ([N, 3]) or text (one "yaw pitch roll" per line).
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate with a trained ControlNet, with or without the stage-2 UNet LoRA (the seed guide's inference).
+"""Generate with a trained ControlNet, with or without the stage-2 UNet LoRA (the inference step of the two-stage radar recipe).
 
     python inference_controlnet.py --controlnet_path output/controlnet/controlnet --prompt_file prompts.txt \
         --output_dir results_cn --config config.yaml --lora_dir "" --steps 40 --cfg 4.0 --controlnet_scale 1.2

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The seed's name for gen_pairs.py (same flags): generate pairs from a train_dual_unet.py checkpoint.
+"""gen_pairs.py under the name the original CF/FA dual-UNet scripts used (same flags): generate pairs
+from a train_dual_unet.py checkpoint.
 
     python test_gen.py --checkpoint_dir results/<name>/best_checkpoint --num_samples 10 --steps 50 --seed 42
 """

@@ -6,7 +6,7 @@
     python train_image_controlnet.py --data_dir faces --check_data                    # validate only
 
 The data folder holds front_metadata.json, front_keypoints.npy, video_metadata.json and
-video_keypoints.npy (schema: README, "ImageControlNet"). Every option can come from a TOML file
+video_keypoints.npy (schema: docs/train_image_controlnet.md). Every option can come from a TOML file
 with --config_file. Several processes: accelerate launch --num_processes N train_image_controlnet.py ...
 """
 from __future__ import annotations

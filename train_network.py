@@ -36,7 +36,8 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_dropout", type=A.unit_float, default=None, help="dropout on the LoRA hidden units")
     g.add_argument("--network_args", type=str, default=None, nargs="*",
                    help='extra network options, e.g. "conv_dim=4" "conv_alpha=1" (LoCon), "rank_dropout=0.1", '
-                        '"module_dropout=0.1", "block_dims=<25 ranks>", "down_lr_weight=sine" (see README)')
+                        '"module_dropout=0.1", "block_dims=<25 ranks>", "down_lr_weight=sine" '
+                        '(see docs/train_network.md)')
     g.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
     g.add_argument("--dim_from_weights", action="store_true", help="take ranks from --network_weights")
     g.add_argument("--base_weights", type=str, default=None, nargs="*",

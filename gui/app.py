@@ -10,6 +10,7 @@ import tkinter as tk
 from tkinter import ttk
 
 from gui import presets, registry, theme
+from gui.captioneditor import CaptionEditor
 from gui.datasettab import DatasetTab
 from gui.queuetab import QueueTab
 from gui.runcontrol import POLL_MS, RunControl
@@ -80,12 +81,40 @@ class App(RunControl):
         self.notebook.add(self.tools_page, text="Tools")
         self.dataset_tab = DatasetTab(self.notebook, self)
         self.notebook.add(self.dataset_tab, text="Dataset")
+        self.caption_editor = CaptionEditor(self.notebook, scale=self.scale)
+        self.notebook.add(self.caption_editor, text="Captions")
         self.queue_tab = QueueTab(self.notebook, self)
         self.notebook.add(self.queue_tab, text="Queue")
         self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale, on_request=self.request_now)
         self.run_panel.samples.folder_source = self._gallery_folder
         self.panes.add(self.notebook, weight=3)
         self.panes.add(self.run_panel, weight=1)
+
+    def import_kohya_ss(self, path=None):
+        """File > Import kohya_ss preset…: the JSON becomes one of our presets, loaded into its tab,
+        with what had no equivalent listed above the form. Returns the new preset's path."""
+        from pathlib import Path
+        from tkinter import filedialog
+
+        from gui.kohya_import import convert
+        from library.errors import UserError
+
+        path = path or filedialog.askopenfilename(parent=self.root, title="kohya_ss preset (.json)",
+                                                  filetypes=[("kohya_ss preset", "*.json"), ("All files", "*")])
+        if not path:
+            return None
+        try:
+            out, script, notes = convert(Path(path))
+        except UserError as err:
+            self.dialogs.append(Dialog(self.root, "Import kohya_ss preset", "This preset cannot be imported",
+                                       str(err), kind="error"))
+            return None
+        tab = self.tabs.get(script)
+        tab.refresh_presets()
+        tab.load_file(out)
+        tab.show_notes([f"Imported from the kohya_ss preset {path} as the preset {out.stem!r}."] + notes)
+        self.notebook.select(tab)
+        return out
 
     def _script_page(self, parent, item: registry.LoadedScript):
         if item.ok:
@@ -143,7 +172,7 @@ class App(RunControl):
         file_menu.add_command(label="Save preset", accelerator="Ctrl+S", command=lambda: self._on_tab("save"))
         file_menu.add_command(label="Save preset as…", accelerator="Ctrl+Shift+S",
                               command=lambda: self._on_tab("save_as"))
-        file_menu.add_command(label="Import kohya_ss preset (JSON)…", command=lambda: self._on_tab("import_kohya_dialog"))
+        file_menu.add_command(label="Import kohya_ss preset…", command=self.import_kohya_ss)
         file_menu.add_separator()
         file_menu.add_command(label="Quit", accelerator="Ctrl+Q", command=self.on_close)
         run_menu = tk.Menu(menu, tearoff=False)

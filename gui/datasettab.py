@@ -98,6 +98,7 @@ class DatasetTab(ttk.Frame):
                                    "the bucket histogram. Every problem is listed at once.")
         self.details.configure(state="disabled")
         self._build_helper(right)
+        self._build_prepare(top)
         self.report = None
         self.hist.bind("<Configure>", lambda e: self.draw_histogram())
 
@@ -121,6 +122,51 @@ class DatasetTab(ttk.Frame):
         ttk.Button(box, text="Create and use it", command=self.make_folder).grid(row=4, column=1, sticky="w", pady=4)
         self.h_state = ttk.Label(box, text="", style="Muted.TLabel", wraplength=int(380 * self.app.scale))
         self.h_state.grid(row=5, column=0, columnspan=3, sticky="w")
+
+    def _build_prepare(self, bar):
+        """Buttons into the dataset-preparation tools, on the Images folder below (else the tab's
+        train_data_dir), at the right of the top bar."""
+        actions = [("Resize…", lambda: self.open_tool("Resize images")),
+                   ("Caption (BLIP)…", lambda: self.open_tool("Captioner")),
+                   ("Tag (WD14)…", lambda: self.open_tool("Tagger")), ("Edit captions", self.edit_captions)]
+        for text, command in actions:
+            ttk.Button(bar, text=text, command=command).pack(side="right", padx=2)
+        ttk.Label(bar, text="Prepare images:", style="Muted.TLabel").pack(side="right", padx=(8, 2))
+
+    def prepare_folder(self) -> tuple[str, bool]:
+        """(folder, whether it is a train_data_dir of <repeats>_<name> sub-folders): the Images folder
+        above, else the chosen tab's train_data_dir."""
+        folder = self.h_images.get().strip()
+        if folder:
+            return folder, False
+        tab = self.target_tab()
+        field = tab.form.fields.get("train_data_dir") if tab is not None else None
+        return (field.var.get().strip(), True) if field is not None else ("", False)
+
+    def edit_captions(self):
+        editor = self.app.caption_editor
+        self.app.notebook.select(editor)
+        folder, parent = self.prepare_folder()
+        if folder:
+            editor.recursive_var.set(parent)
+            editor.open_folder(folder)
+
+    def open_tool(self, title: str):
+        """Show the tool's page with its image folder (its first positional argument) filled in."""
+        tools = self.app.tools_notebook
+        holder = next((h for h in tools.tabs() if tools.tab(h, "text") == title), None)
+        if holder is None:
+            self.h_state.configure(text=f"⚠ the {title} tool is not installed", style="Problem.TLabel")
+            return
+        self.app.notebook.select(self.app.tools_page)
+        tools.select(holder)
+        tab = self.app.tool_tab(holder)
+        folder = self.prepare_folder()[0]
+        if tab is not None and folder:
+            for dest in ("train_data_dir", "src_img_folder"):
+                if dest in tab.form.fields:
+                    tab.form.fields[dest].var.set(folder)
+                    break
 
     def target_tab(self):
         for tab in self.app.train_tabs():

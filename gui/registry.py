@@ -40,6 +40,12 @@ SCRIPTS: list[ScriptEntry] = [
     ScriptEntry("Extract LoRA", "networks.extract_lora_from_models", "tool"),
     ScriptEntry("Check LoRA", "networks.check_lora_weights", "tool"),
     ScriptEntry("Generate images", "gen_img", "tool"),
+    ScriptEntry("Tagger", "finetune.tag_images_by_wd14_tagger", "tool"),
+    ScriptEntry("Captioner", "finetune.make_captions", "tool"),
+    ScriptEntry("Captions→JSON", "finetune.merge_captions_to_metadata", "tool"),
+    ScriptEntry("Tags→JSON", "finetune.merge_dd_tags_to_metadata", "tool"),
+    ScriptEntry("Clean JSON", "finetune.clean_captions_and_tags", "tool"),
+    ScriptEntry("Resize images", "tools.resize_images_to_resolution", "tool"),
 ]
 
 

@@ -206,42 +206,9 @@ class ScriptTab(ttk.Frame):
         chosen = filedialog.askopenfilename(parent=self, filetypes=[("Presets", "*.toml *.json"), ("TOML", "*.toml"),
                                                                     ("kohya_ss preset", "*.json"), ("all", "*")])
         if chosen and chosen.lower().endswith(".json"):
-            self.import_kohya(chosen)
+            self.app.import_kohya_ss(chosen)       # a kohya_ss preset: File > Import kohya_ss preset
         elif chosen:
             self.load_file(chosen, keep_paths=True)
-
-    def import_kohya_dialog(self):
-        chosen = filedialog.askopenfilename(parent=self, filetypes=[("kohya_ss preset", "*.json"), ("all", "*")])
-        return self.import_kohya(chosen) if chosen else None
-
-    def import_kohya(self, json_path) -> Path | None:
-        """A kohya_ss GUI preset (JSON) becomes a preset of ours, saved with the user's presets and
-        loaded; the notes say what was translated and what had no equivalent."""
-        from gui import kohya_import
-
-        json_path = Path(json_path)
-        try:
-            imported = kohya_import.convert(kohya_import.load_json(json_path), self.loaded.parser)
-        except ValueError as err:
-            self.show_notes([f"could not import {json_path.name}: {err}"])
-            return None
-        name = f"{json_path.stem} (kohya_ss)"
-        folder = presets.user_dir(self.script)
-        base = folder / presets.safe_filename(f"{json_path.stem} kohya_ss")
-        values = dict(imported.values)
-        if imported.prompts_text and "sample_prompts" in self.form.fields:
-            from library.fileio import write_text_atomic
-
-            prompts = Path(f"{base}-prompts.txt")
-            write_text_atomic(prompts, imported.prompts_text)   # kohya_ss keeps the prompts as text
-            values["sample_prompts"] = str(prompts)
-        path = presets.save(Path(f"{base}.toml"), self.script, values, self.form.order(), imported.unmapped, name)
-        self.refresh_presets()
-        preset = self.load_file(path, keep_paths=True)
-        self.show_notes([f"imported {json_path.name} from kohya_ss into {path.name}."] + imported.report().splitlines()
-                        + [n for n in preset.notes if n.startswith("kept your")])
-        self.app.status(f"imported {json_path} as the preset {name!r}")
-        return path
 
     def reset(self):
         """Every option back to its default, except the model, dataset and output paths."""

@@ -126,6 +126,8 @@ def _storable(converted, text: str):
 
 def parse_text(spec: FieldSpec, text: str):
     """Widget text -> preset value; blank means 'the default'. Raises ValueError with a reason."""
+    if isinstance(spec.default, str) and text.strip() == spec.default.strip():
+        return spec.default  # a default with spaces (a ", " separator) survives the strip below
     text = text.strip()
     if spec.kind == "list":
         if not text:

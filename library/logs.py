@@ -61,10 +61,11 @@ class ProgressLogger:
         values = torch.stack([p.float() for p in self.pending])
         self.pending.clear()
         processes = getattr(self.accelerator, "num_processes", 1)
-        if processes > 1:
-            from library.training.accel import reduce_sum
+        if processes > 1:  # the sum over processes, written here because logs sits below library/training
+            import torch.distributed as dist
 
-            values = reduce_sum(self.accelerator, values) / processes
+            dist.all_reduce(values)
+            values = values / processes
         values = values.cpu().tolist()
         self.last_loss = sum(values) / len(values)
         self.recent.extend(values)

@@ -3,7 +3,7 @@
 `--network_module networks.lora` imports this module and calls `create_network`; generation and
 merge scripts call `create_network_from_weights`. Each patched layer keeps its own weights and
 gets `forward(x) = layer(x) + up(down(x)) * multiplier * alpha / rank`. Names, shapes and the
-metadata hashes follow /work/shared/reference/lora-format.md (helpers in `lora_format.py`);
+metadata hashes follow docs/lora_format.md (helpers in `lora_format.py`);
 per-block ranks and learning rates are parsed in `lora_blocks.py`.
 """
 from __future__ import annotations

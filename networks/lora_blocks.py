@@ -66,7 +66,7 @@ def block_label(index: int) -> str:
 
 def _bad(key: str, value, what: str) -> UserError:
     return UserError(f"network argument {key}={value!r} is not valid: {what}.",
-                     fix=f"pass --network_args \"{key}=...\"; see README (per-block options).")
+                     fix=f"pass --network_args \"{key}=...\"; see docs/train_network.md (per-block options).")
 
 
 def _text(value) -> str:

@@ -1,6 +1,6 @@
 """The kohya LoRA file contract: module names, which layers are targets, file reading, hashes.
 
-See /work/shared/reference/lora-format.md. Everything here is pure naming/serialization; the
+See docs/lora_format.md. Everything here is pure naming/serialization; the
 trainable modules live in `networks/lora.py`.
 """
 from __future__ import annotations

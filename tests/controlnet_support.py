@@ -1,4 +1,4 @@
-"""The radar toy world for the ControlNet learning tests (seed-systems §2(b)(i), at 64 px).
+"""The radar toy world for the ControlNet learning tests (one disk per image, drawn where a heatmap says, at 64 px).
 
 A small SD-shaped base trained here once and cached in .cache/controlnet-toy/<recipe hash>/: a x4 VAE
 (64 px -> 4x16x16 latents) trained on the toy world's broad random content plus small disks of every

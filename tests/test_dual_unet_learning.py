@@ -2,7 +2,7 @@
 toy base's one-time build, cached in .cache/dual_unet_toy/).
 
 The effect of --struct_lambda is *not* asserted: over 3 seeds it was not distinguishable from
-run-to-run noise at toy scale (README, bench/dual_unet_struct_lambda.py). What is asserted is
+run-to-run noise at toy scale (docs/train_dual_unet.md, bench/dual_unet_struct_lambda.py). What is asserted is
 what the method relies on and what it must not break.
 """
 import pytest

@@ -65,7 +65,7 @@ def test_registry_shows_present_scripts_and_explains_broken_ones(make_app):
                ScriptEntry("Future tool", "networks.not_written_yet", "tool")]
     app = make_app(entries=entries, restore=False)
     names = [app.notebook.tab(t, "text") for t in app.notebook.tabs()]
-    assert names == ["LoRA", "Broken", "Tools", "Dataset", "Queue"]         # a missing script is absent
+    assert names == ["LoRA", "Broken", "Tools", "Dataset", "Captions", "Queue"]         # a missing script is absent
     broken = app.root.nametowidget(app.notebook.tabs()[1])
     assert "half-written" in broken.winfo_children()[0].cget("text")       # the import error, shown
     tools_note = app.tools_page.winfo_children()[0].cget("text")

@@ -220,7 +220,7 @@ def test_lightning_names_are_aliases_of_the_flags():
     assert args.resume == "c.pth"
     assert (args.save_top_k, args.monitor, args.monitor_mode, args.overfit_batches) == (2, "val_psnr", "max", 3)
     assert (args.log_every_n_steps, args.log_images_every_n_steps, args.profile) == (5, 7, True)
-    # the seed's dash-less form takes the aliases, and a bare --fast_dev_run before another flag
+    # the original guide's dash-less form takes the aliases, and a bare --fast_dev_run before another flag
     bare = _parse("val_split", "0.2", "accumulate_grad_batches", "4", "fast_dev_run", "epochs", "3")
     assert (bare.val_fraction, bare.gradient_accumulation_steps, bare.fast_dev_run, bare.epochs) == (0.2, 4, 2, 3)
     assert _parse("--fast_dev_run", "--epochs", "3").fast_dev_run == 2 and _parse("fast_dev_run", "5").fast_dev_run == 5

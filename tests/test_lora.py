@@ -1,6 +1,6 @@
 """networks.lora: the kohya file contract, diffusers interop, and the kohya network API.
 
-Contract: /work/shared/reference/lora-format.md. Models are the tiny SD1.5-structured ones.
+Contract: docs/lora_format.md. Models are the tiny SD1.5-structured ones.
 """
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ def base_args(model, data, out, *extra):
             "--learning_rate=1e-3", "--seed=7", "--caption_extension=.txt", *extra]
 
 
-def test_seed_004_command_runs_unchanged(tiny_model, tmp_path):
-    """The seed-004 command, with only the model path (and sizes for CPU) swapped."""
+def test_the_usual_kohya_command_runs_unchanged(tiny_model, tmp_path):
+    """The kohya command users run (README), with only the model path (and sizes for CPU) swapped."""
     data = tmp_path / "lora_train_set"
     write_image_folder(data, "10_test", count=2, size=64)
     # The user's captions are .txt files and the command does not pass --caption_extension.

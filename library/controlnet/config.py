@@ -1,5 +1,5 @@
 """Config files for the ControlNet scripts: flat TOML of flag names (like every script here) or the
-seed guide's YAML-shaped sections, from a .toml or a .yaml file (`--config_file` or `--config`).
+radar recipe's YAML-shaped sections, from a .toml or a .yaml file (`--config_file` or `--config`).
 
     project:        name -> output_name, output_dir, logging_dir
     model:          pretrained_model_name_or_path (or path), vae
@@ -77,7 +77,7 @@ def flag_values(parser: argparse.ArgumentParser, data: dict, path) -> dict:
             close = difflib.get_close_matches(dest, dests, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise UserError(f"unknown key '{where}' in the config file {path}.{hint}", path=path,
-                            fix="remove the key or correct its name (see the README's ControlNet config part).")
+                            fix="remove the key or correct its name (docs/train_controlnet.md, Config files).")
         out[dest] = value
 
     def walk(table: dict, section: str | None, trail: str):
@@ -135,7 +135,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
 def write_autofilled(src, updates: dict) -> Path:
     """A copy of config `src` named <stem>_autofilled<suffix> beside it, with `updates` (flag -> value)
-    written where the file keeps them: in the seed's section when it has one, else at the top level."""
+    written where the file keeps them: in the recipe's section when it has one, else at the top level."""
     from library.fileio import write_text_atomic
 
     src = Path(src)

@@ -121,7 +121,7 @@ def _flat_folder_entries(args) -> list[dict]:
                         "targets": None, "split": "train", "where": image})
     if not entries:
         raise UserError("--train_data_dir holds no images, no <repeats>_<name> folders and no metadata.jsonl.",
-                        path=args.train_data_dir, fix="point it at your images (see the README's ControlNet part).")
+                        path=args.train_data_dir, fix="point it at your images (see docs/train_controlnet.md, Data).")
     return entries
 
 

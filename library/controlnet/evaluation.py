@@ -4,7 +4,7 @@ Noise and timesteps come from a generator seeded per validation batch, so the sa
 same number every epoch (kohya's validation loss is built the same way): a flat curve means the
 model did not change, which early stopping relies on. The same batches are also scored with the
 conditions of other images (shuffled) and without control (scale 0); a ControlNet that uses its
-condition scores clearly better with the true one (the sampling-free metric of seed-systems §0.3).
+condition scores clearly better with the true one (a metric that needs no sampling).
 """
 from __future__ import annotations
 

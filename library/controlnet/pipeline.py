@@ -1,4 +1,4 @@
-"""One command for the seed guide's whole recipe: stage 1 (ControlNet), then stage 2 (UNet LoRA on the
+"""One command for the whole two-stage radar recipe: stage 1 (ControlNet), then stage 2 (UNet LoRA on the
 frozen stage-1 ControlNet).
 
 1. Stage 1 runs from --controlnet_config unless its output folder already holds a finished run
@@ -27,10 +27,10 @@ def _settings(parser, path) -> dict:
 
 def run_pipeline(controlnet_config, lora_config, from_scratch: bool = False, extra: list[str] | None = None,
                  say=print) -> dict:
-    import train_controlnet
+    from library.controlnet import cli
     from library.controlnet.stages import reset_accelerate
 
-    parser = train_controlnet.setup_parser()
+    parser = cli.setup_parser()
     s1, s2 = _settings(parser, controlnet_config), _settings(parser, lora_config)
     out1, out2 = Path(s1["output_dir"]), Path(s2["output_dir"])
     if out1.resolve() == out2.resolve():
@@ -43,7 +43,7 @@ def run_pipeline(controlnet_config, lora_config, from_scratch: bool = False, ext
     else:
         resume = [] if from_scratch else ["--resume", "latest"]
         say(f"pipeline: stage 1 (ControlNet) from {controlnet_config} -> {out1}")
-        train_controlnet.main(["--config_file", str(controlnet_config), "--save_state", *resume, *extra])
+        cli.main(["--config_file", str(controlnet_config), "--save_state", *resume, *extra])
         reset_accelerate()
         ran_stage1 = True
     controlnet = out1 / "controlnet"
@@ -59,7 +59,7 @@ def run_pipeline(controlnet_config, lora_config, from_scratch: bool = False, ext
             (out2 / outputs.COMPLETE_MARKER).unlink()  # trained on the old ControlNet: train it again
         resume = [] if ran_stage1 else ["--resume", "latest"]
         say(f"pipeline: stage 2 (UNet LoRA on the frozen ControlNet) from {autofilled} -> {out2}")
-        train_controlnet.main(["--config_file", str(autofilled), "--save_state", *resume, *extra])
+        cli.main(["--config_file", str(autofilled), "--save_state", *resume, *extra])
         reset_accelerate()
     say(f"pipeline: ControlNet in {controlnet}, LoRA in {out2 / 'lora'}")
     return {"controlnet": controlnet, "lora": out2 / "lora", "autofilled": autofilled, "ran_stage1": ran_stage1}

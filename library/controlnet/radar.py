@@ -1,6 +1,6 @@
 """Radar targets -> pixel positions -> Gaussian heatmaps (the ControlNet's condition in radar mode).
 
-Axis convention (also in --help and the README): an image of W x H pixels shows velocity along x
+Axis convention (also in --help and docs/train_controlnet.md): an image of W x H pixels shows velocity along x
 and range along y, range 0 at the bottom:
 
     x = (v + vel_max) / (2 * vel_max) * (W - 1)        column, v in [-vel_max, vel_max]

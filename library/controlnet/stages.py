@@ -1,6 +1,6 @@
 """train_controlnet.py's body: argument checks, then one stage, or joint mode's two stages.
 
-Joint mode ("two stages + light joint", seed guide 2.5):
+Joint mode ("two stages + light joint" in the radar recipe):
     <output_dir>/stage1/   ControlNet only, --loss_weight_factor, --max_train_steps / --max_train_epochs
     <output_dir>/stage2/   ControlNet (lr --stage2_learning_rate, default 0.1 x --learning_rate) and a UNet
                            LoRA (lr --lora_learning_rate) from the stage-1 ControlNet, --stage2_loss_weight_factor,

@@ -24,6 +24,7 @@ the training loop uses to weight the loss and to draw this share of the global b
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -201,7 +202,8 @@ class BatchFeeder:
                  pin_memory: bool = False, rank: int = 0, world: int = 1):
         self.group, self.seed = group, int(seed)
         self.rank, self.world = int(rank), int(world)
-        self.num_workers = max(0, int(num_workers))
+        # more workers than CPUs only compete (and torch warns about it in every run)
+        self.num_workers = max(0, min(int(num_workers), os.cpu_count() or 1))
         # A dataset kind may say it gains nothing from workers (everything already in memory).
         if not getattr(group.epoch_dataset(0, self.seed), "needs_workers", True):
             self.num_workers = 0

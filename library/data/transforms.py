@@ -119,6 +119,20 @@ def _tags(text: str, separator: str) -> list[str]:
     return [t.strip() for t in text.split(separator) if t.strip()]
 
 
+def split_fixed_tags(caption: str, keep_tokens: int, separator: str = CAPTION_SEPARATOR,
+                     marker: str = "") -> tuple[list[str], list[str], list[str]]:
+    """(fixed leading tags, the tags that shuffle and drop, fixed trailing tags), as kohya splits a
+    caption: by the keep_tokens_separator `marker` ("fixed ||| shuffled ||| fixed suffix") when the
+    caption holds it, else the first `keep_tokens` tags stay fixed."""
+    if marker and marker in caption:
+        fixed_text, flex_text = caption.split(marker, 1)
+        flex_text, _, suffix_text = flex_text.partition(marker)
+        return _tags(fixed_text, separator), _tags(flex_text, separator), _tags(suffix_text, separator)
+    tags = _tags(caption, separator)
+    keep = max(0, keep_tokens)
+    return tags[:keep], tags[keep:], []
+
+
 def process_caption(caption: str, subset, rng: np.random.Generator | None, epoch: int = 0) -> str:
     """The caption the model sees, in kohya's order: prefix/suffix, whole-caption dropout, then the
     tag ops (fixed/flexible split, shuffle, tag dropout), then the secondary separator.
@@ -146,14 +160,7 @@ def process_caption(caption: str, subset, rng: np.random.Generator | None, epoch
     # marker in the text when no tag op runs; it is removed here too, since it is markup and
     # never meant to be trained on.
     if tag_ops or (marker and marker in caption):
-        if marker and marker in caption:
-            fixed_text, flex_text = caption.split(marker, 1)
-            flex_text, _, suffix_text = flex_text.partition(marker)
-            fixed, flex, fixed_suffix = _tags(fixed_text, sep), _tags(flex_text, sep), _tags(suffix_text, sep)
-        else:
-            tags = _tags(caption, sep)
-            keep = max(0, subset.keep_tokens)
-            fixed, flex, fixed_suffix = tags[:keep], tags[keep:], []
+        fixed, flex, fixed_suffix = split_fixed_tags(caption, subset.keep_tokens, sep, marker)
         if tag_ops and subset.shuffle_caption:
             flex = [flex[i] for i in rng.permutation(len(flex))]
         if tag_ops and subset.caption_tag_dropout_rate > 0:

@@ -50,7 +50,7 @@ def edge_map(x: torch.Tensor) -> torch.Tensor:
 def structure_loss(x0_a: torch.Tensor, x0_b: torch.Tensor, kind: str = "l1") -> torch.Tensor:
     """Per-sample disagreement [B] of the two images' edge maps.
 
-    l1 (the seed's): mean |E_a - E_b|. It cannot reach 0 on real aligned pairs when the two
+    l1 (the original CF/FA scripts'): mean |E_a - E_b|. It cannot reach 0 on real aligned pairs when the two
     modalities have different edge strengths, so part of its gradient pushes appearance together.
     ncc: 1 - normalised cross-correlation of the edge maps, blind to edge strength (0 = same edges,
     up to scale). Both are symmetric in a and b and 0 for identical inputs.

@@ -1,4 +1,4 @@
-"""What a paired run writes, and where (the seed's layout):
+"""What a paired run writes, and where (the original CF/FA scripts' layout):
 
     <output_dir>/<name>/                       the run folder (--name; without it <output_dir> itself)
       training_log.txt                         one tab-separated line per logged step

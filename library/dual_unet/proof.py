@@ -1,7 +1,7 @@
 """The toy-world experiment behind the learning test and bench/dual_unet_struct_lambda.py.
 
-Train train_dual_unet.py (the real script, in this process) on the paired toy world over the cached
-toy base, then generate pairs from the final checkpoint with gen_pairs' code path and measure
+Train with train_dual_unet.py's command line (library/dual_unet/cli.py, in this process) on the
+paired toy world over the cached toy base, then generate pairs from the final checkpoint with gen_pairs' code path and measure
 (library/dual_unet/metrics.py):
 
 - edge correlation of pairs from the same initial noise vs pairs from independent noise (chance),
@@ -46,12 +46,12 @@ class Settings:
 def _run_script(argv: list[str]) -> dict:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    import train_dual_unet
+    from library.dual_unet.cli import main
 
     AcceleratorState._reset_state(True)  # a fresh accelerate state per in-process run
     GradientState._reset_state()
     PartialState._reset_state()
-    return train_dual_unet.main(argv)
+    return main(argv)
 
 
 def lora_norms(folder: Path, modalities) -> dict[str, float]:

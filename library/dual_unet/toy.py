@@ -6,7 +6,7 @@ Modality "fa" (fluorescein angiography): dark background, bright vessels, bright
 grayscale PNG (the loader must turn it into 3 channels). The vessel contrast is inverted between
 the two, as in real CF/FA pairs, so only the *position* of edges is shared, never their sign.
 
-This is the world of /work/shared/reference/seed-systems.md 2(c) (32 px, vessel width 2.4 px, disc
+This is the world of our first paired experiment (docs/train_dual_unet.md; 32 px, vessel width 2.4 px, disc
 radius 4 px, scaled with the image size). Nothing here is tuned to make the structure loss look
 good: the recipe is the measured one. Every function takes a seed: the same seed, the same pixels.
 """

@@ -1,4 +1,4 @@
-"""A tiny frozen base model for the paired toy world (seed-systems.md 2(c)), built once and cached.
+"""A tiny frozen base model for the paired toy world (docs/train_dual_unet.md), built once and cached.
 
 Why not the shared toy model (library/toy)? Its VAE downsamples x8: at its 64 px an image is an
 8x8 latent, where a 2-3 px vessel is a fraction of a latent pixel and a Sobel map of the latent is

@@ -6,5 +6,6 @@ decodes the image, and a pose head reads the pose back from the generated image.
 
 Modules: pose (angle convention, pose from keypoints), data (files, validator, dataset),
 backbones, model, losses, checkpoint, train (the loop), tblog (TensorBoard + curve PNGs),
-toy (synthetic head renderer and the pose-following check), argv (seed-style `key value` arguments).
+toy (synthetic head renderer and the pose-following check), argv (dash-less `key value`
+arguments, as the original guide writes them).
 """

@@ -1,6 +1,6 @@
-"""Seed-style arguments without dashes: `data_dir X epochs 100 batch_size 16` (and `key=value`).
+"""Arguments without dashes: `data_dir X epochs 100 batch_size 16` (and `key=value`).
 
-The seed's first example is written that way. A bare word that names a flag becomes that flag, so
+The original ImageControlNet guide's first example is written that way. A bare word that names a flag becomes that flag, so
 the example runs as written; a bare word that names no flag is an error that shows the closest
 spelling. Values after a real flag (`--data_dir X`) are left alone. Any name of a flag works bare,
 also an alias (`val_split 0.2` for --val_fraction). A flag whose value is optional (`fast_dev_run`)

@@ -1,6 +1,6 @@
 """The face data files: schema, loading into (source, target) pairs, and the validator.
 
-A data folder holds four files (README "ImageControlNet data"):
+A data folder holds four files (docs/train_image_controlnet.md, Data):
   front_metadata.json  front_keypoints.npy  video_metadata.json  video_keypoints.npy
 Both JSON files have a header and "items". Front items: {"index", "identity", "image", "pose"?};
 video items add "video", "frame", optionally "split" ("train" / "val"; others are ignored) and
@@ -241,7 +241,7 @@ def load_pairs(data_dir, image_dir=None, *, val_fraction: float = 0.1, seed: int
         shown = " ".join(f"({i + 1}) {p}" for i, p in enumerate(report.problems[:5]))
         more = f" ... and {len(report.problems) - 5} more." if len(report.problems) > 5 else ""
         raise UserError(f"the data in {data_dir} has {len(report.problems)} problem(s): {shown}{more}",
-                        path=data_dir, fix=f"correct them (the schema is in the README, section ImageControlNet); "
+                        path=data_dir, fix=f"correct them (the schema is in docs/train_image_controlnet.md, Data); "
                                            f"list every problem with: python train_image_controlnet.py "
                                            f"--data_dir {data_dir} --check_data")
     return report

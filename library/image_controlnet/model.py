@@ -4,17 +4,17 @@
              feature maps reach the generator stages of the same resolution through 1x1 convs
              (`skips`, U-Net style). Without them identity detail had to pass the 4x4 map at 32 px,
              and a toy model after 900 steps still drew grey blobs (+1.7 dB over copying the source);
-             with them, +4.3 dB after 600 steps, pose followed (measured, README numbers).
+             with them, +4.3 dB after 600 steps, pose followed (measured; docs/train_image_controlnet.md).
   pose_embed an MLP on (sin, cos) of the target angles (smooth, bounded, no wrap-around jump)
   control    one block per controlled generator stage, --num_control_layers of them: it sees the
              stage's features plus coordinate channels, modulated by the pose embedding, and adds
              its output through a zero-initialised 1x1 conv. As in ControlNet, the untrained branch
              adds exactly nothing, so it cannot disturb a trained generator at the start of stage 1
-             of the seed's two-stage recipe; the zero conv still gets gradients and opens up.
+             of the two-stage recipe; the zero conv still gets gradients and opens up.
   generator  upsampling stages from the feature map to the image (--freeze_generator freezes this)
   pose_head  reads (yaw, pitch, roll) back from the generated image; it keeps spatial layout
              (coordinate channels, pooled to 4x4 and flattened): a global average pool stayed at
-             chance in the seed notes' experiments.
+             chance in our earlier toy experiments.
 Only GroupNorm in the trained parts, so accumulation of k x b equals one step of k*b.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
   per-axis angle error of the best-matching render of the known identity (toy.best_match_angles),
   against chance (the same check on the copied source, and the mean error of a uniform guess);
   the model's own pose-head error.
-PSNR alone is not trusted: the seed notes measured a model that beat the copy baseline while
+PSNR alone is not trusted: an earlier toy experiment measured a model that beat the copy baseline while
 ignoring yaw entirely.
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ after that many batches (--fast_dev_run).
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -92,8 +93,13 @@ def group_sizes(n: int, batch_size: int, accum: int, max_batches: int | None = N
     return [sum(batches[i:i + accum]) for i in range(0, len(batches), accum)]
 
 
+def workers(num_workers: int) -> int:
+    """--num_workers capped at the CPU count: more only compete (and torch warns about it every epoch)."""
+    return max(0, min(int(num_workers), os.cpu_count() or 1))
+
+
 def make_loader(dataset, batch_size: int, num_workers: int, order=None, device=None) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, shuffle=False, num_workers=workers(num_workers),
                       pin_memory=device is not None and device.type == "cuda")
 
 
@@ -134,8 +140,8 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
     sizes = group_sizes(len(dataset), args.batch_size * world, args.gradient_accumulation_steps, overfit)
     # overfit_batches: epoch 0's order every epoch, cut to its first N batches
     shares = rank_batches(len(dataset), args.batch_size, world, rank, args.seed, 0 if overfit else epoch)[:overfit]
-    loader = DataLoader(dataset, batch_sampler=[indices for indices, _ in shares], num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_sampler=[indices for indices, _ in shares],
+                        num_workers=workers(args.num_workers), pin_memory=device.type == "cuda")
     # total, image, pose loss; samples (a short run trains fewer). On the device: no host sync per batch.
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     group_sums = torch.zeros(2, dtype=torch.float64, device=device)

@@ -1,4 +1,4 @@
-"""TensorBoard logging with the seed's tags, and training-curve PNGs drawn with Pillow.
+"""TensorBoard logging with the original ImageControlNet script's tags, and training-curve PNGs drawn with Pillow.
 
 Tags: Epoch/TrainLoss, Epoch/TrainImageLoss, Epoch/TrainPoseLoss, Epoch/ValLoss, Epoch/ValImageLoss,
 Epoch/ValPSNR (plus Epoch/ValPoseLoss, Epoch/ValPoseErrorDeg, Epoch/ValCopyPSNR = PSNR of copying the

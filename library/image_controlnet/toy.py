@@ -2,8 +2,8 @@
 
 A head is a sphere seen orthographically, with 5 landmark dots (eyes, nose, mouth corners) at the
 points of TOY_MODEL, an identity's skin colour, latitude stripes, longitude stripes and an accent
-patch. The longitude stripes matter: without them yaw only moves the small dots, and the seed notes
-measured a generator that then ignored yaw while still beating the copy baseline on PSNR. Every
+patch. The longitude stripes matter: without them yaw only moves the small dots, and an earlier
+experiment measured a generator that then ignored yaw while still beating the copy baseline on PSNR. Every
 controlled angle must change large-scale appearance, or the test measures the renderer.
 
 `write_dataset` writes the four files of data.py (keypoints are the exact projections of the

@@ -3,7 +3,7 @@ checkpoints, TensorBoard, curve PNGs, summary.
 
 Resume: a checkpoint whose trainable parts (--freeze_generator / --freeze_backbone) match the run
 continues exactly (weights, optimizer, scheduler, scaler, epoch, step, best loss, history, RNG). If
-they differ, it is the seed's two-stage recipe (stage 1 frozen generator, stage 2 everything): the
+they differ, it is the two-stage recipe (stage 1 frozen generator, stage 2 everything): the
 weights are loaded and a new stage starts at epoch 0 with a fresh optimizer, and the run says so.
 
 Several processes (`accelerate launch --num_processes N`, torchrun): every process builds the same

@@ -1,4 +1,4 @@
-"""The LoRA file contract checker (/work/shared/reference/lora-format.md).
+"""The LoRA file contract checker (docs/lora_format.md).
 
 Finds what makes WebUI, ComfyUI, diffusers or sd-scripts load a file differently or not at all:
 unknown names (silently dropped), text-encoder names without `text_model_`, missing or zero alpha,

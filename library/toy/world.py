@@ -6,8 +6,8 @@ circle. Backgrounds are neutral grey so that green appears nowhere in the base w
 "how green are the samples" a clean statistic (see metrics.py).
 
 The VAE, in contrast, is trained on `broad_images`: any colour, any size, coloured and gradient
-backgrounds. A VAE that had only seen the base world could not reconstruct green (the trap measured
-in the seed notes), and no LoRA on the UNet could then produce it.
+backgrounds. A VAE that had only seen the base world could not reconstruct green (a trap measured
+in our earlier experiments), and no LoRA on the UNet could then produce it.
 
 Every function takes a seed or a numpy Generator: the same seed gives the same pixels.
 """
