@@ -516,8 +516,17 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         actions = _dests(parser)
         values = read_config_file(parser, args.config_file)
         checked = {k: _check_value(actions[k], v, f"the config file {args.config_file}") for k, v in values.items()}
+        # the config values are defaults for this parse only: the parser may be parsed again
+        # (the GUI checks one shared parser many times), and must not keep the old file's values
+        saved = {a.dest: a.default for a in parser._actions}, dict(parser._defaults)
         parser.set_defaults(**checked)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        finally:
+            for action in parser._actions:
+                action.default = saved[0][action.dest]
+            parser._defaults.clear()
+            parser._defaults.update(saved[1])
     if getattr(args, "caption_extention", None):  # kohya's old misspelling still works
         args.caption_extension = args.caption_extention
     if args.output_config:

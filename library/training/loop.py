@@ -36,6 +36,7 @@ import torch
 from library.data.loader import BatchFeeder, OverfitGroup, shares_batches, use_global_batches
 from library.training import accel
 from library.training import noise as noise_mod
+from library.training import live_requests
 from library.training.checkpoint import (TopKSaver, TrainState, load_train_state, prune_old, save_train_state,
                                          state_dir_name)
 
@@ -259,6 +260,7 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                     _save_numbered(accelerator, hooks, cfg, save_state, "step", epoch, step)
                 if sample and hooks.want_sample and hooks.want_sample(None, step):
                     sample(None, step)
+                _honour_requests(accelerator, hooks, cfg, save_state, sample, writes, epoch, step)
                 if accel.any_process(accelerator, stop.requested):
                     path = save_state(f"{cfg.output_name}-interrupted-state")
                     raise StopRequested(path)
@@ -317,6 +319,21 @@ def run_training_or_exit(accelerator, group, optimizer, lr_scheduler, hooks: Loo
         accelerator.print(f"stopped at step {progress_logger.bar.n}. State saved in {stop.state_path}; continue "
                           f"with {hint} and the same other arguments.")
         raise SystemExit(130) from None
+
+
+def _honour_requests(accelerator, hooks, cfg: LoopSettings, save_state, sample, writes: bool, epoch: int,
+                     step: int):
+    """"Save now" / "sample now" (library.training.live_requests: files in the output folder)."""
+    asked = live_requests.take_everywhere(accelerator, cfg.output_dir, writes)
+    if live_requests.SAVE in asked:
+        accelerator.print(f"save now (requested): saving at step {step}")
+        _save_numbered(accelerator, hooks, cfg, save_state, "step", epoch, step)
+    if live_requests.SAMPLE in asked:
+        if sample is None:
+            accelerator.print("sample now (requested): this run has no --sample_prompts, nothing to sample")
+        else:
+            accelerator.print(f"sample now (requested): sampling at step {step}")
+            sample(None, step)
 
 
 def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str, epoch: int, step: int):
