@@ -40,6 +40,17 @@ non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
 
 
+def file_name(value):
+    """--output_name: a name without folders, so every trained file stays inside --output_dir."""
+    from library.fileio import check_output_name
+
+    try:
+        return check_output_name(value, "")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a plain file name (no '/', '\\' or '..'): the files "
+                                         "stay inside --output_dir; choose the folder there") from None
+
+
 def resolution(value) -> tuple[int, int]:
     """'512' or '512,768' (kohya: width,height) -> (w, h)."""
     if isinstance(value, (list, tuple)):
@@ -172,8 +183,8 @@ def add_precision_alias(group) -> None:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
-    g.add_argument("--output_name", type=str, default=None,
-                   help="base name of the trained files (default 'last')")
+    g.add_argument("--output_name", type=file_name, default=None,
+                   help="base name of the trained files (default 'last'), without folders")
     g.add_argument("--train_batch_size", type=positive_int, default=1,
                    help="batch size (per process: N processes train on N x this many images per step)")
     g.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
@@ -402,6 +413,9 @@ def add_trainer_automation_arguments(parser: argparse.ArgumentParser,
     g.add_argument("--monitor", type=str, default=None, help=f"metric for --save_top_k: {monitor_names}")
     g.add_argument("--monitor_mode", type=str, default="min", choices=["min", "max"],
                    help="whether a lower (min) or higher (max) --monitor value is better")
+    g.add_argument("--divergence_patience", type=positive_int, default=3,
+                   help="stop when this many optimizer steps in a row have a NaN/Inf loss or gradient norm (they "
+                        "are skipped; nothing is saved after the divergence, so the last good files stay)")
     g.add_argument("--overfit_batches", type=positive_int, default=None,
                    help="debugging: train on the first N batches only, the same ones every epoch")
     g.add_argument("--fast_dev_run", type=fast_dev_run_steps, default=0, nargs="?", const=2,
