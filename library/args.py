@@ -556,15 +556,14 @@ def config_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
 
 
 def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
-    import toml
-
+    from library import toml_writer
     from library.fileio import write_text_atomic
 
     if not args.config_file:
         raise UserError("--output_config needs --config_file, the path of the TOML to write.",
                         fix="add --config_file my_settings.toml.")
     path = Path(args.config_file)
-    write_text_atomic(path, toml.dumps(config_dict(parser, args)))
+    write_text_atomic(path, toml_writer.dumps(config_dict(parser, args)))
     print(f"wrote the arguments to {path}")
     return path
 
