@@ -14,7 +14,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from library.args import PRESET_TABLE
 from library.fileio import write_text_atomic
 

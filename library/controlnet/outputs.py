@@ -141,13 +141,11 @@ class StageWriter:
 
 
 def state_folders(output_dir) -> list[tuple[int, Path]]:
-    """(global step, folder) of every state folder in output_dir, oldest first."""
-    found = []
-    for path in Path(output_dir).glob("*-state"):
-        info = path / "train_state.json"
-        if info.is_file():
-            found.append((int(json.loads(info.read_text()).get("global_step", 0)), path))
-    return sorted(found)
+    """(global step, folder) of every usable state folder in output_dir, oldest first (damaged ones
+    are skipped with a note)."""
+    from library.training.checkpoint import usable_states
+
+    return usable_states(Path(output_dir).glob("*-state"))
 
 
 def resolve_resume(resume, output_dir, output_name) -> str | None:

@@ -251,6 +251,27 @@ def usable_state(path: Path) -> bool:
     return True
 
 
+def usable_states(folders) -> list[tuple[int, Path]]:
+    """(global step, folder) of the readable, complete state folders among `folders`, oldest first:
+    what --resume latest chooses from. Damaged ones (malformed train_state.json, a missing or
+    truncated file, e.g. from a kill during the save) are skipped with a note naming them."""
+    found, skipped = [], []
+    for folder in folders:
+        folder = Path(folder)
+        if not (folder / "train_state.json").is_file():
+            continue
+        if usable_state(folder):
+            found.append((read_train_state(folder).global_step, folder))
+        else:
+            skipped.append(folder)
+    if skipped:
+        from library.logs import warn_once
+
+        warn_once(f"--resume latest: skipping {len(skipped)} damaged state folder(s): "
+                  f"{', '.join(str(p) for p in skipped[:3])}.")
+    return sorted(found)
+
+
 def load_train_state(path: Path, trainable: torch.nn.Module, optimizer, lr_scheduler,
                      noise_generator: torch.Generator | None = None, scaler=None) -> TrainState:
     from safetensors.torch import load_file
