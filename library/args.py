@@ -465,8 +465,14 @@ def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     if not path.is_file():
         raise UserError("the --config_file does not exist.", path=path,
                         fix="pass the path of a TOML file of arguments, or write one with --output_config.")
+    import tomllib
+
     try:
-        table = toml.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        try:  # TOML 1.0 (what --output_config writes: the toml package misreads some escapes, e.g. \\u)
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:  # kohya reads with the toml package, which takes a few other files
+            table = toml.loads(text)
     except (toml.TomlDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"the --config_file {path} is not valid TOML ({err}).", path=path,
                         fix="correct the line named above; values are written like key = \"text\" or key = 1.5.") from None

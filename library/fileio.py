@@ -116,11 +116,8 @@ def check_complete(path) -> None:
     elif suffix in (".pt", ".pth", ".ckpt"):
         import zipfile
 
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                zf.infolist()
-        elif size == 0:
-            raise OSError(f"{path.name}: empty file")
+        if not zipfile.is_zipfile(path):  # torch.save writes zip files; a cut one has no central directory
+            raise OSError(f"{path.name}: not a complete torch file ({size} bytes)")
 
 
 def _umask() -> int:

@@ -348,7 +348,7 @@ class LoRANetwork(torch.nn.Module):
         sd = {k: v.to(dtype or v.dtype).contiguous() for k, v in sd.items()}
         if str(file).endswith(".safetensors"):
             data = fmt.serialize_with_hashes(sd, metadata)  # hashed bytes == written bytes
-            with atomic_path(file) as tmp:
+            with atomic_path(file, needed_bytes=len(data)) as tmp:
                 tmp.write_bytes(data)
         else:
             torch_save_atomic(sd, file)
