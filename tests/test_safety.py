@@ -162,7 +162,7 @@ def test_4_controlnet_trainer_diverging_writes_no_nan_weights(tiny_model, tmp_pa
     listing = radar_listing(tmp_path / "radar", [((64, 64), (12 + 5 * i, 50 - 4 * i)) for i in range(4)])
     out = tmp_path / "cn"
     _reset_accelerate()
-    with pytest.raises(UserError, match="training diverged"):
+    with pytest.raises(UserError, match="training diverged: .* skipped"):
         train_controlnet.main(["--pretrained_model_name_or_path", str(tiny_model.diffusers_dir), "--train_data_dir",
                                str(listing), "--output_dir", str(out), "--resolution", "64", "--train_batch_size",
                                "2", "--cache_latents", "--seed", "1", "--learning_rate", "1e6", "--lora_rank", "2",
@@ -178,12 +178,13 @@ def test_4_dual_unet_trainer_diverging_writes_no_nan_weights(tiny_model, tmp_pat
     pairs = toy.write_pair_dataset(tmp_path / "pairs", count=4, size=64)
     out = tmp_path / "du"
     _reset_accelerate()
-    with pytest.raises(UserError, match="training diverged"):
+    with pytest.raises(UserError, match="training diverged: the loss was NaN or Inf .* skipped") as err:
         train_dual_unet.main(["--pretrained_model_name_or_path", str(tiny_model.diffusers_dir), "--data_dir",
                               str(pairs), "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
                               "--unet_lora_rank", "4", "--learning_rate", "1e6", "--seed", "1", "--cache_latents",
                               "--max_steps", "6", "--save_every_n_steps", "1", "--validate_every", "0",
                               "--sample_every", "0"])
+    print(err.value)
     assert all_finite(out)
 
 
@@ -193,7 +194,7 @@ def test_4_image_controlnet_trainer_diverging_stops_with_the_shared_guard(tmp_pa
 
     data = toy.write_dataset(tmp_path / "data", train_identities=2, val_identities=1, views=2, size=16, seed=0)
     ck = tmp_path / "ck"
-    with pytest.raises(UserError, match="training diverged"):
+    with pytest.raises(UserError, match="training diverged: .* skipped"):
         T.main(["--data_dir", str(data), "--backbone", "small", "--image_size", "16", "--feature_dim", "32",
                 "--batch_size", "2", "--num_workers", "0", "--epochs", "4", "--lr", "1e6", "--save_dir", str(ck),
                 "--log_dir", str(tmp_path / "logs"), "--save_interval", "1", "--divergence_patience", "2",
@@ -502,3 +503,67 @@ def test_13_orphan_temporaries_of_this_output_name_are_removed_at_start(tiny_mod
     names = sorted(p.name for p in out.iterdir())
     assert names == [".other.safetensors.x.tmp", "last.safetensors"]
     assert "removed 3 unfinished temporary file(s) left by an interrupted save" in capsys.readouterr().out
+
+
+# --- 1 and 10 in the shared loop itself (what every trainer goes through) --------------------------
+
+def _toy_loop(tmp_path, compute_loss, save_model, **settings):
+    from library.logs import ProgressLogger
+    from library.training.loop import LoopHooks, LoopSettings, run_training_or_exit
+    from tests.test_trainer_automation import ToyGroup, accelerator
+
+    acc = accelerator()
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.01))
+    scheduler = acc.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
+    cfg = LoopSettings(**{"max_train_steps": 6, "num_epochs": 10, "gradient_accumulation_steps": 1,
+                          "max_grad_norm": 1.0, "output_dir": tmp_path, "output_name": "m", "seed": 3, **settings})
+    hooks = LoopHooks(compute_loss=lambda batch: compute_loss(model, batch), save_model=save_model, trainable=model,
+                      params_to_clip=list(model.parameters()))
+    state = run_training_or_exit(acc, ToyGroup(3), optimizer, scheduler, hooks, cfg, torch.Generator().manual_seed(3),
+                                 ProgressLogger(acc))
+    return state, model
+
+
+def test_1_loop_skips_a_transient_nan_step_and_trains_on(tmp_path, capsys):
+    calls = []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        loss = (model(batch["x"]) - 0.5 * batch["x"]).pow(2).mean()
+        return loss * float("nan") if len(calls) == 3 else loss  # one bad batch
+
+    saved = []
+    state, model = _toy_loop(tmp_path, compute_loss, lambda kind, epoch, step: saved.append((kind, step)))
+    assert state.global_step == 6 and torch.isfinite(model.weight).all()
+    assert saved == [("final", 6)]
+    assert "step 3: the loss is NaN or Inf; this update is skipped" in capsys.readouterr().err
+
+
+def test_10_ctrl_c_on_a_full_disk_saves_the_weights_alone(tmp_path, monkeypatch):
+    import signal
+
+    from library import fileio
+    from library.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_train_state", lambda path, *a, **k: (_ for _ in ()).throw(
+        fileio.DiskFullError(f"the disk is full: writing {Path(path).name} needs about 1.0 GB, and 10 KB are free.")))
+    calls, saved = [], []
+
+    def compute_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return (model(batch["x"]) - 0.5 * batch["x"]).pow(2).mean()
+
+    def save_model(kind, epoch, step):
+        path = tmp_path / f"m-step{step:08d}.safetensors"
+        fileio.save_safetensors_atomic({"w": torch.ones(1)}, path)
+        saved.append(path)
+        return path
+
+    monkeypatch.setattr("library.training.loop.save_train_state", checkpoint.save_train_state)
+    with pytest.raises(fileio.DiskFullError, match=r"m-interrupted-state needs about 1.0 GB.* The trained weights "
+                                                    r"were saved alone instead: .*m-step00000002.safetensors"):
+        _toy_loop(tmp_path, compute_loss, save_model, max_train_steps=10)
+    assert saved == [tmp_path / "m-step00000002.safetensors"] and saved[0].is_file()

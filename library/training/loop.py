@@ -165,8 +165,11 @@ class DivergenceGuard:
         return False
 
     def saved(self, kind: str, path) -> None:
-        if path is not None:
-            self.last_good[kind] = Path(path)
+        if path is None:
+            return
+        self.last_good[kind] = Path(path)
+        if kind == "model" and (Path(path) / "state" / "train_state.json").is_file():
+            self.last_good["state"] = Path(path) / "state"  # a checkpoint folder with its state (dual UNet)
 
     def error(self, what: str) -> DivergedError:
         model, state = self.last_good.get("model"), self.last_good.get("state")
@@ -381,7 +384,7 @@ def _run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks,
                 if sample and guard.healthy and hooks.want_sample and hooks.want_sample(None, step):
                     sample(None, step)
                 if accel.any_process(accelerator, stop.requested):
-                    path = save_state(f"{cfg.output_name}-interrupted-state") if guard.healthy else None
+                    path = _save_interrupted(hooks, guard, save_state, cfg, epoch, step) if guard.healthy else None
                     raise StopRequested(path)
                 if step >= max_steps:
                     break
@@ -464,6 +467,20 @@ def _save_state_after_model(save_state, name: str, model_path) -> Path | None:
     except DiskFullError as err:
         saved = f"The model file {model_path} was saved; only the state folder {name} is missing. " if model_path else ""
         raise DiskFullError(saved + str(err)) from None
+
+
+def _save_interrupted(hooks, guard, save_state, cfg: LoopSettings, epoch: int, step: int) -> Path | None:
+    """The state for Ctrl+C; on a full disk the (small) model file alone, so the trained weights survive."""
+    from library.fileio import DiskFullError
+
+    try:
+        return save_state(f"{cfg.output_name}-interrupted-state")
+    except DiskFullError as err:
+        try:
+            path = _checked_save(hooks, guard, "step", epoch, step)
+        except DiskFullError:
+            raise err from None
+        raise DiskFullError(f"{err} The trained weights were saved alone instead: {path}.") from None
 
 
 def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str, epoch: int, step: int,
