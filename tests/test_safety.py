@@ -567,3 +567,18 @@ def test_10_ctrl_c_on_a_full_disk_saves_the_weights_alone(tmp_path, monkeypatch)
                                                     r"were saved alone instead: .*m-step00000002.safetensors"):
         _toy_loop(tmp_path, compute_loss, save_model, max_train_steps=10)
     assert saved == [tmp_path / "m-step00000002.safetensors"] and saved[0].is_file()
+
+
+def test_3_image_controlnet_trainer_refuses_a_save_dir_in_use(tmp_path):
+    import train_image_controlnet as T
+    from library.image_controlnet import toy
+    from library.training.output_lock import OutputDirLock
+
+    data = toy.write_dataset(tmp_path / "data", train_identities=2, val_identities=1, views=2, size=16, seed=0)
+    ck = tmp_path / "ck"
+    with OutputDirLock(ck):
+        with pytest.raises(UserError, match=f"in use by another training run: process {os.getpid()}"):
+            T.main(["--data_dir", str(data), "--backbone", "small", "--image_size", "16", "--feature_dim", "32",
+                    "--batch_size", "2", "--num_workers", "0", "--epochs", "1", "--save_dir", str(ck),
+                    "--log_dir", str(tmp_path / "logs")])
+    assert not list(ck.glob("*.pth"))

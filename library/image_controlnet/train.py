@@ -252,7 +252,12 @@ def train(args, defaults: dict | None = None) -> dict:
     progress = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc="steps",
                     dynamic_ncols=True, disable=not main)
     metrics = {}
+    from library.training.output_lock import OutputDirLock
+
+    lock = OutputDirLock(save_dir, "checkpoint") if main else None  # one run per --save_dir
     try:
+        if lock is not None:
+            lock.acquire()
         for epoch in range(start_epoch, args.epochs):
             metrics, taken = S.train_epoch(model, train_ds, optimizer, scheduler, scaler, epoch=epoch, args=args,
                                            device=device, params=params, progress=progress, procs=procs, amp=amp,
@@ -296,6 +301,8 @@ def train(args, defaults: dict | None = None) -> dict:
             progress.write(f"epoch {done}/{args.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr"))
     finally:
+        if lock is not None:
+            lock.release()
         progress.close()
         if writer is not None:
             writer.close()
