@@ -53,8 +53,10 @@ def tensor_bytes(obj) -> int:
 def _is_disk_full(err: BaseException, folder: Path, needed: int | None) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if "No space left" in str(err):
+    if "No space left" in str(err) or "os error 28" in str(err):  # safetensors: "I/O error: No space left"
         return True
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
     # torch.save reports a full disk as "PytorchStreamWriter failed writing file ...: file write failed"
     try:
         return bool(needed) and free_bytes(folder) < needed
@@ -144,8 +146,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", needed_bytes: int | N
         try:
             yield Path(tmp)
             _sync_file(tmp)
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # safetensors, torch and the OS each word a full disk their own way
             if _is_disk_full(err, path.parent, needed_bytes):
+                os.unlink(tmp)  # first, so that the message counts the space it held as free
                 raise _disk_full(path, needed_bytes) from None
             raise
         check_complete(tmp)  # a short write never replaces the old file
@@ -199,8 +202,9 @@ def atomic_dir(path: str | os.PathLike, needed_bytes: int | None = None):
             for file in tmp.rglob("*"):
                 if file.is_file():
                     _sync_file(file)
-        except (OSError, RuntimeError) as err:
+        except Exception as err:
             if _is_disk_full(err, path.parent, needed_bytes):
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise _disk_full(path, needed_bytes) from None
             raise
         for file in tmp.rglob("*"):

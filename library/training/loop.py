@@ -465,8 +465,10 @@ def _save_state_after_model(save_state, name: str, model_path) -> Path | None:
     try:
         return save_state(name)
     except DiskFullError as err:
-        saved = f"The model file {model_path} was saved; only the state folder {name} is missing. " if model_path else ""
-        raise DiskFullError(saved + str(err)) from None
+        if not model_path:
+            raise
+        raise DiskFullError(f"{str(err).split(' Fix: ')[0]} The model file {model_path} was saved; only the state "
+                            f"folder {name} is missing.", fix=err.fix) from None
 
 
 def _save_interrupted(hooks, guard, save_state, cfg: LoopSettings, epoch: int, step: int) -> Path | None:
@@ -480,7 +482,8 @@ def _save_interrupted(hooks, guard, save_state, cfg: LoopSettings, epoch: int, s
             path = _checked_save(hooks, guard, "step", epoch, step)
         except DiskFullError:
             raise err from None
-        raise DiskFullError(f"{err} The trained weights were saved alone instead: {path}.") from None
+        raise DiskFullError(f"{str(err).split(' Fix: ')[0]} The trained weights were saved alone instead: {path}.",
+                            fix=err.fix) from None
 
 
 def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str, epoch: int, step: int,
