@@ -194,7 +194,7 @@ def _check_conditions(ctype, entries: list[dict], image_sizes: dict | None = Non
     problems += [f"{p}: {why}" for p, (size, why) in probed.items() if size is None]
     problems += _check_condition_sizes(specs, probed, image_sizes or {})
     if problems:
-        raise UserError(f"{len(problems)} conditioning problem(s): " + "; ".join(problems[:20]),
+        raise UserError(f"{len(problems)} conditioning problem(s): " + "; ".join(problems[:20]) + ".",
                         fix="give every training image its condition (a conditioning image or radar targets) "
                             "with the image's aspect ratio (crop or pad the conditioning image to match).")
     _warn_outside_targets(ctype, specs)
