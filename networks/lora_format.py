@@ -83,7 +83,7 @@ def not_a_lora_reason(sd: dict) -> str | None:
     return f"it is {kind}: none of its {len(sd)} tensors is a LoRA weight (e.g. {example})"
 
 
-def check_is_lora(sd: dict, path, flag: str = "--network_weights") -> None:
+def check_is_lora(sd: dict, path, flag: str = "--network_weights (or --base_weights)") -> None:
     """Raise a UserError when `sd` is no LoRA file (not_a_lora_reason) or holds NaN/Inf weights."""
     from library.errors import UserError
     from library.fileio import nonfinite_tensors
