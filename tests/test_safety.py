@@ -583,3 +583,21 @@ def test_3_image_controlnet_trainer_refuses_a_save_dir_in_use(tmp_path):
                     "--batch_size", "2", "--num_workers", "0", "--epochs", "1", "--save_dir", str(ck),
                     "--log_dir", str(tmp_path / "logs")])
     assert not list(ck.glob("*.pth"))
+
+
+def test_2_controlnet_second_run_prunes_only_its_own_checkpoint_folders(tiny_model, tmp_path):
+    import train_controlnet
+    from tests.controlnet_support import radar_listing
+
+    listing = radar_listing(tmp_path / "radar", [((64, 64), (12 + 5 * i, 50 - 4 * i)) for i in range(4)])
+    out = tmp_path / "cn"
+    for steps in ("6", "3"):
+        _reset_accelerate()
+        train_controlnet.main(["--pretrained_model_name_or_path", str(tiny_model.diffusers_dir), "--train_data_dir",
+                               str(listing), "--output_dir", str(out), "--resolution", "64", "--train_batch_size",
+                               "2", "--cache_latents", "--seed", "1", "--learning_rate", "1e-3", "--lora_rank", "2",
+                               "--max_train_steps", steps, "--save_every_n_steps", "1", "--checkpoints_total_limit",
+                               "2"])
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and "-step" in p.name)
+    # the second run's last two, and the first run's last two untouched
+    assert [int(n[-8:]) for n in folders if not n.endswith("-state")] == [1, 2, 4, 5]
