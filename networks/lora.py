@@ -347,7 +347,7 @@ class LoRANetwork(torch.nn.Module):
 
     def save_weights(self, file, dtype=None, metadata=None):
         """Write the LoRA file atomically; .safetensors gets sshs_model_hash / sshs_legacy_hash."""
-        from library.fileio import atomic_path, torch_save_atomic
+        from library.fileio import atomic_path, check_finite, torch_save_atomic
 
         sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
         # Per-block alphas (block_alphas) or edited modules: diffusers would apply one alpha to
@@ -357,9 +357,10 @@ class LoRANetwork(torch.nn.Module):
             logger.info("%s: %d Linear modules had another alpha; it is folded into their lora_up so that "
                         "all Linear modules share one alpha (the update is unchanged)", file, changed)
         sd = {k: v.to(dtype or v.dtype).contiguous() for k, v in sd.items()}
+        check_finite(sd, file, "LoRA")  # a NaN file never replaces a good one
         if str(file).endswith(".safetensors"):
             data = fmt.serialize_with_hashes(sd, metadata)  # hashed bytes == written bytes
-            with atomic_path(file) as tmp:
+            with atomic_path(file, needed_bytes=len(data)) as tmp:
                 tmp.write_bytes(data)
         else:
             torch_save_atomic(sd, file)
