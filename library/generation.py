@@ -60,9 +60,9 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 def apply_networks(model, module_names: list[str], files: list[str], multipliers: list[float], device,
                    dtype) -> list[AppliedNetwork]:
     """Patch each LoRA into the model at its multiplier; a module the model lacks is an error."""
+    from library.lora.network_module import import_network_module
     from library.lora_tools.model_fit import check_fits, target_layers
     from library.lora_tools.weights import read_lora
-    from library.training.network_trainer import import_network_module
     from networks.lora_format import data_section_sha256
 
     layers = target_layers(model.unet, model.text_encoder)

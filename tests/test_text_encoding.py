@@ -147,7 +147,7 @@ def test_cached_text_encoder_outputs_train_like_uncached(tiny_model, tmp_path, m
 
     monkeypatch.setattr(TextEncoderOutputCache, "lookup", spy)
     # the trainer would cache these fixed captions on its own: keep the "plain" run uncached
-    import library.training.network_trainer as trainer
+    import library.lora.trainer as trainer
 
     monkeypatch.setattr(trainer, "text_outputs_cacheable", lambda group: False)
     run_train_network(_args(tiny_model.single_file, data, tmp_path / "plain", *common))

@@ -258,7 +258,7 @@ def test_model_hash_prefetched_in_the_background_equals_the_file_hash(tmp_path):
 
 def test_fp8_base_stores_the_unet_in_fp8_and_trains_the_lora(tiny_model, tmp_path, monkeypatch):
     """--fp8_base: the frozen U-Net's layers hold float8 weights while the LoRA trains through them."""
-    import library.training.network_trainer as trainer
+    import library.lora.trainer as trainer
 
     seen = {}
     store = trainer.store_in_fp8

@@ -1,6 +1,6 @@
 """The body of train_dual_unet.py, built from the same steps as train_network.
 
-Order of work as in library/training/network_trainer.py: checks and pair preflight (seconds) ->
+The steps of library/training/run.py, as for every trainer: checks and pair preflight (seconds) ->
 load the base -> latent caching -> two UNets (the second a weight-sharing twin) with one LoRA
 each -> optimizer and schedule over both LoRAs -> the shared loop (library.training.loop) ->
 final checkpoint and summary. What differs: a batch is a pair, the objective is
@@ -22,12 +22,10 @@ import torch
 from library.dual_unet import data, model as model_mod, outputs, step as step_mod
 from library.errors import UserError
 from library.fileio import check_writable_dir
-from library.logs import ProgressLogger, format_seconds, format_summary
 from library.training import diffusion
 from library.training.checkpoint import save_train_state
-from library.training.loop import (LoopHooks, LoopSettings, automation_settings, prepare_group, run_training_or_exit,
-                                   steps_and_epochs)
-from library.training.network_trainer import frozen_vae_dtype, seed_everything, to_device
+from library.training.loop import LoopHooks
+from library.training.run import begin, loop_settings, save_dtype, to_device
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -80,52 +78,26 @@ def _lora_metadata(args, modality: str, partner: str, n_pairs: int, optimizer_de
 
 
 def train(args) -> dict:
-    t_start = time.perf_counter()
     check_arguments(args)
-    from library.training.accel import common_seed, is_main_process
-
-    args.seed = common_seed(args.seed)  # with several processes: the same on all of them
-    main = is_main_process()  # files, folders and messages belong to the main process
+    run = begin(args)
     args.unet_lora_alpha = args.unet_lora_alpha or float(args.unet_lora_rank)  # the seed's alpha = rank
-    fast = args.fast_dev_run  # a few steps and one validation; nothing is written anywhere
-    writes = main and not fast
+    fast = run.fast  # a few steps and one validation; nothing is written anywhere
+    writes = run.main and not fast
     output_dir = check_writable_dir(args.output_dir, "--output_dir") if writes else Path(args.output_dir)
-    run = outputs.RunFolder(output_dir, args.name, create=writes)
-    resume = outputs.resolve_resume(args.resume, run)
+    run_folder = outputs.RunFolder(output_dir, args.name, create=writes)
+    resume = outputs.resolve_resume(args.resume, run_folder)
     train_group, val_group = data.build_datasets(args)  # every file checked before a model loads
     if fast and args.cache_latents_to_disk:
         args.cache_latents, args.cache_latents_to_disk = True, False  # in memory: no files beside the images
 
-    from library.models.loading import load_sd_model
-    from library.training.accel import make_accelerator
-
-    seed_everything(args.seed)
-    accelerator, weight_dtype = make_accelerator(args, None if fast else str(run.logs))
-    device = accelerator.device
-    # Several processes share every batch of pairs (each trains on its part); --overfit_batches keeps N of them.
-    train_group = prepare_group(train_group, accelerator.num_processes, args.overfit_batches or 0)
-    accelerator.print(train_group.summary(val_group), flush=True)
-    if args.overfit_batches:
-        accelerator.print(f"overfit_batches: every epoch trains on the same first {train_group.num_batches_per_epoch} "
-                          "batches.", flush=True)
+    train_group = run.start(None if fast else str(run_folder.logs), train_group, args.overfit_batches or 0,
+                            describe=lambda group: group.summary(val_group))
+    accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype
     if fast:
         accelerator.print(f"fast_dev_run: {fast} training steps and at most {fast} validation batches; nothing is "
                           "saved (no run folder, checkpoints, logs, samples or latent files).", flush=True)
-    t0 = time.perf_counter()
-    vae_dtype = frozen_vae_dtype(args, device, weight_dtype)
-    model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
-                          v_parameterization=args.v_parameterization, dtype=weight_dtype, vae_dtype=vae_dtype)
-    args.v2 = model.v2
-    t_load = time.perf_counter() - t0
-    for module in (model.text_encoder, model.vae, model.unet):
-        module.requires_grad_(False)
-    to_device(model.vae, device, vae_dtype)
-    t0 = time.perf_counter()
-    if args.cache_latents or args.cache_latents_to_disk:
-        for group in (g for g in (train_group, val_group) if g is not None):
-            group.cache_latents(model.vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
-                                device=device, dtype=vae_dtype)
-    t_cache = time.perf_counter() - t0
+    model, vae_dtype = run.load_model()
+    run.cache_latents([train_group, val_group], model.vae, vae_dtype, offload_vae=False)  # samples decode with it
 
     # The base UNet goes to its device and dtype *before* it is twinned (see model.py).
     to_device(model.unet, device, weight_dtype)
@@ -145,18 +117,12 @@ def train(args) -> dict:
             params.append({**group, "name": f"{group.get('name', 'unet')}_{modality}"})
     lr_names = [g["name"] for g in params]
 
-    from library.training.optim import build_optimizer, build_scheduler
-
-    optimizer, optimizer_desc = build_optimizer(args, params, device.type)
-    max_train_steps, num_epochs = steps_and_epochs(train_group.num_batches_per_epoch, args.gradient_accumulation_steps,
-                                                   args.max_train_steps, args.max_train_epochs)
-    lr_scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
-    # The LoRAs stay unwrapped: the loop averages their gradients over the processes.
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    opt = run.optimization(params, train_group.num_batches_per_epoch)
+    optimizer, max_train_steps = opt.optimizer, opt.max_train_steps
     trainable = dual.trainable()
     params_to_clip = [p for g in params for p in g["params"]]
     objective = diffusion.DiffusionObjective(args, model.noise_scheduler, device)
-    noise_generator = torch.Generator(device=device).manual_seed(args.seed)
+    noise_generator = run.noise_generator()
     weights = dict(hf_lambda=args.hf_lambda, struct_lambda=args.struct_lambda, struct_kind=args.struct_loss)
 
     def latents_of(batch):
@@ -186,13 +152,13 @@ def train(args) -> dict:
             "resolution": args.resolution, "unet_lora_rank": args.unet_lora_rank,
             "unet_lora_alpha": args.unet_lora_alpha, "hf_lambda": args.hf_lambda,
             "struct_lambda": args.struct_lambda, "struct_loss": args.struct_loss, "seed": args.seed}
-    metas = [_lora_metadata(args, m, p, len(train_group.pairs), optimizer_desc, max_train_steps, num_epochs,
+    metas = [_lora_metadata(args, m, p, len(train_group.pairs), opt.description, max_train_steps, opt.num_epochs,
                             train_group.num_batches_per_epoch, accelerator.mixed_precision)
              for m, p in ((mods[0], mods[1]), (mods[1], mods[0]))]
-    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(args.save_precision)
     writer = outputs.CheckpointWriter(
-        run, dual, info, metas, save_dtype, args.save_model_as, args.keep_last,
-        lambda path: save_train_state(path, live["state"], trainable, optimizer, lr_scheduler, noise_generator, scaler),
+        run_folder, dual, info, metas, save_dtype(args), args.save_model_as, args.keep_last,
+        lambda path: save_train_state(path, live["state"], trainable, optimizer, opt.lr_scheduler, noise_generator,
+                                      scaler),
         accelerator.print)
     resumed_from = None
     train_log = val_log = None
@@ -204,9 +170,10 @@ def train(args) -> dict:
                                              "validated_step": None})
         resumed_from = state.global_step if resume else None
         if writes:
-            train_log = outputs.TextLog(run.training_log, ["step", "epoch", *step_mod.TERMS, "lr"], resumed_from)
-            val_log = outputs.TextLog(run.validation_log, ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"],
-                                      resumed_from)
+            train_log = outputs.TextLog(run_folder.training_log, ["step", "epoch", *step_mod.TERMS, "lr"],
+                                        resumed_from)
+            val_log = outputs.TextLog(run_folder.validation_log,
+                                      ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"], resumed_from)
         if state.global_step == 0 and args.validate_every and not fast:  # the base alone (zero LoRAs): the baseline
             log_validation(0, 0)
 
@@ -260,7 +227,7 @@ def train(args) -> dict:
 
     def save_model(kind, epoch, step_no):
         if kind == "top":  # --save_top_k: a whole checkpoint; the loop ranks, lists and deletes them
-            folder = writer.write(run.top_checkpoint(step_no), epoch, step_no,
+            folder = writer.write(run_folder.top_checkpoint(step_no), epoch, step_no,
                                   {"best_val_loss": live["state"].extra["dual_unet"]["best_val"]})
             accelerator.print(f"saved top-k checkpoint {folder}")
             return folder
@@ -271,7 +238,7 @@ def train(args) -> dict:
             log_validation(step_no, epoch)
         if book["saved_step"] != step_no:
             save_latest(step_no, epoch)
-        return run.checkpoint(step_no)
+        return run_folder.checkpoint(step_no)
 
     from library.dual_unet.sampling import generate_pairs, grid, save_pairs
 
@@ -286,7 +253,7 @@ def train(args) -> dict:
         seeds = [args.seed + i for i in range(args.num_sample_pairs)]  # the same noise at every sample step
         a, b = generate_pairs(model, dual, seeds, resolution=args.resolution, steps=args.sample_steps, device=device,
                               dtype=weight_dtype, sampler=args.sample_sampler)
-        save_pairs(run.samples(step_no), a, b, mods)
+        save_pairs(run_folder.samples(step_no), a, b, mods)
         tracker = accelerator.get_tracker("tensorboard", unwrap=False) if accelerator.trackers else None
         if tracker is not None:
             tracker.writer.add_image("samples/pairs", grid(a, b), step_no, dataformats="HWC")
@@ -294,39 +261,32 @@ def train(args) -> dict:
     # Without periodic validation the loop must not validate at epoch ends either: no hook then
     # (fast_dev_run still validates its few batches once).
     periodic = val_group is not None and bool(args.validate_every or fast)
-    automation = automation_settings(args)
-    automation["monitor"] = args.monitor or ("val/loss" if periodic else "loss/epoch")
-    settings = LoopSettings(
-        max_train_steps=max_train_steps, num_epochs=num_epochs, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm, output_dir=run.root, output_name="dual_unet", seed=args.seed, resume=resume,
-        num_workers=min(args.max_data_loader_n_workers, 8), persistent_workers=args.persistent_data_loader_workers,
-        log_every_n_steps=args.log_every_n_steps, save_every_n_steps=args.save_every_n_steps,
-        validate_every_n_steps=args.validate_every or None, **automation)
+    monitor = args.monitor or ("val/loss" if periodic else "loss/epoch")
+    settings = loop_settings(
+        args, opt, run_folder.root, caching=False, output_name="dual_unet", resume=resume, monitor=monitor,
+        num_workers=min(args.max_data_loader_n_workers, 8), validate_every_n_steps=args.validate_every or None,
+        # the seed's own checkpoints (--keep_last, best): kohya's epoch saves, last-n and state folders do not apply
+        save_every_n_epochs=None, save_last_n_epochs=None, save_last_n_steps=None, save_state=False,
+        save_state_on_train_end=False)
     hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
                       sample=sample, want_sample=want_sample, on_state=on_state,
                       validate=validate_now if periodic else None)
-    accelerator.init_trackers((args.log_prefix or "") + (args.log_tracker_name or "dual_unet")
-                              + time.strftime("%Y%m%d%H%M%S"))
-    progress = ProgressLogger(accelerator)
-    t_loop = time.perf_counter()
-    state = run_training_or_exit(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
-                                 progress, resume_latest=True)
-    accelerator.end_training()
-    result = {"run": run, "state": state, "dual": dual, "model": model, "total_s": time.perf_counter() - t_start,
-              "step_end_times": progress.step_end_times}
+    run.start_trackers((args.log_prefix or "") + (args.log_tracker_name or "dual_unet") + time.strftime("%Y%m%d%H%M%S"))
+    state = run.loop(train_group, opt, hooks, settings, noise_generator, resume_latest=True)
+    run.finish()
+    result = {"run": run_folder, "state": state, "dual": dual, "model": model,
+              "total_s": time.perf_counter() - run.t_start, "step_end_times": run.progress.step_end_times}
     if fast:  # the loop has said what ran; there are no files to list
         return result
     book = state.extra["dual_unet"]
-    rows = [("run folder", run.root), ("LoRA files", ", ".join(f"{m}.{args.save_model_as}" for m in mods)),
-            ("latest checkpoint", run.checkpoint(state.global_step)),
-            ("best checkpoint", f"{run.best} (step {book['best_step']}, val loss {book['best_val']:.5f})"
+    rows = [("run folder", run_folder.root), ("LoRA files", ", ".join(f"{m}.{args.save_model_as}" for m in mods)),
+            ("latest checkpoint", run_folder.checkpoint(state.global_step)),
+            ("best checkpoint", f"{run_folder.best} (step {book['best_step']}, val loss {book['best_val']:.5f})"
              if book["best_val"] is not None else "- (no validation pairs)"),
             *([("top-k checkpoints", ", ".join(f"{e['file']} ({settings.monitor} {e['value']:.5f})"
                                                 for e in state.extra["top_k"]))] if state.extra.get("top_k") else []),
-            ("steps", state.global_step), ("average loss (last 100 steps)", f"{progress.average_loss:.4f}"),
-            ("model load / latent caching", f"{format_seconds(t_load)} / {format_seconds(t_cache)}"),
-            ("training time", format_seconds(time.perf_counter() - t_loop)),
-            ("TensorBoard logs", f"{run.logs}  (tensorboard --logdir \"{run.logs}\")")]
-    accelerator.print(format_summary("training finished", rows))
+            *run.common_rows(state, steps_only=True),
+            ("TensorBoard logs", f"{run_folder.logs}  (tensorboard --logdir \"{run_folder.logs}\")")]
+    run.print_summary(rows)
     return result
