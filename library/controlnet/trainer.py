@@ -20,6 +20,7 @@ import torch
 
 from library.controlnet import data, evaluation, outputs, weighting
 from library.controlnet.early_stopping import EarlyStopping
+from library.controlnet.image_log import ImageLogger
 from library.fileio import check_writable_dir
 from library.logs import warn_once
 from library.training import diffusion
@@ -38,9 +39,40 @@ def _fingerprint(module) -> str:
     return h.hexdigest()
 
 
-def run_stage(args, stage: str) -> dict:
-    from library.training.accel import reduce_sum
+def stage_modules(args, stage: str, model, device, weight_dtype):
+    """The stage's ControlNet (new from the UNet, or loaded; frozen in unet_lora) and UNet LoRA (or None)."""
+    from library.controlnet.model import create_controlnet, load_controlnet
 
+    trains_cn = stage in ("controlnet", "joint")
+    source = args.controlnet_path if stage == "unet_lora" else args.controlnet_model_name_or_path
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
+    controlnet = load_controlnet(source, unet, vae) if source else create_controlnet(unet, vae)
+    controlnet.requires_grad_(trains_cn)
+    to_device(controlnet, device, torch.float32 if trains_cn else weight_dtype)
+    if not trains_cn:
+        controlnet.eval()
+    network = None
+    if stage in ("unet_lora", "joint"):
+        from networks.lora import create_network
+
+        network = create_network(1.0, args.lora_rank, args.lora_alpha or args.lora_rank, vae, text_encoder, unet)
+        network.apply_to(text_encoder, unet, apply_text_encoder=False, apply_unet=True)
+        network.to(device, torch.float32)
+    return controlnet, network
+
+
+def stage_params(args, controlnet, network) -> list[dict]:
+    """Optimizer groups: the ControlNet at --learning_rate, the LoRA at --lora_learning_rate."""
+    params = []
+    if controlnet is not None:
+        params.append({"params": [p for p in controlnet.parameters()], "lr": args.learning_rate, "name": "controlnet"})
+    if network is not None:
+        lora_lr = args.lora_learning_rate or args.learning_rate
+        params += network.prepare_optimizer_params(None, lora_lr, lora_lr)
+    return params
+
+
+def run_stage(args, stage: str) -> dict:
     run = begin(args)
     main, fast = run.main, run.fast  # fast_dev_run: a few steps, one validation, nothing written
     output_dir, tracker_dir = Path(args.output_dir), None
@@ -71,23 +103,9 @@ def run_stage(args, stage: str) -> dict:
     tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
     run.cache_latents([train_group, val_group], vae, vae_dtype)  # then the GPU memory is the ControlNet's
 
-    from library.controlnet.model import create_controlnet, load_controlnet
-
     trains_cn = stage in ("controlnet", "joint")
-    source = args.controlnet_path if stage == "unet_lora" else args.controlnet_model_name_or_path
-    controlnet = load_controlnet(source, unet, vae) if source else create_controlnet(unet, vae)
-    controlnet.requires_grad_(trains_cn)
-    to_device(controlnet, device, torch.float32 if trains_cn else weight_dtype)
-    if not trains_cn:
-        controlnet.eval()
+    controlnet, network = stage_modules(args, stage, model, device, weight_dtype)
     frozen_fingerprint = None if trains_cn else _fingerprint(controlnet)
-    network = None
-    if stage in ("unet_lora", "joint"):
-        from networks.lora import create_network
-
-        network = create_network(1.0, args.lora_rank, args.lora_alpha or args.lora_rank, vae, text_encoder, unet)
-        network.apply_to(text_encoder, unet, apply_text_encoder=False, apply_unet=True)
-        network.to(device, torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if trains_cn:
@@ -95,14 +113,8 @@ def run_stage(args, stage: str) -> dict:
     to_device(unet, device, weight_dtype)
     to_device(text_encoder, device, weight_dtype)
 
-    params, lr_names = [], []
-    if trains_cn:
-        params.append({"params": [p for p in controlnet.parameters()], "lr": args.learning_rate, "name": "controlnet"})
-    if network is not None:
-        lora_lr = args.lora_learning_rate or args.learning_rate
-        params += network.prepare_optimizer_params(None, lora_lr, lora_lr)
+    params = stage_params(args, controlnet if trains_cn else None, network)
     lr_names = [g["name"] for g in params]
-
     opt = run.optimization(params, train_group.num_batches_per_epoch)
     optimizer, optimizer_desc, max_train_steps = opt.optimizer, opt.description, opt.max_train_steps
     cn_call = controlnet
@@ -141,79 +153,24 @@ def run_stage(args, stage: str) -> dict:
             heat = weighting.latent_weight_source(ctype.weight_source(cond), tuple(pred.shape[-2:]))
         return weighting.weighted_loss(objective, pred, target, timesteps, batch, heat, factor, focal)
 
-    epoch_losses = []
+    writer = outputs.StageWriter(args, stage, output_dir, controlnet if trains_cn else None, network, unet,
+                                 text_encoder, ctype, train_group, optimizer_desc, max_train_steps, opt.num_epochs,
+                                 accelerator.mixed_precision, accelerator.print)
+    end_epoch = evaluation.EpochEnd(args, accelerator, trainable, val_group, (encode, forward, objective, loss_of),
+                                    writer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta),
+                                    writes=main and not fast)
 
     def compute_loss(batch):
         latents, hidden, cond = encode(batch)
         noise, noisy, timesteps = objective.noisy_latents(latents, noise_generator)
         loss = loss_of(forward(noisy, timesteps, hidden, cond.to(weight_dtype)),
                        objective.target(latents, noise, timesteps), timesteps, batch, cond)
-        epoch_losses.append(loss.detach())
+        end_epoch.losses.append(loss.detach())
         return loss
 
-    writer = outputs.StageWriter(args, stage, output_dir, controlnet if trains_cn else None, network, unet,
-                                 text_encoder, ctype, train_group, optimizer_desc, max_train_steps, opt.num_epochs,
-                                 accelerator.mixed_precision, accelerator.print)
-    stopper = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta)
-    history: list[dict] = []
-
-    def end_epoch(epoch_done, step, extra):
-        was_training = trainable.training
-        trainable.eval()
-        logs = {}
-        if epoch_losses:  # the mean over all processes, so that every process decides alike
-            mean = torch.stack(epoch_losses).float().mean().reshape(1)
-            logs["loss/epoch_weighted"] = float(reduce_sum(accelerator, mean) / accelerator.num_processes)
-            epoch_losses.clear()
-        if val_group is not None:
-            with accelerator.autocast():
-                vals = evaluation.validation_losses(val_group, args.seed, encode, forward, objective, loss_of)
-            logs.update({f"val/{k}": v for k, v in vals.items()})
-        metric = logs.get("val/loss", logs.get("loss/epoch_weighted", float("nan")))
-        decision = stopper.update(metric, extra, epoch_done)
-        logs["early_stopping/bad_epochs"] = decision.bad_epochs
-        if accelerator.trackers:
-            accelerator.log(logs, step=step)
-        history.append({"epoch": epoch_done, "step": step, **logs, "improved": decision.improved})
-        if decision.improved and (val_group is not None or args.early_stopping_patience) and main and not fast:
-            writer.save("best", epoch_done, step)
-        trainable.train(was_training)
-        if decision.stop:
-            accelerator.print(f"early stopping: no improvement of {'val/loss' if val_group else 'the epoch loss'} "
-                              f"for {decision.bad_epochs} epochs (best {decision.best:.5f}); stopping after "
-                              f"epoch {epoch_done}.")
-        return decision.stop
-
-    every = getattr(args, "log_images_every_n_steps", None)
-    logged = {}  # examples and pipeline, built at the first grid
-
-    def want_images(epoch, step):
-        return bool(every) and epoch is None and step > 0 and step % every == 0
-
-    def log_images(epoch, step):
-        # The loop calls this on every process (never under --fast_dev_run); only the main one
-        # generates: the others go on and wait for it at the next step's gradient average.
-        if not main:
-            return
-        from library.controlnet import image_log
-        from library.controlnet.inference import build_pipeline
-
-        if not logged:
-            examples_from = val_group if val_group is not None else train_group
-            logged["examples"] = image_log.fixed_examples(examples_from, args.seed)
-            logged["pipe"] = build_pipeline(model, controlnet)
-        was_training = trainable.training
-        trainable.eval()
-        to_device(vae, device, vae_dtype)  # with cached latents it waits on the CPU
-        try:
-            with accelerator.autocast():
-                image_log.log_images(logged["pipe"], logged["examples"], ctype.name, args.seed, step,
-                                     accelerator.trackers, output_dir / "sample", args.output_name, args.clip_skip)
-        finally:
-            if caching:
-                vae.to("cpu")
-            trainable.train(was_training)
-
+    images = ImageLogger(args, accelerator, model, controlnet, trainable,
+                         train_group if val_group is None else val_group, ctype, vae_dtype, output_dir,
+                         offload_vae=caching)
     keep = args.checkpoints_total_limit
     settings = loop_settings(
         args, opt, output_dir, caching, resume=outputs.resolve_resume(args.resume, output_dir, args.output_name),
@@ -223,7 +180,7 @@ def run_stage(args, stage: str) -> dict:
                                                     if keep and args.save_every_n_steps else None))
     hooks = LoopHooks(compute_loss=compute_loss, save_model=writer.save, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, end_epoch=end_epoch,
-                      sample=log_images, want_sample=want_images)
+                      sample=images, want_sample=images.want)
 
     run.start_trackers((args.log_prefix or "") + (args.log_tracker_name or f"controlnet_{stage}")
                        + time.strftime("%Y%m%d%H%M%S"))
@@ -238,14 +195,14 @@ def run_stage(args, stage: str) -> dict:
     if unchanged is False:  # a frozen ControlNet must come out bit-identical; say so loudly if not
         warn_once("the frozen ControlNet's weights changed during training; please report this.")
     if main and not fast:
-        writer.finish(state.global_step, epochs_done, history, unchanged)
+        writer.finish(state.global_step, epochs_done, end_epoch.history, unchanged)
     rows = [("stage", stage), *writer.summary_rows(), *run.common_rows(state),
             ("TensorBoard logs", f"{tracker_dir}  (tensorboard --logdir \"{tracker_dir}\")")]
     if unchanged is not None:
         rows.append(("frozen ControlNet unchanged", "yes" if unchanged else "NO"))
-    if every and not fast:
+    if images.every and not fast:
         rows.append(("image grids", f"{output_dir / 'sample'} and TensorBoard (controlnet/images)"))
     run.print_summary(rows)
-    return {"output_dir": output_dir, "state": state, "history": history, "files": writer.files,
+    return {"output_dir": output_dir, "state": state, "history": end_epoch.history, "files": writer.files,
             "controlnet_unchanged": unchanged, "total_s": time.perf_counter() - run.t_start,
             "controlnet": controlnet, "network": network}

@@ -12,7 +12,7 @@ The loop's automation works as for train_network: --save_top_k keeps whole check
 from __future__ import annotations
 
 import argparse
-import random
+import functools
 import re
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from library.dual_unet import data, model as model_mod, outputs, step as step_mod
+from library.dual_unet.hooks import DualHooks
 from library.errors import UserError
 from library.fileio import check_writable_dir
 from library.training import diffusion
@@ -77,6 +78,29 @@ def _lora_metadata(args, modality: str, partner: str, n_pairs: int, optimizer_de
     return meta
 
 
+def checkpoint_info(args, dual) -> dict:
+    """dual_unet.json: what a checkpoint was trained from and with."""
+    return {"format": "dual_unet/1", "modalities": list(dual.modalities), "prompts": list(dual.prompts),
+            "base_model": str(args.pretrained_model_name_or_path), "vae": args.vae, "v2": bool(args.v2),
+            "v_parameterization": bool(args.v_parameterization), "clip_skip": args.clip_skip,
+            "resolution": args.resolution, "unet_lora_rank": args.unet_lora_rank,
+            "unet_lora_alpha": args.unet_lora_alpha, "hf_lambda": args.hf_lambda,
+            "struct_lambda": args.struct_lambda, "struct_loss": args.struct_loss, "seed": args.seed}
+
+
+def batch_latents(batch, vae, device, dtype, vae_dtype) -> list:
+    """The pair's two latents: cached, else encoded as the latent cache encodes them."""
+    from library.data import encode_latents
+
+    out = []
+    for side in (0, 1):
+        if batch.get(f"latents_{side}") is not None:
+            out.append(batch[f"latents_{side}"].to(device, dtype=dtype))
+        else:
+            out.append(encode_latents(vae, batch[f"images_{side}"].to(device, dtype=vae_dtype)).to(dtype))
+    return out
+
+
 def train(args) -> dict:
     check_arguments(args)
     run = begin(args)
@@ -125,138 +149,27 @@ def train(args) -> dict:
     noise_generator = run.noise_generator()
     weights = dict(hf_lambda=args.hf_lambda, struct_lambda=args.struct_lambda, struct_kind=args.struct_loss)
 
-    def latents_of(batch):
-        out = []
-        for side in (0, 1):
-            if batch.get(f"latents_{side}") is not None:
-                out.append(batch[f"latents_{side}"].to(device, dtype=weight_dtype))
-            else:
-                from library.data import encode_latents
-
-                out.append(encode_latents(model.vae, batch[f"images_{side}"].to(device, dtype=vae_dtype)).to(weight_dtype))
-        return out
-
-    records: list[dict] = []
+    latents_of = functools.partial(batch_latents, vae=model.vae, device=device, dtype=weight_dtype,
+                                   vae_dtype=vae_dtype)
+    dual_hooks = DualHooks(args, accelerator, model, dual, val_group, run_folder, resume, latents_of, weights,
+                           max_train_steps, writes, fast, weight_dtype)
 
     def compute_loss(batch):
         terms = step_mod.paired_losses(dual, objective, latents_of(batch), noise_generator, **weights)
-        records.append(terms)
+        dual_hooks.records.append(terms)
         return terms["loss"]
 
-    live = {}  # the loop's TrainState (hooks.on_state), read when a checkpoint is written
     scaler = getattr(accelerator, "scaler", None)
     mods = dual.modalities
-    info = {"format": "dual_unet/1", "modalities": list(mods), "prompts": list(dual.prompts),
-            "base_model": str(args.pretrained_model_name_or_path), "vae": args.vae, "v2": bool(args.v2),
-            "v_parameterization": bool(args.v_parameterization), "clip_skip": args.clip_skip,
-            "resolution": args.resolution, "unet_lora_rank": args.unet_lora_rank,
-            "unet_lora_alpha": args.unet_lora_alpha, "hf_lambda": args.hf_lambda,
-            "struct_lambda": args.struct_lambda, "struct_loss": args.struct_loss, "seed": args.seed}
     metas = [_lora_metadata(args, m, p, len(train_group.pairs), opt.description, max_train_steps, opt.num_epochs,
                             train_group.num_batches_per_epoch, accelerator.mixed_precision)
              for m, p in ((mods[0], mods[1]), (mods[1], mods[0]))]
-    writer = outputs.CheckpointWriter(
-        run_folder, dual, info, metas, save_dtype(args), args.save_model_as, args.keep_last,
-        lambda path: save_train_state(path, live["state"], trainable, optimizer, opt.lr_scheduler, noise_generator,
+    dual_hooks.optimizer = optimizer
+    dual_hooks.writer = outputs.CheckpointWriter(
+        run_folder, dual, checkpoint_info(args, dual), metas, save_dtype(args), args.save_model_as, args.keep_last,
+        lambda path: save_train_state(path, dual_hooks.state, trainable, optimizer, opt.lr_scheduler, noise_generator,
                                       scaler),
         accelerator.print)
-    resumed_from = None
-    train_log = val_log = None
-
-    def on_state(state):
-        nonlocal train_log, val_log, resumed_from
-        live["state"] = state
-        state.extra.setdefault("dual_unet", {"best_val": None, "best_step": None, "saved_step": None,
-                                             "validated_step": None})
-        resumed_from = state.global_step if resume else None
-        if writes:
-            train_log = outputs.TextLog(run_folder.training_log, ["step", "epoch", *step_mod.TERMS, "lr"],
-                                        resumed_from)
-            val_log = outputs.TextLog(run_folder.validation_log,
-                                      ["step", *[f"val_{k}" for k in step_mod.TERMS], "best"], resumed_from)
-        if state.global_step == 0 and args.validate_every and not fast:  # the base alone (zero LoRAs): the baseline
-            log_validation(0, 0)
-
-    def validate(step_no: int, epoch: int) -> dict:
-        book = live["state"].extra["dual_unet"]
-        book["validated_step"] = step_no
-        if val_group is None or not accelerator.is_main_process:
-            return {}
-        with accelerator.autocast():
-            vals = step_mod.validation_losses(
-                dual, val_group, lambda: diffusion.DiffusionObjective(args, model.noise_scheduler, device,
-                                                                      rng=random.Random(step_mod.VALIDATION_SEED)),
-                latents_of, device, max_batches=fast or None, **weights)
-        if fast:
-            return {f"val/{k}": v for k, v in vals.items()}
-        improved = book["best_val"] is None or vals["loss"] < book["best_val"]
-        if improved:
-            book.update(best_val=vals["loss"], best_step=step_no)
-        val_log.write({"step": step_no, **{f"val_{k}": v for k, v in vals.items()}, "best": int(improved)})
-        if improved:
-            writer.save_best(epoch, step_no, {"val_loss": vals["loss"]})
-        return {f"val/{k}": v for k, v in vals.items()}
-
-    def log_validation(step_no: int, epoch: int) -> None:
-        val_logs = validate(step_no, epoch)
-        if accelerator.trackers and val_logs:
-            accelerator.log(val_logs, step=step_no)
-
-    def save_latest(step_no: int, epoch: int):
-        book = live["state"].extra["dual_unet"]
-        book["saved_step"] = step_no
-        if accelerator.is_main_process:
-            return writer.save_latest(epoch, step_no, {"best_val_loss": book["best_val"]})
-
-    def after_step(step_no: int) -> dict:
-        # Validation (hooks.validate) and the rolling checkpoints ("step" saves) follow on the loop's
-        # schedule, in that order, so a checkpoint records the validation of its own step.
-        logs = {}
-        if step_no % args.log_every_n_steps == 0 or step_no == max_train_steps:
-            terms = step_mod.mean_terms(records)
-            records.clear()
-            logs = {f"loss/{k}": v for k, v in terms.items()}
-            if train_log is not None:
-                train_log.write({"step": step_no, "epoch": live["state"].epoch + 1, **terms,
-                                 "lr": optimizer.param_groups[0]["lr"]})
-        return logs
-
-    def validate_now() -> dict:
-        state = live["state"]
-        return validate(state.global_step, state.epoch)
-
-    def save_model(kind, epoch, step_no):
-        if kind == "top":  # --save_top_k: a whole checkpoint; the loop ranks, lists and deletes them
-            folder = writer.write(run_folder.top_checkpoint(step_no), epoch, step_no,
-                                  {"best_val_loss": live["state"].extra["dual_unet"]["best_val"]})
-            accelerator.print(f"saved top-k checkpoint {folder}")
-            return folder
-        if kind == "step":
-            return save_latest(step_no, epoch)
-        book = live["state"].extra["dual_unet"]
-        if book["validated_step"] != step_no:  # the final weights get a validation too
-            log_validation(step_no, epoch)
-        if book["saved_step"] != step_no:
-            save_latest(step_no, epoch)
-        return run_folder.checkpoint(step_no)
-
-    from library.dual_unet.sampling import generate_pairs, grid, save_pairs
-
-    def want_sample(epoch, step_no):
-        if epoch is not None or not args.sample_every or not args.num_sample_pairs:
-            return False
-        return step_no % args.sample_every == 0 and (step_no > 0 or args.sample_at_first)
-
-    def sample(epoch, step_no):
-        if not accelerator.is_main_process:
-            return
-        seeds = [args.seed + i for i in range(args.num_sample_pairs)]  # the same noise at every sample step
-        a, b = generate_pairs(model, dual, seeds, resolution=args.resolution, steps=args.sample_steps, device=device,
-                              dtype=weight_dtype, sampler=args.sample_sampler)
-        save_pairs(run_folder.samples(step_no), a, b, mods)
-        tracker = accelerator.get_tracker("tensorboard", unwrap=False) if accelerator.trackers else None
-        if tracker is not None:
-            tracker.writer.add_image("samples/pairs", grid(a, b), step_no, dataformats="HWC")
 
     # Without periodic validation the loop must not validate at epoch ends either: no hook then
     # (fast_dev_run still validates its few batches once).
@@ -268,10 +181,10 @@ def train(args) -> dict:
         # the seed's own checkpoints (--keep_last, best): kohya's epoch saves, last-n and state folders do not apply
         save_every_n_epochs=None, save_last_n_epochs=None, save_last_n_steps=None, save_state=False,
         save_state_on_train_end=False)
-    hooks = LoopHooks(compute_loss=compute_loss, save_model=save_model, trainable=trainable,
-                      params_to_clip=params_to_clip, lr_names=lr_names, after_step=after_step,
-                      sample=sample, want_sample=want_sample, on_state=on_state,
-                      validate=validate_now if periodic else None)
+    hooks = LoopHooks(compute_loss=compute_loss, save_model=dual_hooks.save_model, trainable=trainable,
+                      params_to_clip=params_to_clip, lr_names=lr_names, after_step=dual_hooks.after_step,
+                      sample=dual_hooks.sample, want_sample=dual_hooks.want_sample, on_state=dual_hooks.on_state,
+                      validate=dual_hooks.validate_now if periodic else None)
     run.start_trackers((args.log_prefix or "") + (args.log_tracker_name or "dual_unet") + time.strftime("%Y%m%d%H%M%S"))
     state = run.loop(train_group, opt, hooks, settings, noise_generator, resume_latest=True)
     run.finish()

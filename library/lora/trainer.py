@@ -152,12 +152,8 @@ def train(args) -> dict:
     args.output_name = args.output_name or "last"
     run = begin(args)
     say, fast = run.print, run.fast
-    if fast:  # a few steps of training and validation; nothing is written anywhere
-        args.max_validation_steps = min(args.max_validation_steps or fast, fast)
-        if args.cache_latents_to_disk:
-            args.cache_latents, args.cache_latents_to_disk = True, False
-        say(f"fast_dev_run: {fast} training steps and at most {fast} validation batches; nothing is saved "
-            "(no model, state, samples or logs; latents are cached in memory only).")
+    if fast:
+        apply_fast_dev_run(args, say)
     output_dir = Path(args.output_dir)
     if run.main and not fast:
         check_writable_dir(output_dir, "--output_dir")
@@ -299,6 +295,16 @@ def train(args) -> dict:
     return {"files": saved_files, "state": state, "output_dir": output_dir, "tracker_dir": tracker_dir,
             "step_end_times": run.progress.step_end_times, "started_at": run.t_start, "loop_started_at": run.t_loop,
             "model_load_s": run.t_load, "caching_s": run.t_cache, "network": trainable}
+
+
+def apply_fast_dev_run(args, say) -> None:
+    """--fast_dev_run N: N steps of training and at most N validation batches; nothing is written anywhere."""
+    fast = args.fast_dev_run
+    args.max_validation_steps = min(args.max_validation_steps or fast, fast)
+    if args.cache_latents_to_disk:
+        args.cache_latents, args.cache_latents_to_disk = True, False
+    say(f"fast_dev_run: {fast} training steps and at most {fast} validation batches; nothing is saved "
+        "(no model, state, samples or logs; latents are cached in memory only).")
 
 
 def check_text_caching(args, group, say) -> None:
