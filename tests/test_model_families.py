@@ -29,6 +29,7 @@ def test_loading_records_the_family_of_the_weights(tiny_model, tiny_sd2):
     from library.models.loading import load_sd_model
 
     assert load_sd_model(tiny_model.single_file).family == "sd1"
+    assert families.get("sd1").load(tiny_model.diffusers_dir).family == "sd1"
     sd2 = load_sd_model(tiny_sd2.diffusers_dir, v2=True)
     assert sd2.family == "sd2" and sd2.v2
 
