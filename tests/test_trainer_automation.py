@@ -47,11 +47,10 @@ class ToyGroup:
 
 def accelerator():
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    from library.training.accel import reset_accelerate
+
+    reset_accelerate()
     return Accelerator(cpu=True)
 
 

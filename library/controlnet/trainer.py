@@ -23,10 +23,10 @@ from library.controlnet.early_stopping import EarlyStopping
 from library.controlnet.image_log import ImageLogger
 from library.fileio import check_writable_dir
 from library.logs import warn_once
+from library.models import families
 from library.training import diffusion
 from library.training.loop import LoopHooks
 from library.training.run import begin, loop_settings, to_device
-from library.training.text import encode_tokens, tokenize
 
 
 def _fingerprint(module) -> str:
@@ -100,7 +100,8 @@ def run_stage(args, stage: str) -> dict:
         accelerator.print(f"fast_dev_run: {fast} training steps and one validation; nothing is saved.")
     # fp32 weights: a new ControlNet copies the UNet's before the UNet is cast to the weight dtype
     model, vae_dtype = run.load_model(dtype=torch.float32)
-    tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
+    text_encoder, vae, unet = model.text_encoder, model.vae, model.unet
+    family = families.get(model.family)  # the text conditioning
     run.cache_latents([train_group, val_group], vae, vae_dtype)  # then the GPU memory is the ControlNet's
 
     trains_cn = stage in ("controlnet", "joint")
@@ -136,8 +137,8 @@ def run_stage(args, stage: str) -> dict:
                 from library.data import encode_latents
 
                 latents = encode_latents(vae, batch["images"].to(device, dtype=vae_dtype)).to(weight_dtype)
-            ids = tokenize(tokenizer, batch["captions"], args.max_token_length).to(device)
-            hidden = encode_tokens(text_encoder, ids, args.clip_skip).to(weight_dtype)
+            hidden = family.encode_prompts(model, batch["captions"], device, args.clip_skip,
+                                           args.max_token_length).hidden_states.to(weight_dtype)
         return latents, hidden, batch["controlnet_cond"].to(device)
 
     def forward(noisy, timesteps, hidden, cond, scale=1.0):
