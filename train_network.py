@@ -64,7 +64,7 @@ def setup_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     parser = setup_parser()
     args = A.parse_args(parser, argv)
-    from library.training.network_trainer import train
+    from library.lora.trainer import train
 
     return train(args)
 

@@ -359,7 +359,7 @@ def worker(spec: dict) -> dict:
     import library.training.loop  # noqa: F401  (what every trainer imports, so it counts as import)
     if spec["trainer"] == "network":
         import train_network as script
-        import library.training.network_trainer  # noqa: F401
+        import library.lora.trainer  # noqa: F401
     elif spec["trainer"] == "controlnet":
         import train_controlnet as script
         import library.controlnet.stages  # noqa: F401

@@ -60,9 +60,9 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 def apply_networks(model, module_names: list[str], files: list[str], multipliers: list[float], device,
                    dtype) -> list[AppliedNetwork]:
     """Patch each LoRA into the model at its multiplier; a module the model lacks is an error."""
+    from library.lora.network_module import import_network_module
     from library.lora_tools.model_fit import check_fits, target_layers
     from library.lora_tools.weights import read_lora
-    from library.training.network_trainer import import_network_module
     from networks.lora_format import data_section_sha256
 
     layers = target_layers(model.unet, model.text_encoder)
@@ -139,7 +139,7 @@ def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Con
     diffusers' own clip_skip reaches for `text_encoder.text_model`, which transformers 5 removed.
     Without clip_skip this is exactly what the pipeline computes from the prompt strings.
     """
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     p = batch[0].prompt
     device = pipe.text_encoder.device

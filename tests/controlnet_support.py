@@ -215,7 +215,7 @@ def _train_vae(vae, r: dict) -> float:
 
 
 def _train_unet(unet, vae, text_encoder, tokenizer, scheduler, r: dict) -> float:
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     images, _, colours = scenes(r["unet_images"], r["seed"] + 7)
     with torch.no_grad():

@@ -28,13 +28,10 @@ def write_image_folder(root: Path, name: str = "10_sks disk", count: int = 4, si
 
 def run_train_network(argv: list[str]):
     """Run train_network in this process (a fresh accelerate state each time) and return its result."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     import train_network
+    from library.training.accel import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
     return train_network.main(argv)
 
 

@@ -43,7 +43,7 @@ def scene(rng: np.random.Generator, category: str, size: int = SIZE, radius: flo
 
 
 def _train_unet(unet, vae, text_encoder, tokenizer, scheduler, r: dict) -> float:
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     rng = np.random.default_rng(r["seed"] + 7)
     names = list(CATEGORIES.values())

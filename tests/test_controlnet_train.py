@@ -19,11 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from library.training.accel import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 def train(argv):

@@ -12,13 +12,10 @@ from library.errors import UserError, run_cli
 
 
 def run_train(argv):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     import train_dual_unet
+    from library.training.accel import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
     return train_dual_unet.main(argv)
 
 

@@ -584,7 +584,7 @@ def _network_args(**overrides):
 
 
 def test_base_weights_are_merged_before_the_new_network_and_multiplier_is_set(tmp_path):
-    from library.training.network_trainer import build_network
+    from library.lora.network_module import build_network
 
     a, _ = trained_file(tmp_path, name="a.safetensors", dim=8, alpha=4)
     b, _ = trained_file(tmp_path, conv=True, name="b.safetensors", dim=4, alpha=2)

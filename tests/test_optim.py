@@ -329,16 +329,12 @@ def test_piecewise_constant_and_custom_class():
 def test_schedules_count_optimizer_steps_with_any_number_of_processes():
     # The Accelerator steps a prepared scheduler once per optimizer step (split_batches), so the
     # schedule does not stretch with the processes (tests/test_distributed.py checks it end to end).
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    from library.training.accel import make_accelerator
+    from library.training.accel import make_accelerator, reset_accelerate
 
     argv = ["--lr_scheduler=linear", "--lr_warmup_steps=2"]
     assert lr_curve(argv, total=10, num_processes=2) == lr_curve(argv, total=10, num_processes=1) == \
         expect(lambda s: s / 2 if s < 2 else (10 - s) / 8)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
     accelerator, _ = make_accelerator(make_args([]))
     assert accelerator.split_batches
 

@@ -10,7 +10,7 @@ from library.data import build_dataset_group, dataset_configs_from_args
 from library.data.text_cache import TextEncoderOutputCache, check_text_encoder_caching, possible_captions
 from library.errors import UserError
 from library.models.tokenizer import load_clip_tokenizer
-from library.training.text import encode_tokens, final_layer_norm, tokenize
+from library.models.text import encode_tokens, final_layer_norm, tokenize
 from tests.data_helpers import make_args, make_folder
 from tests.helpers import run_train_network, write_image_folder
 
@@ -147,7 +147,7 @@ def test_cached_text_encoder_outputs_train_like_uncached(tiny_model, tmp_path, m
 
     monkeypatch.setattr(TextEncoderOutputCache, "lookup", spy)
     # the trainer would cache these fixed captions on its own: keep the "plain" run uncached
-    import library.training.network_trainer as trainer
+    import library.lora.trainer as trainer
 
     monkeypatch.setattr(trainer, "text_outputs_cacheable", lambda group: False)
     run_train_network(_args(tiny_model.single_file, data, tmp_path / "plain", *common))

@@ -164,7 +164,7 @@ def test_cli_dataset_and_build(tmp_path, monkeypatch, capsys):
 
 def test_toy_model_loads_in_both_layouts_with_equal_outputs(toy_model):
     from library.models.loading import load_sd_model
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     assert toy_model.info()["version"] == build.version()
     a, b = load_sd_model(toy_model.diffusers_dir), load_sd_model(toy_model.single_file)

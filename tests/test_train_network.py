@@ -79,7 +79,7 @@ def test_resume_matches_uninterrupted_run(tiny_model, tmp_path):
 def test_learning_lowers_denoising_loss(tiny_model, tmp_path):
     """Held-out (noise, timestep) pairs on the training images: loss with the LoRA < without."""
     from library.models.loading import load_sd_model
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
     import networks.lora as lora
 
     data = tmp_path / "data"
@@ -258,7 +258,7 @@ def test_model_hash_prefetched_in_the_background_equals_the_file_hash(tmp_path):
 
 def test_fp8_base_stores_the_unet_in_fp8_and_trains_the_lora(tiny_model, tmp_path, monkeypatch):
     """--fp8_base: the frozen U-Net's layers hold float8 weights while the LoRA trains through them."""
-    import library.training.network_trainer as trainer
+    import library.lora.trainer as trainer
 
     seen = {}
     store = trainer.store_in_fp8

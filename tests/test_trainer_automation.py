@@ -47,11 +47,10 @@ class ToyGroup:
 
 def accelerator():
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    from library.training.accel import reset_accelerate
+
+    reset_accelerate()
     return Accelerator(cpu=True)
 
 
@@ -241,7 +240,7 @@ def test_val_split_is_deterministic_disjoint_and_follows_the_validation_seed(tmp
 
 
 def test_log_images_every_n_steps_is_sampling_every_n_steps():
-    from library.training.network_trainer import check_log_images
+    from library.lora.trainer import check_log_images
 
     args = parse(["--log_images_every_n_steps=3", "--sample_prompts=p.txt"])
     check_log_images(args)
@@ -259,7 +258,7 @@ def test_deepspeed_without_the_package_and_fsdp_for_a_lora_are_clear_errors(monk
 
     import train_network
     from library.errors import run_cli
-    from library.training.network_trainer import check_distributed_type
+    from library.lora.trainer import check_distributed_type
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a DeepSpeed config
     real_find_spec = importlib.util.find_spec

@@ -47,3 +47,47 @@ def validation_losses(val_group, seed: int, encode_batch, forward, objective, lo
     if not with_controls:
         out = {"loss": out["loss"]}
     return out
+
+
+class EpochEnd:
+    """The loop's end_epoch hook: the epoch's weighted loss (averaged over the processes), the
+    validation losses, early stopping, the best checkpoint; `history` keeps one row per epoch.
+    compute_loss appends each step's loss to `losses`."""
+
+    def __init__(self, args, accelerator, trainable, val_group, step_fns, writer, stopper, writes: bool):
+        self.args, self.accelerator, self.trainable, self.val_group = args, accelerator, trainable, val_group
+        self.encode, self.forward, self.objective, self.loss_of = step_fns
+        self.writer, self.stopper, self.writes = writer, stopper, writes
+        self.losses: list[torch.Tensor] = []
+        self.history: list[dict] = []
+
+    def __call__(self, epoch_done, step, extra) -> bool:
+        from library.training.accel import reduce_sum
+
+        accelerator, args = self.accelerator, self.args
+        was_training = self.trainable.training
+        self.trainable.eval()
+        logs = {}
+        if self.losses:  # the mean over all processes, so that every process decides alike
+            mean = torch.stack(self.losses).float().mean().reshape(1)
+            logs["loss/epoch_weighted"] = float(reduce_sum(accelerator, mean) / accelerator.num_processes)
+            self.losses.clear()
+        if self.val_group is not None:
+            with accelerator.autocast():
+                vals = validation_losses(self.val_group, args.seed, self.encode, self.forward, self.objective,
+                                         self.loss_of)
+            logs.update({f"val/{k}": v for k, v in vals.items()})
+        metric = logs.get("val/loss", logs.get("loss/epoch_weighted", float("nan")))
+        decision = self.stopper.update(metric, extra, epoch_done)
+        logs["early_stopping/bad_epochs"] = decision.bad_epochs
+        if accelerator.trackers:
+            accelerator.log(logs, step=step)
+        self.history.append({"epoch": epoch_done, "step": step, **logs, "improved": decision.improved})
+        if decision.improved and (self.val_group is not None or args.early_stopping_patience) and self.writes:
+            self.writer.save("best", epoch_done, step)
+        self.trainable.train(was_training)
+        if decision.stop:
+            accelerator.print(f"early stopping: no improvement of {'val/loss' if self.val_group else 'the epoch loss'} "
+                              f"for {decision.bad_epochs} epochs (best {decision.best:.5f}); stopping after "
+                              f"epoch {epoch_done}.")
+        return decision.stop

@@ -86,3 +86,42 @@ def log_images(pipe, examples: list[Example], kind: str, seed: int, step: int, t
     path = save_png(image, Path(out_dir) / f"{name}_images_{step:06d}.png")
     log_sample_image(trackers, 0, image, step, " | ".join(e.caption for e in examples), tag=TAG)
     return path
+
+
+class ImageLogger:
+    """--log_images_every_n_steps as the loop's sample hooks: `want(epoch, step)` and the call."""
+
+    def __init__(self, args, accelerator, model, controlnet, trainable, examples_from, ctype, vae_dtype,
+                 output_dir, offload_vae: bool):
+        self.args, self.accelerator, self.model, self.controlnet = args, accelerator, model, controlnet
+        self.trainable, self.examples_from, self.ctype, self.vae_dtype = trainable, examples_from, ctype, vae_dtype
+        self.output_dir, self.offload_vae = Path(output_dir), offload_vae
+        self.every = getattr(args, "log_images_every_n_steps", None)
+        self.examples = self.pipe = None  # built at the first grid
+
+    def want(self, epoch, step) -> bool:
+        return bool(self.every) and epoch is None and step > 0 and step % self.every == 0
+
+    def __call__(self, epoch, step) -> None:
+        # The loop calls this on every process (never under --fast_dev_run); only the main one
+        # generates: the others go on and wait for it at the next step's gradient average.
+        if not self.accelerator.is_main_process:
+            return
+        from library.controlnet.inference import build_pipeline
+        from library.training.run import to_device
+
+        args, vae = self.args, self.model.vae
+        if self.pipe is None:
+            self.examples = fixed_examples(self.examples_from, args.seed)
+            self.pipe = build_pipeline(self.model, self.controlnet)
+        was_training = self.trainable.training
+        self.trainable.eval()
+        to_device(vae, self.accelerator.device, self.vae_dtype)  # with cached latents it waits on the CPU
+        try:
+            with self.accelerator.autocast():
+                log_images(self.pipe, self.examples, self.ctype.name, args.seed, step, self.accelerator.trackers,
+                           self.output_dir / "sample", args.output_name, args.clip_skip)
+        finally:
+            if self.offload_vae:
+                vae.to("cpu")
+            self.trainable.train(was_training)

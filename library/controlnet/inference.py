@@ -59,7 +59,7 @@ def generate(pipe, prompts: list[str], conditions: list[np.ndarray], seeds: list
              cfg: float = 1.0, controlnet_scale: float = 1.0, negatives: list[str] | None = None,
              clip_skip: int | None = None) -> np.ndarray:
     """[N, H, W, 3] float images in [0, 1]; image i from its own seed (batch-size independent)."""
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     device = pipe.unet.device
     dtype = pipe.unet.dtype

@@ -28,7 +28,7 @@ def _settings(parser, path) -> dict:
 def run_pipeline(controlnet_config, lora_config, from_scratch: bool = False, extra: list[str] | None = None,
                  say=print) -> dict:
     from library.controlnet import cli
-    from library.controlnet.stages import reset_accelerate
+    from library.training.accel import reset_accelerate
 
     parser = cli.setup_parser()
     s1, s2 = _settings(parser, controlnet_config), _settings(parser, lora_config)

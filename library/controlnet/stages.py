@@ -19,6 +19,7 @@ from pathlib import Path
 from library.controlnet import outputs
 from library.errors import UserError
 from library.fileio import atomic_dir
+from library.training.accel import reset_accelerate
 
 
 def check_arguments(args) -> None:
@@ -63,15 +64,6 @@ def check_arguments(args) -> None:
 
 def stage_args(args, **overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **overrides})
-
-
-def reset_accelerate() -> None:
-    """A fresh accelerate state for the next stage in the same process (its settings may differ)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def train(args) -> dict:

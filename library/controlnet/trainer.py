@@ -4,7 +4,7 @@
     unet_lora   only a UNet LoRA trains; the ControlNet (from --controlnet_path) is frozen too
     joint       ControlNet and UNet LoRA train together, each with its own learning rate
 
-Order of work as in library/training/network_trainer.py: checks and dataset preflight -> model ->
+The steps of library/training/run.py, as for every trainer: checks and dataset preflight -> model ->
 latent caching -> ControlNet / LoRA -> optimizer and schedule -> the shared loop (library.training.loop)
 -> final files and summary. What differs: the ControlNet's residuals feed the UNet, batches carry
 the condition, the loss may be heatmap-weighted, and every epoch can end with a validation loss,
@@ -13,7 +13,6 @@ early stopping and a best checkpoint (library.controlnet.outputs writes the file
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -21,13 +20,13 @@ import torch
 
 from library.controlnet import data, evaluation, outputs, weighting
 from library.controlnet.early_stopping import EarlyStopping
+from library.controlnet.image_log import ImageLogger
 from library.fileio import check_writable_dir
-from library.logs import ProgressLogger, format_seconds, format_summary, warn_once
+from library.logs import warn_once
+from library.models import families
 from library.training import diffusion
-from library.training.loop import (LoopHooks, LoopSettings, automation_settings, prepare_group, run_training_or_exit,
-                                   steps_and_epochs)
-from library.training.network_trainer import seed_everything, to_device
-from library.training.text import encode_tokens, tokenize
+from library.training.loop import LoopHooks
+from library.training.run import begin, loop_settings, to_device
 
 
 def _fingerprint(module) -> str:
@@ -40,13 +39,42 @@ def _fingerprint(module) -> str:
     return h.hexdigest()
 
 
-def run_stage(args, stage: str) -> dict:
-    from library.training.accel import common_seed, is_main_process, reduce_sum
+def stage_modules(args, stage: str, model, device, weight_dtype):
+    """The stage's ControlNet (new from the UNet, or loaded; frozen in unet_lora) and UNet LoRA (or None)."""
+    from library.controlnet.model import create_controlnet, load_controlnet
 
-    t_start = time.perf_counter()
-    args.seed = common_seed(args.seed)  # with several processes: the same on all of them
-    main = is_main_process()  # files, folders and messages belong to the main process
-    fast = getattr(args, "fast_dev_run", 0) or 0  # a few steps, one validation, nothing written
+    trains_cn = stage in ("controlnet", "joint")
+    source = args.controlnet_path if stage == "unet_lora" else args.controlnet_model_name_or_path
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
+    controlnet = load_controlnet(source, unet, vae) if source else create_controlnet(unet, vae)
+    controlnet.requires_grad_(trains_cn)
+    to_device(controlnet, device, torch.float32 if trains_cn else weight_dtype)
+    if not trains_cn:
+        controlnet.eval()
+    network = None
+    if stage in ("unet_lora", "joint"):
+        from networks.lora import create_network
+
+        network = create_network(1.0, args.lora_rank, args.lora_alpha or args.lora_rank, vae, text_encoder, unet)
+        network.apply_to(text_encoder, unet, apply_text_encoder=False, apply_unet=True)
+        network.to(device, torch.float32)
+    return controlnet, network
+
+
+def stage_params(args, controlnet, network) -> list[dict]:
+    """Optimizer groups: the ControlNet at --learning_rate, the LoRA at --lora_learning_rate."""
+    params = []
+    if controlnet is not None:
+        params.append({"params": [p for p in controlnet.parameters()], "lr": args.learning_rate, "name": "controlnet"})
+    if network is not None:
+        lora_lr = args.lora_learning_rate or args.learning_rate
+        params += network.prepare_optimizer_params(None, lora_lr, lora_lr)
+    return params
+
+
+def run_stage(args, stage: str) -> dict:
+    run = begin(args)
+    main, fast = run.main, run.fast  # fast_dev_run: a few steps, one validation, nothing written
     output_dir, tracker_dir = Path(args.output_dir), None
     if not fast:
         logging_dir = Path(args.logging_dir or output_dir / "logs")
@@ -56,66 +84,29 @@ def run_stage(args, stage: str) -> dict:
         tracker_dir = str(logging_dir)
     # Dataset preflight first: bad images, listings or conditions fail in seconds.
     train_group, val_group, ctype = data.build_datasets(args, args.seed, warn=warn_once)
-    caching = args.cache_latents or args.cache_latents_to_disk
+    caching = run.caching
     if fast and args.cache_latents_to_disk:
         args.cache_latents, args.cache_latents_to_disk = True, False  # fast_dev_run writes nothing
     if caching:
         train_group.check_caching_allowed()
 
-    from library.models.loading import load_sd_model
-    from library.training.accel import make_accelerator
-
-    seed_everything(args.seed)
-    accelerator, weight_dtype = make_accelerator(args, tracker_dir)
-    device = accelerator.device
-    # Several processes share every batch (each trains on its part); --overfit_batches keeps N of them.
-    train_group = prepare_group(train_group, accelerator.num_processes, getattr(args, "overfit_batches", 0) or 0)
-    accelerator.print(f"stage: {stage}\n" + train_group.summary(), flush=True)
+    train_group = run.start(tracker_dir, train_group, getattr(args, "overfit_batches", 0) or 0,
+                            describe=lambda group: f"stage: {stage}\n" + group.summary())
+    accelerator, device, weight_dtype = run.accelerator, run.device, run.weight_dtype
     if val_group is not None:
         accelerator.print(f"validation: {len(val_group.images)} images (loss with fixed noise every epoch)",
                           flush=True)
     if fast:
         accelerator.print(f"fast_dev_run: {fast} training steps and one validation; nothing is saved.")
-    t0 = time.perf_counter()
-    model = load_sd_model(args.pretrained_model_name_or_path, vae_path=args.vae, v2=args.v2,
-                          v_parameterization=args.v_parameterization)
-    t_load = time.perf_counter() - t0
-    args.v2 = model.v2  # the weights decide (as in train_network); the LoRA metadata follows
-    tokenizer, text_encoder, vae, unet = model.tokenizer, model.text_encoder, model.vae, model.unet
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-
-    t0 = time.perf_counter()
-    vae_dtype = torch.float32 if (args.no_half_vae or device.type == "cpu") else weight_dtype
-    to_device(vae, device, vae_dtype)
-    if caching:
-        with torch.no_grad():
-            for group in (train_group, val_group):
-                if group is not None:
-                    group.cache_latents(vae, to_disk=args.cache_latents_to_disk, vae_batch_size=args.vae_batch_size,
-                                        device=device, dtype=vae_dtype)
-        vae.to("cpu")  # every batch carries latents now; the GPU memory is the ControlNet's
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    t_cache = time.perf_counter() - t0
-
-    from library.controlnet.model import create_controlnet, load_controlnet
+    # fp32 weights: a new ControlNet copies the UNet's before the UNet is cast to the weight dtype
+    model, vae_dtype = run.load_model(dtype=torch.float32)
+    text_encoder, vae, unet = model.text_encoder, model.vae, model.unet
+    family = families.get(model.family)  # the text conditioning
+    run.cache_latents([train_group, val_group], vae, vae_dtype)  # then the GPU memory is the ControlNet's
 
     trains_cn = stage in ("controlnet", "joint")
-    source = args.controlnet_path if stage == "unet_lora" else args.controlnet_model_name_or_path
-    controlnet = load_controlnet(source, unet, vae) if source else create_controlnet(unet, vae)
-    controlnet.requires_grad_(trains_cn)
-    to_device(controlnet, device, torch.float32 if trains_cn else weight_dtype)
-    if not trains_cn:
-        controlnet.eval()
+    controlnet, network = stage_modules(args, stage, model, device, weight_dtype)
     frozen_fingerprint = None if trains_cn else _fingerprint(controlnet)
-    network = None
-    if stage in ("unet_lora", "joint"):
-        from networks.lora import create_network
-
-        network = create_network(1.0, args.lora_rank, args.lora_alpha or args.lora_rank, vae, text_encoder, unet)
-        network.apply_to(text_encoder, unet, apply_text_encoder=False, apply_unet=True)
-        network.to(device, torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if trains_cn:
@@ -123,22 +114,10 @@ def run_stage(args, stage: str) -> dict:
     to_device(unet, device, weight_dtype)
     to_device(text_encoder, device, weight_dtype)
 
-    params, lr_names = [], []
-    if trains_cn:
-        params.append({"params": [p for p in controlnet.parameters()], "lr": args.learning_rate, "name": "controlnet"})
-    if network is not None:
-        lora_lr = args.lora_learning_rate or args.learning_rate
-        params += network.prepare_optimizer_params(None, lora_lr, lora_lr)
+    params = stage_params(args, controlnet if trains_cn else None, network)
     lr_names = [g["name"] for g in params]
-
-    from library.training.optim import build_optimizer, build_scheduler
-
-    optimizer, optimizer_desc = build_optimizer(args, params, device.type)
-    max_train_steps, num_epochs = steps_and_epochs(train_group.num_batches_per_epoch, args.gradient_accumulation_steps,
-                                                   args.max_train_steps, args.max_train_epochs)
-    lr_scheduler = build_scheduler(args, optimizer, max_train_steps)
-    # The trainable modules stay unwrapped: the loop averages their gradients over the processes.
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    opt = run.optimization(params, train_group.num_batches_per_epoch)
+    optimizer, optimizer_desc, max_train_steps = opt.optimizer, opt.description, opt.max_train_steps
     cn_call = controlnet
     parts = {"controlnet": controlnet} if trains_cn else {}
     if network is not None:
@@ -147,7 +126,7 @@ def run_stage(args, stage: str) -> dict:
     params_to_clip = [p for g in params for p in g["params"]]
 
     objective = diffusion.DiffusionObjective(args, model.noise_scheduler, device)
-    noise_generator = torch.Generator(device=device).manual_seed(args.seed)
+    noise_generator = run.noise_generator()
     factor, focal = args.loss_weight_factor, (args.focal_gamma if args.use_focal_loss else None)
 
     def encode(batch):
@@ -158,8 +137,8 @@ def run_stage(args, stage: str) -> dict:
                 from library.data import encode_latents
 
                 latents = encode_latents(vae, batch["images"].to(device, dtype=vae_dtype)).to(weight_dtype)
-            ids = tokenize(tokenizer, batch["captions"], args.max_token_length).to(device)
-            hidden = encode_tokens(text_encoder, ids, args.clip_skip).to(weight_dtype)
+            hidden = family.encode_prompts(model, batch["captions"], device, args.clip_skip,
+                                           args.max_token_length).hidden_states.to(weight_dtype)
         return latents, hidden, batch["controlnet_cond"].to(device)
 
     def forward(noisy, timesteps, hidden, cond, scale=1.0):
@@ -175,126 +154,56 @@ def run_stage(args, stage: str) -> dict:
             heat = weighting.latent_weight_source(ctype.weight_source(cond), tuple(pred.shape[-2:]))
         return weighting.weighted_loss(objective, pred, target, timesteps, batch, heat, factor, focal)
 
-    epoch_losses = []
+    writer = outputs.StageWriter(args, stage, output_dir, controlnet if trains_cn else None, network, unet,
+                                 text_encoder, ctype, train_group, optimizer_desc, max_train_steps, opt.num_epochs,
+                                 accelerator.mixed_precision, accelerator.print)
+    end_epoch = evaluation.EpochEnd(args, accelerator, trainable, val_group, (encode, forward, objective, loss_of),
+                                    writer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta),
+                                    writes=main and not fast)
 
     def compute_loss(batch):
         latents, hidden, cond = encode(batch)
         noise, noisy, timesteps = objective.noisy_latents(latents, noise_generator)
         loss = loss_of(forward(noisy, timesteps, hidden, cond.to(weight_dtype)),
                        objective.target(latents, noise, timesteps), timesteps, batch, cond)
-        epoch_losses.append(loss.detach())
+        end_epoch.losses.append(loss.detach())
         return loss
 
-    writer = outputs.StageWriter(args, stage, output_dir, controlnet if trains_cn else None, network, unet,
-                                 text_encoder, ctype, train_group, optimizer_desc, max_train_steps, num_epochs,
-                                 accelerator.mixed_precision, accelerator.print)
-    stopper = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta)
-    history: list[dict] = []
-
-    def end_epoch(epoch_done, step, extra):
-        was_training = trainable.training
-        trainable.eval()
-        logs = {}
-        if epoch_losses:  # the mean over all processes, so that every process decides alike
-            mean = torch.stack(epoch_losses).float().mean().reshape(1)
-            logs["loss/epoch_weighted"] = float(reduce_sum(accelerator, mean) / accelerator.num_processes)
-            epoch_losses.clear()
-        if val_group is not None:
-            with accelerator.autocast():
-                vals = evaluation.validation_losses(val_group, args.seed, encode, forward, objective, loss_of)
-            logs.update({f"val/{k}": v for k, v in vals.items()})
-        metric = logs.get("val/loss", logs.get("loss/epoch_weighted", float("nan")))
-        decision = stopper.update(metric, extra, epoch_done)
-        logs["early_stopping/bad_epochs"] = decision.bad_epochs
-        if accelerator.trackers:
-            accelerator.log(logs, step=step)
-        history.append({"epoch": epoch_done, "step": step, **logs, "improved": decision.improved})
-        if decision.improved and (val_group is not None or args.early_stopping_patience) and main and not fast:
-            writer.save("best", epoch_done, step)
-        trainable.train(was_training)
-        if decision.stop:
-            accelerator.print(f"early stopping: no improvement of {'val/loss' if val_group else 'the epoch loss'} "
-                              f"for {decision.bad_epochs} epochs (best {decision.best:.5f}); stopping after "
-                              f"epoch {epoch_done}.")
-        return decision.stop
-
-    every = getattr(args, "log_images_every_n_steps", None)
-    logged = {}  # examples and pipeline, built at the first grid
-
-    def want_images(epoch, step):
-        return bool(every) and epoch is None and step > 0 and step % every == 0
-
-    def log_images(epoch, step):
-        # The loop calls this on every process (never under --fast_dev_run); only the main one
-        # generates: the others go on and wait for it at the next step's gradient average.
-        if not main:
-            return
-        from library.controlnet import image_log
-        from library.controlnet.inference import build_pipeline
-
-        if not logged:
-            examples_from = val_group if val_group is not None else train_group
-            logged["examples"] = image_log.fixed_examples(examples_from, args.seed)
-            logged["pipe"] = build_pipeline(model, controlnet)
-        was_training = trainable.training
-        trainable.eval()
-        to_device(vae, device, vae_dtype)  # with cached latents it waits on the CPU
-        try:
-            with accelerator.autocast():
-                image_log.log_images(logged["pipe"], logged["examples"], ctype.name, args.seed, step,
-                                     accelerator.trackers, output_dir / "sample", args.output_name, args.clip_skip)
-        finally:
-            if caching:
-                vae.to("cpu")
-            trainable.train(was_training)
-
+    images = ImageLogger(args, accelerator, model, controlnet, trainable,
+                         train_group if val_group is None else val_group, ctype, vae_dtype, output_dir,
+                         offload_vae=caching)
     keep = args.checkpoints_total_limit
-    settings = LoopSettings(
-        max_train_steps=max_train_steps, num_epochs=num_epochs,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        output_dir=output_dir, output_name=args.output_name, seed=args.seed,
-        save_every_n_epochs=args.save_every_n_epochs, save_every_n_steps=args.save_every_n_steps,
+    settings = loop_settings(
+        args, opt, output_dir, caching, resume=outputs.resolve_resume(args.resume, output_dir, args.output_name),
         save_last_n_epochs=args.save_last_n_epochs or (keep * args.save_every_n_epochs
                                                       if keep and args.save_every_n_epochs else None),
         save_last_n_steps=args.save_last_n_steps or (keep * args.save_every_n_steps
-                                                    if keep and args.save_every_n_steps else None),
-        save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
-        resume=outputs.resolve_resume(args.resume, output_dir, args.output_name),
-        num_workers=0 if caching else min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-        persistent_workers=args.persistent_data_loader_workers, log_every_n_steps=args.log_every_n_steps,
-        **automation_settings(args))
+                                                    if keep and args.save_every_n_steps else None))
     hooks = LoopHooks(compute_loss=compute_loss, save_model=writer.save, trainable=trainable,
                       params_to_clip=params_to_clip, lr_names=lr_names, end_epoch=end_epoch,
-                      sample=log_images, want_sample=want_images)
+                      sample=images, want_sample=images.want)
 
-    accelerator.init_trackers((args.log_prefix or "") + (args.log_tracker_name or f"controlnet_{stage}")
-                              + time.strftime("%Y%m%d%H%M%S"))
-    progress = ProgressLogger(accelerator)
-    t_loop = time.perf_counter()
-    state = run_training_or_exit(accelerator, train_group, optimizer, lr_scheduler, hooks, settings, noise_generator,
-                                 progress, resume_latest=True)
+    run.start_trackers((args.log_prefix or "") + (args.log_tracker_name or f"controlnet_{stage}")
+                       + time.strftime("%Y%m%d%H%M%S"))
+    state = run.loop(train_group, opt, hooks, settings, noise_generator, resume_latest=True)
     if state.next_batch == train_group.num_batches_per_epoch:
         # The loop stops at --max_train_steps before closing an epoch that ends exactly there; its
         # validation and best checkpoint still count (the stop decision no longer matters).
         end_epoch(state.epoch + 1, state.global_step, state.extra)
-    accelerator.end_training()
+    run.finish()
     epochs_done = state.epoch + (1 if state.next_batch else 0)
     unchanged = None if frozen_fingerprint is None else frozen_fingerprint == _fingerprint(controlnet)
     if unchanged is False:  # a frozen ControlNet must come out bit-identical; say so loudly if not
         warn_once("the frozen ControlNet's weights changed during training; please report this.")
     if main and not fast:
-        writer.finish(state.global_step, epochs_done, history, unchanged)
-    rows = [("stage", stage), *writer.summary_rows(),
-            ("steps / epochs", f"{state.global_step} / {epochs_done}"),
-            ("average loss (last 100 steps)", f"{progress.average_loss:.4f}"),
-            ("model load / latent caching", f"{format_seconds(t_load)} / {format_seconds(t_cache)}"),
-            ("training time", format_seconds(time.perf_counter() - t_loop)),
+        writer.finish(state.global_step, epochs_done, end_epoch.history, unchanged)
+    rows = [("stage", stage), *writer.summary_rows(), *run.common_rows(state),
             ("TensorBoard logs", f"{tracker_dir}  (tensorboard --logdir \"{tracker_dir}\")")]
     if unchanged is not None:
         rows.append(("frozen ControlNet unchanged", "yes" if unchanged else "NO"))
-    if every and not fast:
+    if images.every and not fast:
         rows.append(("image grids", f"{output_dir / 'sample'} and TensorBoard (controlnet/images)"))
-    accelerator.print(format_summary("training finished", rows))
-    return {"output_dir": output_dir, "state": state, "history": history, "files": writer.files,
-            "controlnet_unchanged": unchanged, "total_s": time.perf_counter() - t_start,
+    run.print_summary(rows)
+    return {"output_dir": output_dir, "state": state, "history": end_epoch.history, "files": writer.files,
+            "controlnet_unchanged": unchanged, "total_s": time.perf_counter() - run.t_start,
             "controlnet": controlnet, "network": network}

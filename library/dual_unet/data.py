@@ -209,9 +209,10 @@ class PairedGroup:
                 batch[f"images_{side}"] = torch.stack([to_tensor(load_image(r.path, r.placement)) for r in recs])
         return batch
 
-    def cache_latents(self, vae, to_disk=False, vae_batch_size=1, device=None, dtype=None) -> None:
+    def cache_latents(self, vae, to_disk=False, vae_batch_size=1, device=None, dtype=None, progress=True) -> None:
         for group in self.groups:
-            group.cache_latents(vae, to_disk=to_disk, vae_batch_size=vae_batch_size, device=device, dtype=dtype)
+            group.cache_latents(vae, to_disk=to_disk, vae_batch_size=vae_batch_size, device=device, dtype=dtype,
+                                progress=progress)
 
     def summary(self, val: "PairedGroup | None" = None) -> str:
         res = self.groups[0].datasets[0].resolution

@@ -56,7 +56,7 @@ class DualUNet:
 
 @torch.no_grad()
 def encode_prompts(model, prompts, device, clip_skip=None) -> list[torch.Tensor]:
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     model.text_encoder.to(device)
     return [encode_captions(model.tokenizer, model.text_encoder, [p], clip_skip, device) for p in prompts]

@@ -44,13 +44,10 @@ class Settings:
 
 
 def _run_script(argv: list[str]) -> dict:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from library.dual_unet.cli import main
+    from library.training.accel import reset_accelerate
 
-    AcceleratorState._reset_state(True)  # a fresh accelerate state per in-process run
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()  # a fresh accelerate state per in-process run
     return main(argv)
 
 

@@ -98,7 +98,7 @@ def pretrain(recipe: BaseRecipe = BaseRecipe(), log=print):
     from library.models.loading import make_noise_scheduler
     from library.models.tiny import TINY_TEXT_ENCODER
     from library.models.tokenizer import load_clip_tokenizer
-    from library.training.text import encode_captions
+    from library.models.text import encode_captions
 
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(**VAE_CONFIG, sample_size=recipe.size)

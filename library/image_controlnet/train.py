@@ -21,11 +21,9 @@ repeats the first batches, --profile traces steps 3-7 (library.training.loop.Pro
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from library.errors import UserError
@@ -36,8 +34,9 @@ from library.image_controlnet.data import load_pairs
 from library.image_controlnet.dataset import PairDataset
 from library.image_controlnet.model import ImageControlNet, ModelConfig, num_generator_stages
 from library.logs import format_seconds, format_summary, warn_once
-from library.training.checkpoint import TopKSaver, _rng_states, _set_rng_states
+from library.training.checkpoint import TopKSaver, rng_states, set_rng_states
 from library.training.optim import fast_adamw_kwargs
+from library.training.run import seed_everything
 
 ARCH_FLAGS = ("backbone", "image_size", "feature_dim", "pose_dim", "num_control_layers")
 STRIDES = {"small": 8, "iresnet50": 16, "iresnet100": 16, "resnet50": 32}
@@ -86,12 +85,6 @@ def cosine_schedule(optimizer, total_steps: int, warmup: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _prepare_model(args, config, ckpt):
@@ -187,7 +180,7 @@ def train(args, defaults: dict | None = None) -> dict:
         start_epoch, global_step, best = ckpt["epoch"], ckpt["global_step"], ckpt["best_val_loss"]
         history = {k: list(v) for k, v in ckpt["history"].items()}
         top_k_entries = ckpt.get("top_k")  # --save_top_k goes on with the same list
-        _set_rng_states(ckpt["rng"], None)
+        set_rng_states(ckpt["rng"], None)
         notes.append(f"resumed from {args.resume} after epoch {start_epoch} (step {global_step})")
     elif ckpt is not None:
         notes.append(f"new training stage from the weights of {args.resume}: its frozen parts {ckpt['trainable']} "
@@ -228,7 +221,7 @@ def train(args, defaults: dict | None = None) -> dict:
     top_k = None
     if args.save_top_k and main:
         def save_top(epoch_done, step):  # `state`: the epoch's, set just before top_k.offer
-            return save_checkpoint(save_dir / f"top_epoch_{epoch_done}.pth", best_val_loss=best, rng=_rng_states(None),
+            return save_checkpoint(save_dir / f"top_epoch_{epoch_done}.pth", best_val_loss=best, rng=rng_states(None),
                                    top_k=top_k.entries, **state)
 
         top_k = TopKSaver(args.save_top_k, monitor, args.monitor_mode, save_top, save_dir / "top_k.json",
@@ -290,11 +283,11 @@ def train(args, defaults: dict | None = None) -> dict:
                 top_k.offer(metrics, done, global_step)
             entries = dict(top_k=top_k.entries) if top_k is not None else {}
             if improved:
-                save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=_rng_states(None), **entries,
+                save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=rng_states(None), **entries,
                                 **state)
             if done % args.save_interval == 0 or done == args.epochs:
                 path = save_checkpoint(save_dir / f"checkpoint_epoch_{done}.pth", best_val_loss=best,
-                                       rng=_rng_states(None), **entries, **state)
+                                       rng=rng_states(None), **entries, **state)
                 guard.saved("model", path)
                 guard.saved("state", path)
                 tblog.save_curves(history, save_dir / f"training_curves_epoch_{done}.png", f"epoch {done}")

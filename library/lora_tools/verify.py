@@ -53,8 +53,13 @@ class Report:
                          + [f"  note: {note}" for note in self.notes])
 
 
-def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: bool = False) -> Report:
-    """Check one file; `layers` defaults to SD1.x's (sizes then unchecked: tiny models share the names)."""
+def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: bool = False,
+                     any_module_kind: bool = False) -> Report:
+    """Check one file; `layers` defaults to SD1.x's (sizes then unchecked: tiny models share the names).
+
+    `any_module_kind`: the file may hold modules of other kinds than lora_down/lora_up (LoHa, LoKr,
+    ... from any --network_module): their tensors are not "unknown", and such a module is checked for
+    its name, dtypes and finite values; lora_down/lora_up modules get every check as always."""
     from library.models.checkpoint_io import check_exists, load_state_dict, read_safetensors_metadata
 
     path = check_exists(path, "LoRA file", flag="the LoRA file")
@@ -68,7 +73,7 @@ def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: 
     modules: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for key, value in sd.items():
         name, _, suffix = key.partition(".")
-        if "." + suffix not in fmt.TENSOR_SUFFIXES:
+        if "." + suffix not in fmt.TENSOR_SUFFIXES and not any_module_kind:
             report.add("unknown tensors (WebUI and ComfyUI drop them silently)", key)
             continue
         modules[name][suffix] = value
@@ -80,14 +85,15 @@ def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: 
     if not modules:
         report.add("no LoRA modules", "no *.lora_down.weight / *.lora_up.weight tensors")
     for name, tensors in sorted(modules.items()):
-        _check_module(report, name, tensors, layers, check_sizes)
+        _check_module(report, name, tensors, layers, check_sizes, any_module_kind)
     _check_alphas_agree(report, modules)
     if path.suffix.lower() == ".safetensors":
         _check_metadata(report, path, read_safetensors_metadata(path))
     return report
 
 
-def _check_module(report: Report, name: str, tensors: dict, layers, check_sizes: bool) -> None:
+def _check_module(report: Report, name: str, tensors: dict, layers, check_sizes: bool,
+                  any_module_kind: bool = False) -> None:
     layer = layers.get(name)
     if layer is None:
         if name.startswith(fmt.TE_PREFIX + "_") and layers.get(fmt.canonical_key(name)) is not None:
@@ -95,6 +101,8 @@ def _check_module(report: Report, name: str, tensors: dict, layers, check_sizes:
         else:
             report.add("names of no SD1.x layer (WebUI and ComfyUI drop them silently)", name)
     down, up, alpha = (tensors.get(s) for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    if any_module_kind and down is None and up is None:
+        return  # another kind of module (LoHa, LoKr, ...): its name, dtypes and values are checked
     if down is None or up is None:
         report.add("modules without lora_down or lora_up", name)
         return
@@ -141,9 +149,10 @@ def _check_metadata(report: Report, path: Path, metadata: dict) -> None:
 
 
 def check_saved_lora(path, unet=None, text_encoder=None) -> Report:
-    """Verify a file this program just wrote, against the model it was trained on; raise if broken."""
+    """Verify a file this program just wrote, against the model it was trained on; raise if broken.
+    Used for the files of every --network_module (library.lora.network_module.check_saved_file)."""
     layers = target_layers(unet, text_encoder) if unet is not None or text_encoder is not None else None
-    report = verify_lora_file(path, layers, check_sizes=layers is not None)
+    report = verify_lora_file(path, layers, check_sizes=layers is not None, any_module_kind=True)
     if not report.ok:
         diverged = "NaN or Inf values" in report.problems
         raise UserError(

@@ -5,7 +5,8 @@ models built on the meta device, so nothing is randomly initialised and no weigh
 Architectures are inferred from tensor shapes (see arch.py), and every mismatch between file and
 model is a UserError naming the file rather than a silently half-initialised model.
 
-SD1 or SD2 is read from the weights (SD2.x: OpenCLIP text encoder, Linear attention projections);
+SD1 or SD2 is read from the weights by the model-family registry (library.models.families: SD2.x
+has an OpenCLIP text encoder and Linear attention projections);
 a `--v2` flag that says otherwise only gets a warning, since the weights cannot be loaded any
 other way. v-prediction (SD2 768-v) is not visible in the weights: it comes from
 `v_parameterization` (--v_parameterization), or else from a diffusers folder's scheduler config.
@@ -20,10 +21,8 @@ from typing import Any
 import torch
 
 from library.errors import UserError
-from library.models import arch, convert
+from library.models import arch, convert, families
 from library.models.checkpoint_io import check_exists, load_state_dict
-
-_SUPPORTED = "this tool trains Stable Diffusion 1.x and 2.x models (SD1.5, SD2.1 and fine-tunes of them)"
 
 
 @dataclass
@@ -36,6 +35,10 @@ class SDModel:
     v2: bool
     model_path: str
     model_name: str
+    family: str = ""  # library.models.families name, read from the weights (default: from v2)
+
+    def __post_init__(self):
+        self.family = self.family or families.for_v2(self.v2).name
 
 
 def load_sd_model(path, vae_path=None, v2: bool = False, dtype: torch.dtype = torch.float32,
@@ -60,11 +63,13 @@ def load_sd_model(path, vae_path=None, v2: bool = False, dtype: torch.dtype = to
     # The cheap parts first, so that a broken tokenizer or scheduler fails before the big reads.
     scheduler = make_noise_scheduler(folder, v_parameterization)
     if folder is not None:
-        is_v2 = _folder_is_v2(folder)
+        family = families.detect_folder(folder)
+        is_v2 = family.v2
         tokenizer = _tokenizer(folder, is_v2)
         unet, vae, text_encoder = _load_folder(path, dtype, vae_dtype, need_vae=vae_path is None)
     else:
-        unet, vae, text_encoder, is_v2 = _load_single_file(path, dtype, vae_dtype, need_vae=vae_path is None)
+        unet, vae, text_encoder, family = _load_single_file(path, dtype, vae_dtype, need_vae=vae_path is None)
+        is_v2 = family.v2
         tokenizer = _tokenizer(None, is_v2)
     _check_v2_flag(path, v2, is_v2)
     if vae_path is not None:
@@ -72,7 +77,7 @@ def load_sd_model(path, vae_path=None, v2: bool = False, dtype: torch.dtype = to
     unet, vae, text_encoder = (m.to(device=device).eval() for m in (unet, vae, text_encoder))
     return SDModel(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                    noise_scheduler=scheduler, v2=is_v2, model_path=str(path),
-                   model_name=path.name if folder is not None else path.stem)
+                   model_name=path.name if folder is not None else path.stem, family=family.name)
 
 
 def _check_v2_flag(path: Path, said_v2: bool, is_v2: bool) -> None:
@@ -85,15 +90,6 @@ def _check_v2_flag(path: Path, said_v2: bool, is_v2: bool) -> None:
     elif said_v2 and not is_v2:
         warn_once(f"--v2 was given, but {path} is a Stable Diffusion 1.x model (CLIP ViT-L text encoder), so "
                   "it is loaded and trained as SD1.x. Leave out --v2 for this model.")
-
-
-def _folder_is_v2(folder: Path) -> bool:
-    """SD2.x UNets use Linear attention projections (SD1.x: 1x1 convs); read from unet/config.json."""
-    try:
-        config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # _load_folder reports the missing or broken config
-    return bool(config.get("use_linear_projection"))
 
 
 def make_noise_scheduler(folder: Path | None = None, v_parameterization: bool | None = None):
@@ -174,13 +170,13 @@ def _load_single_file(path: Path, dtype, vae_dtype, need_vae: bool):
     # separately makes the file's own VAE unneeded.
     skip = ("model_ema.",) + (() if need_vae else (arch.VAE_PREFIX,))
     sd = load_state_dict(path, skip_prefixes=skip)
-    _check_family(path, sd)
+    family = families.detect_state_dict(sd, path)  # or a UserError saying what the file is
     try:
         unet_cfg = arch.infer_unet_config(sd, arch.UNET_PREFIX)
         unet_sd = convert.unet_to_diffusers(sd, unet_cfg)
     except (KeyError, IndexError) as err:
         raise _wrong_architecture(path, f"its UNet keys do not match the SD1.x/SD2.x layout (missing {err})", sd)
-    v2 = convert.is_open_clip(sd)
+    v2 = family.v2
     if v2 and convert.open_clip_layer_count(sd) < 2:
         raise _wrong_architecture(path, "its OpenCLIP text encoder (cond_stage_model.model.*) has fewer than 2 "
                                         "layers; SD2.x uses the penultimate one", sd)
@@ -189,26 +185,13 @@ def _load_single_file(path: Path, dtype, vae_dtype, need_vae: bool):
         where = "cond_stage_model.model.token_embedding" if v2 else "cond_stage_model.transformer.text_model.*"
         raise _wrong_architecture(path, f"it has no complete CLIP text encoder weights ({where})", sd)
     try:
-        te_cfg = CLIPTextConfig(**arch.infer_text_encoder_config(te_sd, kind=arch.family(v2)))
+        te_cfg = CLIPTextConfig(**arch.infer_text_encoder_config(te_sd, kind=family.config_kind))
     except (KeyError, IndexError) as err:
         raise _wrong_architecture(path, f"its text encoder keys are incomplete (missing {err})", sd)
     unet = _build(lambda: UNet2DConditionModel(**arch.model_kwargs(unet_cfg)), unet_sd, path, "UNet", dtype)
     text_encoder = _build(lambda: CLIPTextModel(te_cfg), te_sd, path, "text encoder", dtype)
     vae = vae_from_state_dict(sd, path, vae_dtype) if need_vae else None
-    return unet, vae, text_encoder, v2
-
-
-def _check_family(path: Path, sd: dict) -> None:
-    """Name the model family when a file is not SD1.x/SD2.x, instead of a list of missing keys."""
-    keys = list(sd)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise _wrong_architecture(path, "it is an SDXL checkpoint (conditioner.embedders.* keys); "
-                                        + _SUPPORTED)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
-        raise _wrong_architecture(path, "it is a LoRA file, not a base model")
-    if not any(k.startswith(arch.UNET_PREFIX) for k in keys):
-        raise _wrong_architecture(path, "it has no model.diffusion_model.* (UNet) keys, so it is not a "
-                                        "Stable Diffusion checkpoint in the original single-file layout", sd)
+    return unet, vae, text_encoder, family
 
 
 def _wrong_architecture(path, reason: str, sd: dict | None = None) -> UserError:

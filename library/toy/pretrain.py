@@ -64,7 +64,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, recipe: Recipe, lo
 
     Only the world's captions and "" occur, so they are tokenized once and encoded each step.
     """
-    from library.training.text import tokenize
+    from library.models.text import tokenize
 
     images, captions = world.world_images(recipe.unet_images, seed=recipe.seed + 7)
     latents = encode_latents(vae, images)

@@ -206,9 +206,11 @@ def read_tracker_config(path) -> dict:
     return data
 
 
-def init_trackers(accelerator, args, default_name: str) -> None:
-    """Start the trackers as kohya does: named --log_tracker_name (else `default_name`), with
-    --wandb_run_name, --log_tracker_config's arguments and, with --log_config, the arguments."""
+def init_trackers(accelerator, args, name: str) -> None:
+    """Start the trackers as kohya does, named `name` (the trainer's run name, from
+    --log_tracker_name where it applies), with --wandb_run_name, --log_tracker_config's arguments
+    and, with --log_config, the arguments. Every trainer starts its trackers here
+    (library.training.run.Run.start_trackers)."""
     init_kwargs: dict = {}
     if getattr(args, "wandb_run_name", None):
         init_kwargs["wandb"] = {"name": args.wandb_run_name}
@@ -216,8 +218,17 @@ def init_trackers(accelerator, args, default_name: str) -> None:
         for tracker, kwargs in read_tracker_config(args.log_tracker_config).items():
             init_kwargs[tracker] = {**init_kwargs.get(tracker, {}), **kwargs}
     config = loggable_config(args) if getattr(args, "log_config", False) else None
-    accelerator.init_trackers(getattr(args, "log_tracker_name", None) or default_name, config=config,
-                              init_kwargs=init_kwargs)
+    accelerator.init_trackers(name, config=config, init_kwargs=init_kwargs)
+
+
+def reset_accelerate() -> None:
+    """A fresh accelerate state for the next run in the same process (its settings may differ):
+    the ControlNet stages, the in-process proofs and tests."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 # --- several processes -----------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def prune_old(output_dir: Path, output_name: str, kind: str, keep: int, suffix: 
     return removed
 
 
-def _rng_states(noise_generator: torch.Generator | None) -> dict:
+def rng_states(noise_generator: torch.Generator | None) -> dict:
     np_state = np.random.get_state()
     states = {
         "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
@@ -167,7 +167,7 @@ def _rng_states(noise_generator: torch.Generator | None) -> dict:
     return states
 
 
-def _set_rng_states(states: dict, noise_generator: torch.Generator | None) -> None:
+def set_rng_states(states: dict, noise_generator: torch.Generator | None) -> None:
     py = states["python"]
     gauss = None if py[-1] == -1 else py[-1]
     random.setstate((states["python_version"], tuple(int(v) for v in py[:-1]), gauss))
@@ -193,7 +193,7 @@ def save_train_state(path: Path, state: TrainState, trainable: torch.nn.Module, 
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_states(noise_generator), tmp / "rng.pt")
+        torch.save(rng_states(noise_generator), tmp / "rng.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "train_state.json").write_text(json.dumps({"version": STATE_VERSION, **asdict(state)}, indent=2))
@@ -293,7 +293,7 @@ def load_train_state(path: Path, trainable: torch.nn.Module, optimizer, lr_sched
                             fix="resume with the same --network_dim, --network_args and model as the saved run.")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _set_rng_states(torch.load(path / "rng.pt", weights_only=True), noise_generator)
+        set_rng_states(torch.load(path / "rng.pt", weights_only=True), noise_generator)
         if scaler is not None and (path / "scaler.pt").is_file():
             scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     except (OSError, RuntimeError, ValueError) as err:

@@ -62,15 +62,17 @@ MINIMUM_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_n
 
 def base_model_version(v2: bool, v_parameterization: bool) -> str:
     """kohya's ss_base_model_version: sd_v1, sd_v2, and "_v" appended for v-prediction (sd_v2_v
-    for SD2 768-v). WebUI files a LoRA under SD2 by ss_v2 == "True"."""
-    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
+    for SD2 768-v), from the model family. WebUI files a LoRA under SD2 by ss_v2 == "True"."""
+    from library.models.families import for_v2
+
+    return for_v2(v2).base_model_version(v_parameterization)
 
 
 def modelspec_architecture(v2: bool, v_parameterization: bool) -> str:
-    """The ModelSpec architecture kohya writes: SD2 is split into 512 (epsilon) and 768-v."""
-    if not v2:
-        return "stable-diffusion-v1"
-    return "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
+    """The ModelSpec architecture kohya writes (the family's; SD2 is split into 512 and 768-v)."""
+    from library.models.families import for_v2
+
+    return for_v2(v2).modelspec_architecture(v_parameterization)
 
 
 def _arg_text(value) -> str:

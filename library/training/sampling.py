@@ -15,7 +15,7 @@ import torch
 # The prompt format and the sampler map live in library.prompts (gen_img.py uses them too);
 # read_prompt_file here adds the size check for the trainers.
 from library.errors import UserError
-from library.training.text import encode_captions
+from library.models.text import encode_captions
 from library.prompts import SamplePrompt, make_scheduler  # noqa: F401
 from library.prompts import read_prompt_file as _read_prompt_file
 

@@ -8,7 +8,7 @@ transformers' own pooling picks the highest id, which is only the EOS while no t
 above it).
 
 Long captions (--max_token_length 150 / 225) are split into 75-token windows for both encoders
-exactly as for SD1/SD2 (library/training/text.py: SD1's rules for ViT-L, SD2's "!"-padding rules
+exactly as for SD1/SD2 (library/models/text.py: SD1's rules for ViT-L, SD2's "!"-padding rules
 for bigG), the windows' states joined the same way, and the pooled output is the first window's,
 as kohya does.
 
@@ -30,7 +30,7 @@ class SDXLTextConditioning:
 
 def tokenize_sdxl(tokenizers, captions: list[str], max_token_length: int | None = None):
     """(ids for ViT-L, ids for bigG): [B, 77] each, or [B, n, 77] windows for long captions."""
-    from library.training.text import tokenize  # the windowing SD1/SD2 captions use
+    from library.models.text import tokenize  # the windowing SD1/SD2 captions use
 
     return tuple(tokenize(tok, list(captions), max_token_length) for tok in tokenizers)
 
