@@ -31,8 +31,8 @@ def setup_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("network")
     g.add_argument("--network_module", type=str, default="networks.lora", help="network module to train")
     g.add_argument("--network_dim", type=A.positive_int, default=4, help="rank of the LoRA modules")
-    g.add_argument("--network_alpha", type=A.positive_float, default=1.0,
-                   help="alpha: the LoRA output is scaled by alpha / rank (kohya's default 1)")
+    g.add_argument("--network_alpha", type=A.non_negative_float, default=1.0,
+                   help="alpha: the LoRA output is scaled by alpha / rank (kohya's default 1; 0 means alpha = rank)")
     g.add_argument("--network_dropout", type=A.unit_float, default=None, help="dropout on the LoRA hidden units")
     g.add_argument("--network_args", type=str, default=None, nargs="*",
                    help='extra network options, e.g. "conv_dim=4" "conv_alpha=1" (LoCon), "rank_dropout=0.1", '
@@ -46,8 +46,9 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the U-Net part")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text-encoder part")
     g.add_argument("--unet_lr", type=A.non_negative_float, default=None, help="learning rate of the U-Net part")
-    g.add_argument("--text_encoder_lr", type=A.non_negative_float, default=None,
-                   help="learning rate of the text-encoder part")
+    g.add_argument("--text_encoder_lr", type=A.non_negative_float, default=None, nargs="*",
+                   help="learning rate of the text-encoder part: one value per text encoder, as kohya (SD1/SD2 "
+                        "have one, so the first is used)")
     g.add_argument("--network_multiplier", type=float, default=1.0, help="multiplier of the network output")
     g.add_argument("--scale_weight_norms", type=A.positive_float, default=None,
                    help="scale down modules whose weight norm exceeds this (1 is a good start)")

@@ -443,11 +443,25 @@ def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 PRESET_TABLE = "preset"  # reserved for the GUI's preset metadata, ignored by the scripts
 
 
+def config_file_path(path: str) -> Path:
+    """kohya's read_config_from_file adds '.toml' to a --config_file without it; a file that exists
+    under the exact name given is taken as it is."""
+    given = Path(path)
+    if not str(path).endswith(".toml") and not given.is_file():
+        return Path(f"{path}.toml")
+    return given
+
+
 def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
-    """Read a TOML of flag names -> values; an unknown key is an error that names it."""
+    """Read a TOML of flag names -> values, as leniently as kohya's read_config_from_file.
+
+    kohya loads any key. So do we: a key that is not one of this script's flags is ignored, and all
+    of them are listed once in one warning (kohya's and kohya_ss's own keys as such, anything else with
+    a "did you mean" where it looks like a typo of one of our flags).
+    """
     import toml
 
-    path = Path(path)
+    path = config_file_path(path)
     if not path.is_file():
         raise UserError("the --config_file does not exist.", path=path,
                         fix="pass the path of a TOML file of arguments, or write one with --output_config.")
@@ -461,18 +475,48 @@ def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     if isinstance(table.get(PRESET_TABLE), dict):
         table.pop(PRESET_TABLE)
     actions = _dests(parser)
-    values = {}
+    values, ignored = {}, []
     for key, (value, section) in _flatten(table).items():
         if key in ("config_file", "output_config"):
             continue
-        if key not in actions:
-            close = difflib.get_close_matches(key, actions, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"unknown key '{key}' (in {section}) in the config file {path}.{hint}",
-                            path=path, fix="remove the key or correct its name; keys are the flag names "
-                                           "without '--'.")
-        values[key] = value
+        if key in actions:
+            values[key] = value
+        else:
+            ignored.append(key)
+    if ignored:
+        _warn_ignored_keys(path, ignored, actions)
     return values
+
+
+def _warn_ignored_keys(path: Path, ignored: list[str], actions) -> None:
+    from library.kohya_flags import KOHYA_KEYS
+    from library.logs import warn_once
+
+    kohya = sorted(k for k in ignored if k in KOHYA_KEYS)
+    lines = []
+    if kohya:
+        lines.append(f"kohya options this script does not use: {', '.join(kohya)}")
+    for key in sorted(k for k in ignored if k not in KOHYA_KEYS):
+        close = difflib.get_close_matches(key, actions, n=1)
+        lines.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    warn_once(f"the config file {path} has keys that are ignored (kohya loads any key):\n  " + "\n  ".join(lines))
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
+
+
+def _config_bool(value, dest: str, source: str) -> bool:
+    """A flag's value from a config file. kohya takes the value as it is and tests its truth, so an
+    int counts by its truth (the kohya_ss GUI writes persistent_data_loader_workers = 1). A string is
+    read by its meaning: here "false" is false, where kohya would take any non-empty string as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise UserError(f"'{dest}' in {source} must be true or false, got {value!r}.",
+                    fix=f"write {dest} = true or {dest} = false.")
 
 
 def _check_value(action: argparse.Action, value, source: str):
@@ -482,13 +526,17 @@ def _check_value(action: argparse.Action, value, source: str):
     # flags first: their nargs is 0, which would otherwise read as a list
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
                            argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
-            raise UserError(f"'{action.dest}' in {source} must be true or false, got {value!r}.",
-                            fix=f"write {action.dest} = true or {action.dest} = false.")
-        return value
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        return _config_bool(value, action.dest, source)
     if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 0):
         items = value if isinstance(value, list) else [value]
         return [_check_value(_Single(action), v, source) for v in items]
+    if isinstance(value, list):  # a one-element list for a single value (kohya_ss writes some values so)
+        if len(value) != 1:
+            raise UserError(f"'{action.dest}' in {source} takes one value, got the list {value!r}.",
+                            fix=f"write a single value for {action.dest}.")
+        value = value[0]
     if action.type is not None:
         try:
             value = action.type(value)
@@ -549,26 +597,22 @@ def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.config_file:
         raise UserError("--output_config needs --config_file, the path of the TOML to write.",
                         fix="add --config_file my_settings.toml.")
-    path = Path(args.config_file)
+    path = Path(args.config_file if args.config_file.endswith(".toml") else f"{args.config_file}.toml")  # as kohya
     write_text_atomic(path, toml.dumps(config_dict(parser, args)))
     print(f"wrote the arguments to {path}")
     return path
 
 
-def parse_kv_list(items, flag: str) -> dict:
-    """["conv_dim=4", "betas=0.9,0.999"] -> {"conv_dim": 4, "betas": (0.9, 0.999)} (kohya's format)."""
-    import ast
-
+def parse_kv_list(items, flag: str) -> dict[str, str]:
+    """["conv_dim=4", "block_dims=2,4,4"] -> {"conv_dim": "4", "block_dims": "2,4,4"}: kohya's rule for
+    --network_args (train_network.py: each item split at its first '=', the value handed to the module
+    as a string, which converts it; a third-party module gets the same strings as under kohya)."""
     out = {}
     for item in items or []:
-        for part in str(item).split():
-            if "=" not in part:
-                raise UserError(f"{flag} expects key=value items, got {part!r}.",
-                                fix=f'write e.g. {flag} "key=value".')
-            key, raw = part.split("=", 1)
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-            out[key.strip()] = value
+        item = str(item)
+        if "=" not in item:
+            raise UserError(f"{flag} expects key=value items, got {item!r}.",
+                            fix=f'write e.g. {flag} "conv_dim=4" "conv_alpha=1" (one item per key).')
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
     return out

@@ -40,6 +40,8 @@ def check_arguments(args) -> None:
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other.",
                         fix="pass at most one of them.")
+    if isinstance(args.text_encoder_lr, list):  # kohya: one per text encoder; SD1/SD2 have one, the first is used
+        args.text_encoder_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     for flag in ("unet_lr", "text_encoder_lr"):
         value = getattr(args, flag)
         if value is not None and value < 0:

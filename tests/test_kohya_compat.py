@@ -1,0 +1,176 @@
+"""kohya sd-scripts / kohya_ss habits that work here unchanged: config files, flags, --network_args.
+
+Each test names the kohya function whose rule it checks (kohya-ss/sd-scripts unless said otherwise).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import toml
+
+from library import args as A
+from library.errors import UserError
+from tests.helpers import run_train_network, write_image_folder
+
+
+def _parser():
+    import train_network
+
+    return train_network.setup_parser()
+
+
+# --- --config_file ------------------------------------------------------------------------------
+
+def gui_config(model, data, out) -> dict:
+    """A config as kohya_ss writes it for an SD1.5 LoRA (bmaltais/kohya_ss kohya_gui/lora_gui.py,
+    config_toml_data: its default values after its filter, which drops "", False, None and 0), with
+    this test's paths and sizes. The keys epoch and noise_offset_type are the GUI's own; kohya's script
+    ignores them."""
+    return {
+        "bucket_no_upscale": True, "bucket_reso_steps": 64, "cache_latents": True,
+        "caption_extension": ".txt", "clip_skip": 1, "dynamo_backend": "no", "enable_bucket": True,
+        "epoch": 1, "gradient_accumulation_steps": 1, "huber_c": 0.1, "huber_scale": 1, "huber_schedule": "snr",
+        "learning_rate": 0.0001, "logging_dir": str(out / "log"), "loss_type": "l2", "lr_scheduler": "cosine",
+        "lr_scheduler_args": [], "lr_scheduler_num_cycles": 1, "lr_scheduler_power": 1, "max_bucket_reso": 128,
+        "max_data_loader_n_workers": 0, "max_grad_norm": 1, "max_timestep": 1000, "max_token_length": 75,
+        "max_train_steps": 2, "min_bucket_reso": 64, "mixed_precision": "no", "network_alpha": 1,
+        "network_args": [], "network_dim": 4, "network_module": "networks.lora", "noise_offset_type": "Original",
+        "optimizer_args": [], "optimizer_type": "AdamW", "output_dir": str(out), "output_name": "gui_lora",
+        "persistent_data_loader_workers": 1, "pretrained_model_name_or_path": str(model), "prior_loss_weight": 1,
+        "resolution": "64,64", "sample_sampler": "euler_a", "save_every_n_epochs": 1, "save_model_as": "safetensors",
+        "save_precision": "fp16", "sdpa": True, "seed": 7, "text_encoder_lr": [5e-05, 5e-05],
+        "train_batch_size": 1, "train_data_dir": str(data), "unet_lr": 0.0001, "wandb_run_name": "gui_lora",
+    }
+
+
+def test_a_kohya_ss_gui_config_runs_and_lists_the_ignored_keys_once(tiny_model, tmp_path, capsys):
+    """kohya's read_config_from_file loads any key and takes values as they are: an int for a flag
+    (persistent_data_loader_workers = 1), a list for text_encoder_lr (nargs="*", the first value for SD1's
+    one text encoder, as train_network.py's "toml backward compatibility" branch)."""
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2)
+    out = tmp_path / "out"
+    cfg = tmp_path / "config_lora-20260101-000000.toml"
+    cfg.write_text(toml.dumps(gui_config(tiny_model.single_file, data, out)), encoding="utf-8")
+    run_train_network(["--config_file", str(cfg)])
+    assert (out / "gui_lora.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert err.count("has keys that are ignored") == 1
+    assert "kohya options this script does not use: epoch, noise_offset_type" in err
+    args = A.parse_args(_parser(), ["--config_file", str(cfg)])
+    assert args.persistent_data_loader_workers is True and args.text_encoder_lr == [5e-05, 5e-05]
+    assert args.network_args == [] and args.resolution == (64, 64)
+
+
+def test_config_file_gets_toml_added_like_kohya(tmp_path):
+    """read_config_from_file: config_path = args.config_file + ".toml" when it does not end in .toml."""
+    (tmp_path / "settings.toml").write_text("network_dim = 12\n", encoding="utf-8")
+    args = A.parse_args(_parser(), ["--config_file", str(tmp_path / "settings")])
+    assert args.network_dim == 12
+
+
+def test_output_config_adds_toml_like_kohya(tmp_path):
+    with pytest.raises(SystemExit):
+        A.parse_args(_parser(), ["--network_dim=6", "--config_file", str(tmp_path / "out_cfg"), "--output_config"])
+    assert "network_dim = 6" in (tmp_path / "out_cfg.toml").read_text(encoding="utf-8")
+
+
+def test_a_typo_is_ignored_as_kohya_does_but_named_with_a_suggestion(tmp_path, capsys):
+    """kohya (read_config_from_file) puts every key into the namespace, so a typo is silently unused
+    there; here it is ignored too, and said once with the flag it probably meant."""
+    f = tmp_path / "typo.toml"
+    f.write_text('network_dimm = 8\nlearning_rate = 0.5\n[extra]\nmy_own_key = "x"\n', encoding="utf-8")
+    args = A.parse_args(_parser(), ["--config_file", str(f)])
+    assert args.network_dim == 4 and args.learning_rate == 0.5
+    err = capsys.readouterr().err
+    assert "unknown key 'network_dimm' (did you mean 'network_dim'?)" in err
+    assert "unknown key 'my_own_key'" in err
+
+
+@pytest.mark.parametrize("value, expected", [(1, True), (0, False), ("true", True), ("false", False),
+                                             ([True], True), (True, True)])
+def test_flag_values_are_read_by_their_truth(tmp_path, value, expected):
+    """kohya tests a flag's value for truth (`if args.cache_latents:`) whatever its type: 1 is true,
+    0 false. A string is read by its meaning here ("false" is false), where kohya takes any non-empty
+    string as true (docs/kohya_compat.md)."""
+    f = tmp_path / "b.toml"
+    f.write_text(toml.dumps({"cache_latents": value}), encoding="utf-8")
+    assert A.parse_args(_parser(), ["--config_file", str(f)]).cache_latents is expected
+
+
+def test_one_element_list_for_a_single_value_and_a_longer_one_refused(tmp_path):
+    f = tmp_path / "l.toml"
+    f.write_text("learning_rate = [0.25]\n", encoding="utf-8")
+    assert A.parse_args(_parser(), ["--config_file", str(f)]).learning_rate == 0.25
+    f.write_text("learning_rate = [0.25, 0.5]\n", encoding="utf-8")
+    with pytest.raises(UserError, match="takes one value"):
+        A.parse_args(_parser(), ["--config_file", str(f)])
+
+
+def test_builtin_presets_run_on_kohyas_script():
+    """Our GUI presets, read as kohya's read_config_from_file reads them (one level of [sections] merged
+    into the namespace): every key is a kohya train_network.py flag or [preset] bookkeeping that no kohya
+    flag shares; network_module is given (kohya's default is None, train_network.py imports it);
+    log_with tensorboard comes with a logging_dir (kohya's prepare_accelerator raises without one)."""
+    from pathlib import Path
+
+    from library.kohya_flags import TRAIN_NETWORK_FLAGS
+
+    files = sorted((Path(__file__).resolve().parents[1] / "gui" / "builtin_presets" / "train_network").glob("*.toml"))
+    assert files
+    for path in files:
+        table = toml.loads(path.read_text(encoding="utf-8"))
+        flat = {}
+        for key, value in table.items():
+            flat.update(value if isinstance(value, dict) else {key: value})
+        bookkeeping = set(table.get("preset", {}))
+        assert not bookkeeping & TRAIN_NETWORK_FLAGS, path
+        assert set(flat) - bookkeeping <= TRAIN_NETWORK_FLAGS, (path, set(flat) - bookkeeping - TRAIN_NETWORK_FLAGS)
+        assert flat.get("network_module"), path
+        assert flat.get("log_with") not in ("tensorboard", "all") or flat.get("logging_dir"), path
+
+
+# --- --text_encoder_lr, --network_alpha, --network_args ------------------------------------------
+
+def test_text_encoder_lr_takes_one_value_per_text_encoder():
+    """kohya train_network.py setup_parser: --text_encoder_lr has nargs="*"."""
+    p = _parser()
+    assert A.parse_args(p, ["--text_encoder_lr", "1e-5", "2e-5"]).text_encoder_lr == [1e-5, 2e-5]
+    assert A.parse_args(_parser(), ["--text_encoder_lr", "1e-5"]).text_encoder_lr == [1e-5]
+
+
+def test_network_alpha_zero_is_accepted_and_means_rank():
+    """kohya's LoRAModule: `alpha = self.lora_dim if alpha is None or alpha == 0 else alpha`."""
+    import torch
+
+    from networks.lora import LoRAModule
+
+    args = A.parse_args(_parser(), ["--network_alpha", "0"])
+    assert args.network_alpha == 0
+    module = LoRAModule("lora_unet_x", torch.nn.Linear(8, 8), multiplier=1.0, lora_dim=4, alpha=args.network_alpha)
+    assert float(module.alpha) == 4.0 and module.scale == 1.0
+
+
+def test_network_args_are_key_value_strings_as_kohya_passes_them():
+    """kohya train_network.py (prepare network): `key, value = net_arg.split("=", 1)`, value a string."""
+    kwargs = A.parse_kv_list(["conv_dim=4", "block_dims=2, 4,4", "algo=lora", "weights=a=b"], "--network_args")
+    assert kwargs == {"conv_dim": "4", "block_dims": "2, 4,4", "algo": "lora", "weights": "a=b"}
+    with pytest.raises(UserError, match="key=value"):
+        A.parse_kv_list(["conv_dim"], "--network_args")
+
+
+def test_networks_lora_converts_string_network_args_as_kohya(tiny_model):
+    """kohya networks/lora.py create_network: conv_dim = int(conv_dim), conv_alpha = float(conv_alpha),
+    block_dims a comma-separated string of 25 ranks."""
+    from library.models.loading import load_sd_model
+    from networks import lora
+
+    model = load_sd_model(tiny_model.single_file)
+    dims = ",".join(["2"] * 25)
+    kwargs = A.parse_kv_list(["conv_dim=3", "conv_alpha=1.5", f"block_dims={dims}"], "--network_args")
+    net = lora.create_network(1.0, 4, 0, model.vae, model.text_encoder, model.unet, **kwargs)
+    convs = [m for m in net.unet_loras if m.lora_down.weight.dim() == 4 and m.lora_down.weight.shape[-1] == 3]
+    assert convs and all(m.lora_dim == 3 and float(m.alpha) == 1.5 for m in convs)
+    linears = [m for m in net.unet_loras if m.lora_down.weight.dim() == 2]
+    assert linears and all(m.lora_dim == 2 for m in linears)
