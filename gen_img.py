@@ -6,7 +6,8 @@
         --sampler euler_a --steps 30 --scale 7.5 --images_per_prompt 4 --batch_size 2
 
 Prompts (--prompt, or --from_file with one per line) take kohya's inline options
---n (negative prompt) --w --h (size) --s (steps) --l (CFG scale) --d (seed).
+--n (negative prompt) --w --h (size) --s (steps) --l (CFG scale) --d (seed), in any case, and
+A1111 weights: "a (red:1.3) [cube]" (--max_embeddings_multiples 3 for prompts up to 225 tokens).
 
 With a ControlNet (train_controlnet.py's output, or any SD1.x ControlNet):
 
@@ -69,6 +70,8 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=A.non_negative_float, default=7.5,
                    help="CFG scale (prompt option --l overrides)")
     g.add_argument("--sampler", type=str, default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    g.add_argument("--max_embeddings_multiples", type=A.positive_int, default=None,
+                   help="prompts up to 75 x this many tokens (kohya's default 1: 75 tokens; 3 for 225)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image; the next ones count up (prompt option --d overrides)")
     return parser
@@ -172,7 +175,8 @@ def main(argv=None):
     stamp = gen.timestamp()
     with tqdm(total=len(jobs), desc="images", unit="image") as bar:
         for batch in gen.batches(jobs, args.batch_size):
-            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip, control)):
+            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip, control,
+                                                      args.max_embeddings_multiples or 1)):
                 text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip, control)
                 gen.save_png(image, out_dir, stamp, job, text)
                 bar.update(1)

@@ -132,20 +132,23 @@ def scheduler_source(model):
 
 
 @torch.no_grad()
-def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Control | None = None):
+def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Control | None = None,
+              max_embeddings_multiples: int = 1):
     """Float images in [0, 1], HWC numpy arrays, one per job.
 
-    The prompts are encoded here (the training code's encoder call, kohya's clip_skip rule):
-    diffusers' own clip_skip reaches for `text_encoder.text_model`, which transformers 5 removed.
-    Without clip_skip this is exactly what the pipeline computes from the prompt strings.
+    The prompts are encoded here with A1111 weights, (tag:1.2), and up to 75 x max_embeddings_multiples
+    tokens (library.prompt_weights, kohya's gen_img rules; kohya's clip_skip rule): diffusers' own
+    clip_skip reaches for `text_encoder.text_model`, which transformers 5 removed. A prompt without
+    weights within 75 tokens is exactly what the pipeline computes from the prompt string.
     """
-    from library.training.text import encode_captions
+    from library.logs import warn_once
+    from library.prompt_weights import weighted_embeddings
 
     p = batch[0].prompt
     device = pipe.text_encoder.device
-    prompts = encode_captions(pipe.tokenizer, pipe.text_encoder, [j.prompt.prompt for j in batch], clip_skip, device)
-    negatives = encode_captions(pipe.tokenizer, pipe.text_encoder, [j.prompt.negative for j in batch], clip_skip,
-                                device)
+    prompts, negatives = weighted_embeddings(pipe.tokenizer, pipe.text_encoder, [j.prompt.prompt for j in batch],
+                                             [j.prompt.negative for j in batch], clip_skip,
+                                             max_chunks=max_embeddings_multiples, device=device, warn=warn_once)
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
     extra = {}
     if control is not None:

@@ -1,7 +1,9 @@
 """Prompt files in kohya's formats and the sampler names, shared by training samples and gen_img.py.
 
 .txt, one prompt a line: `a prompt --n negative words --w 512 --h 512 --s 20 --l 7.5 --d 42 --ss euler`
-(negative prompt, width, height, steps, CFG scale, seed, sampler). Lines starting with # are comments.
+(negative prompt, width, height, steps, CFG scale, seed, sampler), in any case (--W is --w), as kohya.
+Lines starting with # are comments. A prompt without --d gets a random seed (kohya's rule), written
+into the image's file name.
 
 .toml and .json use kohya's keys: prompt, negative_prompt, width, height, sample_steps, scale, seed,
 sample_sampler. TOML: `[[prompt]]` tables, one per prompt, or kohya's `[prompt]` table of shared
@@ -74,10 +76,12 @@ def parse_prompt_line(line: str, default_size: tuple[int, int] = (512, 512), *, 
     line = line.strip()
     if not line or line.startswith("#"):
         return None
-    parts = re.split(r"\s+--(?=[a-z]+\s)", " " + line + " ")
+    # kohya's line_to_prompt_dict matches the options case-insensitively (--W 640 is --w 640)
+    parts = re.split(r"\s+--(?=[a-zA-Z]+\s)", " " + line + " ")
     sample = SamplePrompt(prompt=parts[0].strip(), width=default_size[0], height=default_size[1], **defaults)
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
+        key = key.lower()
         if key in _OPTIONS:
             name, kind = _OPTIONS[key]
             try:

@@ -174,3 +174,137 @@ def test_networks_lora_converts_string_network_args_as_kohya(tiny_model):
     assert convs and all(m.lora_dim == 3 and float(m.alpha) == 1.5 for m in convs)
     linears = [m for m in net.unet_loras if m.lora_down.weight.dim() == 2]
     assert linears and all(m.lora_dim == 2 for m in linears)
+
+
+# --- sample prompts: options, seeds, weighting, long prompts -------------------------------------
+
+def test_prompt_options_are_case_insensitive_as_kohya():
+    """kohya's line_to_prompt_dict matches each option with re.IGNORECASE."""
+    from library.prompts import parse_prompt_line
+
+    p = parse_prompt_line("a cat --W 640 --H 320 --N blurry --S 12 --L 4.5 --D 9 --SS Euler_A")
+    assert (p.prompt, p.width, p.height, p.negative, p.steps, p.scale, p.seed, p.sampler) == \
+        ("a cat", 640, 320, "blurry", 12, 4.5, 9, "euler_a")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tiny_model):
+    from library.models.loading import load_sd_model
+
+    return load_sd_model(str(tiny_model.single_file))
+
+
+def test_a_sample_prompt_without_d_gets_a_random_seed_and_training_rng_is_untouched(tiny_sd, tmp_path):
+    """kohya's sample_image_inference: `if seed is not None: torch.manual_seed(seed) else: torch.seed()`,
+    inside sample_images_common, which saves and restores the RNG state."""
+    import torch
+
+    from library.prompts import SamplePrompt
+    from library.training.sampling import generate_samples
+
+    m = tiny_sd
+    prompt = [SamplePrompt("a disk", width=64, height=64, steps=1, scale=3.0)]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    seeds = set()
+    for k in range(3):
+        files = generate_samples(unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+                                 base_scheduler=m.noise_scheduler, prompts=prompt, sampler="ddim",
+                                 out_dir=tmp_path / str(k), name_prefix="s", device="cpu")
+        seeds.add(files[0].stem.rsplit("_", 1)[1])
+    assert len(seeds) == 3  # one fixed seed would give the same name three times
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_attention_syntax_matches_kohyas_documented_examples():
+    """Examples from the docstring of kohya's parse_prompt_attention (library/lpw_stable_diffusion.py)."""
+    from library.prompt_weights import parse_attention
+
+    def rounded(parts):
+        return [(t, round(w, 6)) for t, w in parts]
+
+    assert rounded(parse_attention("normal text")) == [("normal text", 1.0)]
+    assert rounded(parse_attention("an (important) word")) == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert rounded(parse_attention("(unbalanced")) == [("unbalanced", 1.1)]
+    assert rounded(parse_attention("\\(literal\\]")) == [("(literal]", 1.0)]
+    assert rounded(parse_attention("(unnecessary)(parens)")) == [("unnecessaryparens", 1.1)]
+    assert rounded(parse_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")) == [
+        ("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+        (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]
+
+
+def test_unweighted_short_prompt_is_the_plain_encoding(tiny_sd):
+    import torch
+
+    from library.prompt_weights import weighted_embeddings
+    from library.training.text import encode_captions
+
+    m = tiny_sd
+    cond, uncond = weighted_embeddings(m.tokenizer, m.text_encoder, ["a red cube"], ["blurry"], clip_skip=2)
+    assert torch.equal(cond, encode_captions(m.tokenizer, m.text_encoder, ["a red cube"], 2))
+    assert torch.equal(uncond, encode_captions(m.tokenizer, m.text_encoder, ["blurry"], 2))
+
+
+def test_weights_scale_token_states_then_restore_the_mean(tiny_sd):
+    """kohya's get_weighted_text_embeddings: states x weight per token, then x (mean before / mean after)."""
+    import torch
+
+    from library.prompt_weights import weighted_embeddings
+    from library.training.text import encode_captions
+
+    m = tiny_sd
+    plain = encode_captions(m.tokenizer, m.text_encoder, ["a red cube"])
+    weighted, _ = weighted_embeddings(m.tokenizer, m.text_encoder, ["a (red:1.5) cube"])
+    red = m.tokenizer("a").input_ids[1:-1].__len__() + 1  # position of "red" after BOS
+    w = torch.ones(77)
+    w[red:red + len(m.tokenizer("red").input_ids[1:-1])] = 1.5
+    expected = plain * w[None, :, None]
+    expected = expected * (plain.mean() / expected.mean())
+    assert torch.allclose(weighted, expected, atol=1e-6)
+    assert not torch.allclose(weighted, plain)
+
+
+def test_long_prompts_are_encoded_in_75_token_chunks_up_to_three(tiny_sd):
+    """kohya's get_weighted_text_embeddings with max_embeddings_multiples=3 (its sampling default):
+    chunks of BOS + 75 tokens + EOS, encoded apart and laid side by side; the negative prompt gets
+    as many chunks as the prompt."""
+    import torch
+
+    from library.prompt_weights import weighted_embeddings
+    from library.training.text import encode_tokens
+
+    m = tiny_sd
+    words = ", ".join(["a red cube", "a blue ball", "green grass"] * 10)  # over 75 tokens
+    ids = m.tokenizer(words).input_ids[1:-1]
+    assert 75 < len(ids) <= 150
+    cond, uncond = weighted_embeddings(m.tokenizer, m.text_encoder, [words], [""], max_chunks=3)
+    assert cond.shape[1] == uncond.shape[1] == 154
+    bos, eos = m.tokenizer.bos_token_id, m.tokenizer.eos_token_id
+    second = [bos] + ids[75:] + [eos] * (76 - len(ids[75:]))
+    assert torch.equal(cond[:, 77:], encode_tokens(m.text_encoder, torch.tensor([second])))
+    one, _ = weighted_embeddings(m.tokenizer, m.text_encoder, [words], [""], max_chunks=1)
+    assert one.shape[1] == 77  # cut at 75 tokens, as kohya's gen_img default (max_embeddings_multiples 1)
+
+
+def test_gen_img_reads_weights_and_long_prompts(tiny_model, tmp_path):
+    """kohya's gen_img.py encodes prompts with get_weighted_text_embeddings: (tag:1.0) is the plain
+    tag, (tag:1.5) changes the image; --max_embeddings_multiples (default 1) admits longer prompts."""
+    import numpy as np
+    from PIL import Image
+
+    import gen_img
+
+    def image(name, prompt, *extra):
+        out = tmp_path / name
+        gen_img.main(["--ckpt", str(tiny_model.diffusers_dir), "--outdir", str(out), "--W", "64", "--H", "64",
+                      "--steps", "2", "--seed", "3", "--prompt", prompt, *extra])
+        (path,) = out.glob("*.png")
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    plain = image("plain", "a red cube")
+    assert np.array_equal(image("one", "a (red:1.0) cube"), plain)
+    assert not np.array_equal(image("heavy", "a (red:1.5) cube"), plain)
+    long_prompt = "a red cube, " * 30 + "on grass"  # the last words lie past 75 tokens
+    cut = image("cut", long_prompt)
+    assert np.array_equal(image("cut_same", long_prompt.replace("on grass", "in snow")), cut)
+    assert not np.array_equal(image("long", long_prompt, "--max_embeddings_multiples", "3"), cut)

@@ -502,5 +502,5 @@ def _sampling_hooks(args, accelerator, model, output_dir, dtype, device, tracker
         generate_samples(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                          base_scheduler=model.noise_scheduler, prompts=prompts, sampler=args.sample_sampler,
                          out_dir=output_dir / "sample", name_prefix=prefix, device=device, dtype=dtype,
-                         clip_skip=args.clip_skip, seed_base=args.seed, trackers=accelerator.trackers, step=step)
+                         clip_skip=args.clip_skip, trackers=accelerator.trackers, step=step)
     return sample, want
