@@ -91,9 +91,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "in 75-token windows, as kohya")
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool = True) -> None:
+def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool = True,
+                          weighted_captions: bool = False) -> None:
     """`reg_and_config=False` leaves out --reg_data_dir and --dataset_config, for a script whose
-    datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them."""
+    datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them.
+    `weighted_captions=True` adds --weighted_captions, for a script whose text encoding reads it."""
     g = parser.add_argument_group("dataset")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="folder whose subfolders are named <repeats>_<name>, e.g. 10_mychar, holding "
@@ -114,6 +116,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="extension of caption files (a .txt beside the image is used when none exists)")
     g.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated caption tags")
+    if weighted_captions:
+        g.add_argument("--weighted_captions", action="store_true",
+                       help="read A1111 weights in captions, e.g. '(red hair:1.2)', as kohya (the weight scales that "
+                            "part's text-encoder output)")
     g.add_argument("--keep_tokens", type=non_negative_int, default=0,
                    help="keep the first N comma-separated tags in place when shuffling")
     g.add_argument("--keep_tokens_separator", type=str, default="",
@@ -222,6 +228,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep only the last N files saved every N epochs")
     s.add_argument("--save_last_n_steps", type=positive_int, default=None,
                    help="keep only the files saved in the last N steps")
+    s.add_argument("--save_last_n_epochs_state", type=positive_int, default=None,
+                   help="keep only the last N state folders saved every N epochs (default: --save_last_n_epochs)")
+    s.add_argument("--save_last_n_steps_state", type=positive_int, default=None,
+                   help="keep only the state folders saved in the last N steps (default: --save_last_n_steps)")
     s.add_argument("--save_state", action="store_true",
                    help="also save the training state (optimizer, scheduler, RNG, data position) for --resume")
     s.add_argument("--save_state_on_train_end", action="store_true",
@@ -229,6 +239,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--resume", "--resume_from_checkpoint", type=str, default=None,
                    help="continue from a state folder written by --save_state (--resume_from_checkpoint works "
                         "too)")
+    s.add_argument("--initial_epoch", type=positive_int, default=None,
+                   help="start counting at this epoch (1 = the first; the lr schedule still starts at 0 without "
+                        "--resume); overrides the position of a --resume state, as kohya")
+    s.add_argument("--initial_step", type=non_negative_int, default=None,
+                   help="start counting at this optimizer step (overrides --initial_epoch)")
+    s.add_argument("--skip_until_initial_step", action="store_true",
+                   help="with --initial_step/--initial_epoch: skip the batches before it, so the run sees the data an "
+                        "uninterrupted run would")
 
     lg = parser.add_argument_group("logging")
     lg.add_argument("--logging_dir", type=str, default=None, help="folder for TensorBoard logs")
@@ -251,6 +269,52 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     lg.add_argument("--profile", action="store_true",
                     help="profile steps 3-7: print where the time goes and save a trace in --output_dir")
     lg.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
+    add_console_log_arguments(lg)
+
+
+def add_console_log_arguments(group) -> None:
+    """kohya's --console_log_level / --console_log_file / --console_log_simple (library.utils.add_logging_arguments)."""
+    group.add_argument("--console_log_level", type=str.upper, default=None,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                       help="level of library log messages shown (default: warnings and errors only)")
+    group.add_argument("--console_log_file", type=str, default=None,
+                       help="write library log messages to this file instead of the console")
+    group.add_argument("--console_log_simple", action="store_true",
+                       help="accepted for kohya compatibility; log lines are always plain")
+
+
+def apply_console_log(args) -> None:
+    """Route Python logging as --console_log_level/--console_log_file ask (kohya's setup_logging);
+    without them, logging is left as it is."""
+    import logging
+
+    level, path = getattr(args, "console_log_level", None), getattr(args, "console_log_file", None)
+    if not level and not path:
+        return
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_console_log", False)]:
+        root.removeHandler(old)
+        old.close()
+    handler._console_log = True
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level or "INFO"))
+
+
+def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
+    """kohya's ModelSpec flags (library/sai_model_spec.add_model_spec_arguments), written as
+    modelspec.<name> into the saved file's metadata."""
+    g = parser.add_argument_group("metadata")
+    g.add_argument("--metadata_title", type=str, default=None, help="model title (default: --output_name)")
+    g.add_argument("--metadata_author", type=str, default=None, help="author name")
+    g.add_argument("--metadata_description", type=str, default=None, help="description of the model")
+    g.add_argument("--metadata_license", type=str, default=None, help="license of the model")
+    g.add_argument("--metadata_tags", type=str, default=None, help="tags, separated by commas")
+    g.add_argument("--metadata_trigger_phrase", type=str, default=None, help="words that trigger the trained concept")
+    g.add_argument("--metadata_usage_hint", type=str, default=None, help="how to use the model")
+    g.add_argument("--metadata_thumbnail", type=str, default=None,
+                   help="thumbnail: a data: URL, or an image file stored as one")
 
 
 def steps_or_ratio(value):
@@ -571,6 +635,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if args.output_config:
         write_config_file(parser, args)
         raise SystemExit(0)
+    apply_console_log(args)
     return args
 
 
