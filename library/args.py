@@ -95,7 +95,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                           weighted_captions: bool = False) -> None:
     """`reg_and_config=False` leaves out --reg_data_dir and --dataset_config, for a script whose
     datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them.
-    `weighted_captions=True` adds --weighted_captions, for a script whose text encoding reads it."""
+    `weighted_captions=True` adds --weighted_captions and --debug_dataset, for a script whose trainer reads
+    them (library/training/network_trainer.py)."""
     g = parser.add_argument_group("dataset")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="folder whose subfolders are named <repeats>_<name>, e.g. 10_mychar, holding "
@@ -139,6 +140,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
     g.add_argument("--color_aug", action="store_true",
                    help="weak colour augmentation (not with latent caching)")
     g.add_argument("--random_crop", action="store_true", help="random crops instead of center crops")
+    g.add_argument("--resize_interpolation", type=str, default=None,
+                   choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"],
+                   help="how images are resized to their bucket (default: area when shrinking, Lanczos when enlarging)")
     g.add_argument("--alpha_mask", action="store_true",
                    help="use each image's alpha channel as a loss mask (transparent = not trained; images "
                         "without alpha are trained everywhere)")
@@ -152,6 +156,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="never upscale: small images get a bucket of their own size")
     g.add_argument("--prior_loss_weight", type=non_negative_float, default=1.0,
                    help="loss weight of regularization images")
+    if weighted_captions:  # the scripts whose trainer reads these (train_network.py)
+        g.add_argument("--debug_dataset", action="store_true",
+                       help="print every batch of the first epoch (files, captions as trained, sizes), save its images "
+                            "as trained in <output_dir>/debug_dataset, and exit without training")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="train without unreadable images instead of stopping")
     g.add_argument("--cache_latents", action="store_true",

@@ -460,3 +460,52 @@ def test_console_log_file_and_level(tmp_path):
             root.removeHandler(h)
             h.close()
         root.setLevel(logging.WARNING)
+
+
+def test_debug_dataset_shows_the_batches_and_trains_nothing(tiny_model, tmp_path, capsys):
+    """kohya's train_util.debug_dataset (called by train_network.py for --debug_dataset, then return)."""
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2, caption="a sks disk")
+    out = tmp_path / "out"
+    result = run_train_network(_train_args(tiny_model.single_file, data, out, "--debug_dataset",
+                                           "--caption_prefix=photo,"))
+    assert result == {"debug_dataset": 4}  # 2 images x 2 repeats
+    text = capsys.readouterr().out
+    assert text.count("caption: 'photo, a sks disk'") == 4 and "64x64" in text
+    assert len(list((out / "debug_dataset").glob("*.png"))) == 4
+    assert not list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "nearest", "bilinear", "bicubic", "area", "box"])
+def test_resize_interpolation_methods(method):
+    """kohya's resize_image: lanczos and box through PIL, the others through OpenCV (get_cv2_interpolation)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from library.data.transforms import resize_to
+
+    arr = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    got = resize_to(arr, (80, 60), method)
+    if method in ("lanczos", "box"):
+        want = np.asarray(Image.fromarray(arr).resize((80, 60), getattr(Image.Resampling, method.upper())))
+    else:
+        flag = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+                "area": cv2.INTER_AREA}[method]
+        want = cv2.resize(arr, (80, 60), interpolation=flag)
+    assert np.array_equal(got, want)
+
+
+def test_resize_interpolation_reaches_the_dataset(tmp_path):
+    """--resize_interpolation (and the dataset config's resize_interpolation key) is used for the images."""
+    from library.data import build_dataset_group, dataset_configs_from_args
+
+    write_image_folder(tmp_path / "d", "1_x", count=1, size=100)
+    pixels = {}
+    for method in ("nearest", "area"):
+        args = A.parse_args(_parser(), [f"--train_data_dir={tmp_path / 'd'}", "--resolution=64",
+                                        "--caption_extension=.txt", f"--resize_interpolation={method}"])
+        group = build_dataset_group(dataset_configs_from_args(args), seed=0)
+        assert group.datasets[0].subsets[0].resize_interpolation == method
+        pixels[method] = group.epoch_dataset(0)[0]["images"]
+    assert not pixels["nearest"].equal(pixels["area"])

@@ -143,7 +143,8 @@ def _load_pixels(job, group):
     rec = group.images[idx]
     keys = _mask_keys(group, idx)
     arr, alpha, cond = load_sample(rec.path, rec.placement, None, flip=flip, alpha="alpha_masks" in keys,
-                                   conditioning=rec.conditioning if "conditioning_images" in keys else None)
+                                   conditioning=rec.conditioning if "conditioning_images" in keys else None,
+                                   interpolation=group.subset_of(rec).resize_interpolation)
     return to_tensor(arr), to_cache(alpha, cond)
 
 

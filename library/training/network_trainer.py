@@ -209,6 +209,10 @@ def train(args) -> dict:
 
     group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
+    if getattr(args, "debug_dataset", False):  # kohya: show the batches, train nothing
+        from library.data.debug import debug_dataset
+
+        return {"debug_dataset": debug_dataset(group, output_dir / "debug_dataset" if main else None)}
     validation_seed = args.validation_seed if args.validation_seed is not None else args.seed
     group, val_group = split_validation(group, args.validation_split, validation_seed)
     if val_group is not None:
