@@ -178,21 +178,41 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
 
 def add_precision_alias(group) -> None:
     """Lightning's spelling of --mixed_precision, applied by training.accel.apply_precision_alias; one
-    widget (mixed_precision) in the GUI is enough, so it is not listed."""
+    widget (mixed_precision) in the GUI is enough, so it is not listed. Every trainer calls this, so
+    Lightning's launch flags (--devices, --strategy, --num_nodes) are added here too."""
     group.add_argument("--precision", type=str, default=None,
                        choices=["16-mixed", "bf16-mixed", "32", "32-true", "16", "bf16"], help=argparse.SUPPRESS)
+    add_launch_arguments(group)
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def add_launch_arguments(group) -> None:
+    """Lightning's --devices/--strategy/--num_nodes, run by library.launch.relaunch_if_asked."""
+    from library.launch import STRATEGIES, devices_count
+
+    group.add_argument("--devices", type=devices_count, default=None,
+                       help="Lightning's flag: train on N processes (GPUs) of this machine, started by this command "
+                            "through accelerate launch ('auto': all GPUs)")
+    group.add_argument("--strategy", type=str.lower, default=None, choices=list(STRATEGIES),
+                       help="with --devices: ddp (default) or deepspeed (ZeRO-2, configs/accelerate/"
+                            "deepspeed_zero2.yaml; needs pip install deepspeed)")
+    group.add_argument("--num_nodes", type=positive_int, default=None,
+                       help="with --devices: machines taking part (set MASTER_ADDR, MASTER_PORT, NODE_RANK as for "
+                            "Lightning, and run the command on each)")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, max_steps_alias: bool = True) -> None:
+    """`max_steps_alias=False` leaves out Lightning's --max_steps, for a script with its own (train_dual_unet.py)."""
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
     g.add_argument("--output_name", type=str, default=None,
                    help="base name of the trained files (default 'last')")
     g.add_argument("--train_batch_size", type=positive_int, default=1,
                    help="batch size (per process: N processes train on N x this many images per step)")
-    g.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
-    g.add_argument("--max_train_epochs", type=positive_int, default=None,
-                   help="epochs to train (overrides --max_train_steps)")
+    g.add_argument("--max_train_steps", *(["--max_steps"] if max_steps_alias else []), type=positive_int,
+                   default=1600,
+                   help="optimizer steps to train" + (" (Lightning's --max_steps works too)" if max_steps_alias else ""))
+    g.add_argument("--max_train_epochs", "--max_epochs", type=positive_int, default=None,
+                   help="epochs to train (overrides --max_train_steps; Lightning's --max_epochs works too)")
     g.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", type=positive_int, default=1,
                    help="batches accumulated into one optimizer step (Lightning's --accumulate_grad_batches "
                         "works too)")
@@ -643,8 +663,17 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if args.output_config:
         write_config_file(parser, args)
         raise SystemExit(0)
-    apply_console_log(args)
+    after_parse(args, argv)
     return args
+
+
+def after_parse(args: argparse.Namespace, argv: list[str]) -> None:
+    """What every script's parsed arguments set up: kohya's console logging, and Lightning's --devices N,
+    which runs this script again under accelerate launch and exits (library.launch)."""
+    from library.launch import relaunch_if_asked
+
+    apply_console_log(args)
+    relaunch_if_asked(args, argv)
 
 
 def config_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
