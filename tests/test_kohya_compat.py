@@ -509,3 +509,20 @@ def test_resize_interpolation_reaches_the_dataset(tmp_path):
         assert group.datasets[0].subsets[0].resize_interpolation == method
         pixels[method] = group.epoch_dataset(0)[0]["images"]
     assert not pixels["nearest"].equal(pixels["area"])
+
+
+def test_missing_kohya_flags_are_documented():
+    """kohya train_network.py's setup_parser flags (library/kohya_flags.py) that our parser lacks are
+    exactly the ones docs/kohya_compat.md names, each with why."""
+    import re
+    from pathlib import Path
+
+    from library.kohya_flags import TRAIN_NETWORK_FLAGS
+
+    ours = {o.lstrip("-") for a in _parser()._actions for o in a.option_strings}
+    missing = TRAIN_NETWORK_FLAGS - ours
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "kohya_compat.md").read_text(encoding="utf-8")
+    section = doc.split("## kohya train_network.py flags we lack", 1)[1]
+    listed = set(re.findall(r"`([a-z0-9_]+)`", section)) & TRAIN_NETWORK_FLAGS
+    assert listed == missing, (sorted(missing - listed), sorted(listed - missing))
+    assert f"{len(missing)} of {len(TRAIN_NETWORK_FLAGS)}" in doc
