@@ -6,8 +6,15 @@
         --sampler euler_a --steps 30 --scale 7.5 --images_per_prompt 4 --batch_size 2
 
 Prompts (--prompt, or --from_file with one per line) take kohya's inline options
---n (negative prompt) --w --h (size) --s (steps) --l (CFG scale) --d (seed), in any case, and
+--n (negative prompt) --w --h (size) --s (steps) --l (CFG scale) --d (seed) --t (strength) --am (LoRA
+multipliers), in any case, and
 A1111 weights: "a (red:1.3) [cube]" (--max_embeddings_multiples 3 for prompts up to 225 tokens).
+
+img2img, inpainting, hires fix and textual inversion, as kohya's gen_img.py (diffusers' pipelines):
+
+    python gen_img.py ... --image_path start.png --strength 0.6 [--mask_path mask.png]
+    python gen_img.py ... --highres_fix_scale 0.5 --highres_fix_steps 20
+    python gen_img.py ... --textual_inversion_embeddings mystyle.pt --prompt "a cat, mystyle"
 
 With a ControlNet (train_controlnet.py's output, or any SD1.x ControlNet):
 
@@ -58,8 +65,26 @@ def setup_parser() -> argparse.ArgumentParser:
     c.add_argument("--control_scale", "--control_net_weights", type=float, default=1.0,
                    help="strength of the ControlNet (0 = off, 1 = as trained)")
 
+    i = parser.add_argument_group("img2img, inpainting, hires fix, embeddings")
+    i.add_argument("--image_path", type=str, default=None,
+                   help="img2img: start from this image (or each image of this folder in turn), resized to the size")
+    i.add_argument("--mask_path", type=str, default=None,
+                   help="inpainting (with --image_path): redraw where this mask (or each of a folder) is white")
+    i.add_argument("--strength", type=A.unit_float, default=None,
+                   help="how much of the image is redrawn in img2img, inpainting and the hires pass (default 0.8; "
+                        "a prompt's --t overrides it)")
+    i.add_argument("--highres_fix_scale", type=A.positive_float, default=None,
+                   help="hires fix: draw at this share of the size first (e.g. 0.5), enlarge, then redraw with img2img")
+    i.add_argument("--highres_fix_steps", type=A.positive_int, default=28, help="steps of the hires fix's first pass")
+    i.add_argument("--highres_fix_strength", type=A.unit_float, default=None,
+                   help="strength of the first pass when it starts from --image_path (default: --strength)")
+    i.add_argument("--textual_inversion_embeddings", type=str, nargs="*", default=None,
+                   help="textual-inversion files (A1111 or kohya format); write the file name (without extension) "
+                        "in a prompt to use one")
+
     g = parser.add_argument_group("generation")
-    g.add_argument("--prompt", type=str, default=None, help="the prompt, with optional inline --n --w --h --s --l --d")
+    g.add_argument("--prompt", type=str, default=None,
+                   help="the prompt, with optional inline --n --w --h --s --l --d --t (strength) --am (LoRA multipliers)")
     g.add_argument("--from_file", type=str, default=None, help="text file of prompts, one per line")
     g.add_argument("--outdir", type=str, default=None, help="folder for the images")
     g.add_argument("--images_per_prompt", type=A.positive_int, default=1, help="images per prompt")
@@ -130,6 +155,23 @@ def control_images(args) -> list[str]:
     return list(args.control_image)
 
 
+def init_images(args):
+    """--image_path / --mask_path, checked before the model loads (None for text-to-image)."""
+    from library import generation as gen
+
+    if args.mask_path and not args.image_path:
+        raise UserError("--mask_path needs --image_path, the image to inpaint.", fix="add --image_path IMAGE.")
+    if args.image_path and args.controlnet:
+        raise UserError("--image_path (img2img/inpainting) and --controlnet do not work together yet.",
+                        fix="use one of them.")
+    if args.highres_fix_scale is not None and args.controlnet:
+        raise UserError("--highres_fix_scale and --controlnet do not work together yet.", fix="use one of them.")
+    if not args.image_path:
+        return None
+    return gen.InitImages(gen.image_files(args.image_path, "--image_path"),
+                          gen.image_files(args.mask_path, "--mask_path") if args.mask_path else [])
+
+
 def precision(args):
     import torch
 
@@ -142,6 +184,17 @@ def precision(args):
     return torch.device("cpu"), torch.float32
 
 
+def set_multipliers(networks, line_muls, run_muls) -> None:
+    """A prompt's --am multipliers (the last one repeats, as kohya), else the run's --network_mul."""
+    if not networks:
+        return
+    muls = list(line_muls or run_muls)
+    muls += [muls[-1]] * (len(networks) - len(muls))
+    for applied, mul in zip(networks, muls):
+        applied.network.set_multiplier(mul)
+        applied.multiplier = mul
+
+
 def main(argv=None):
     args = A.parse_args(setup_parser(), argv)
     if not args.ckpt:
@@ -151,6 +204,7 @@ def main(argv=None):
     prompts = read_prompts(args)
     modules, files, muls = network_list(args)
     controls = control_images(args)
+    init = init_images(args)
 
     from tqdm.auto import tqdm
 
@@ -170,13 +224,30 @@ def main(argv=None):
         controlnet = load_controlnet(args.controlnet, model.unet, model.vae, dtype=dtype).to(device)
         control = gen.Control(Path(args.controlnet), controls, args.control_scale, controlnet)
     pipe = gen.build_pipeline(model, args.sampler, control)
+    if args.textual_inversion_embeddings:
+        tokens = gen.load_embeddings(pipe, args.textual_inversion_embeddings)
+        print(f"textual inversion: {', '.join(tokens)}")
+    pipes = {"txt2img": pipe}
+    if init is not None or args.highres_fix_scale is not None:  # diffusers' pipelines over the same modules
+        pipes.update({kind: gen.pipeline_for(pipe, kind) for kind in ("img2img", "inpaint")})
+    strength = 0.8 if args.strength is None else args.strength  # kohya's default
     jobs, seed = gen.plan_jobs(prompts, args.images_per_prompt, args.seed)
     print(f"{len(jobs)} images, seed {seed}, {args.sampler}, {device.type} {str(dtype).removeprefix('torch.')}")
     stamp = gen.timestamp()
     with tqdm(total=len(jobs), desc="images", unit="image") as bar:
         for batch in gen.batches(jobs, args.batch_size):
-            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip, control,
-                                                      args.max_embeddings_multiples or 1)):
+            common = dict(clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples or 1)
+            set_multipliers(networks, batch[0].prompt.network_muls, muls)
+            if args.highres_fix_scale is not None:
+                images = gen.run_highres(pipes, batch, args.highres_fix_scale, args.highres_fix_steps, strength,
+                                         args.highres_fix_strength, init, **common)
+            elif init is not None:
+                init_batch, masks = init.batch_images(batch)
+                images = gen.run_batch(pipes["inpaint" if masks else "img2img"], batch, init_images=init_batch,
+                                       masks=masks, strength=strength, **common)
+            else:
+                images = gen.run_batch(pipe, batch, control=control, **common)
+            for job, image in zip(batch, images):
                 text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip, control)
                 gen.save_png(image, out_dir, stamp, job, text)
                 bar.update(1)

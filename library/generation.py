@@ -44,9 +44,11 @@ def plan_jobs(prompts: list[SamplePrompt], images_per_prompt: int, seed: int | N
 
 
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """Consecutive jobs that can share a pipeline call (same size, steps and CFG scale)."""
+    """Consecutive jobs that can share a pipeline call (same size, steps, CFG scale, strength and
+    network multipliers)."""
     def settings(job):
-        return job.prompt.width, job.prompt.height, job.prompt.steps, job.prompt.scale
+        p = job.prompt
+        return p.width, p.height, p.steps, p.scale, p.strength, p.network_muls
 
     out: list[list[Job]] = []
     for job in jobs:
@@ -103,6 +105,76 @@ class Control:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
+@dataclass
+class InitImages:
+    """kohya gen_img's --image_path (img2img) and --mask_path (inpainting): image i of the run starts from
+    images[i % len] (and repaints where masks[i % len] is white), resized to its size."""
+    images: list[str]
+    masks: list[str]
+
+    def batch_images(self, batch: list[Job], size: tuple[int, int] | None = None) -> tuple[list, list | None]:
+        from PIL import Image
+
+        from library.data.probe import load_rgb
+
+        p = batch[0].prompt
+        size = size or (p.width, p.height)
+        images = [load_rgb(self.images[j.index % len(self.images)]).resize(size, Image.LANCZOS) for j in batch]
+        masks = None
+        if self.masks:
+            masks = [Image.open(self.masks[j.index % len(self.masks)]).convert("L").resize(size, Image.LANCZOS)
+                     for j in batch]
+        return images, masks
+
+
+def image_files(path: str, flag: str) -> list[str]:
+    """A file, or the images of a folder in name order (kohya: a folder is used image by image)."""
+    from library.data.probe import IMAGE_EXTENSIONS
+    from library.models.checkpoint_io import check_exists
+
+    p = check_exists(path, "image", flag=flag)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            from library.errors import UserError
+
+            raise UserError(f"the {flag} folder holds no images.", path=p, fix="pass an image file or a folder of images.")
+        return files
+    return [str(p)]
+
+
+def load_embeddings(pipe, files: list[str]) -> list[str]:
+    """kohya's --textual_inversion_embeddings: each file's vectors become the token named like the
+    file (A1111 .pt/.safetensors with string_to_param, kohya's with emb_params), through diffusers'
+    load_textual_inversion. Returns the tokens."""
+    from library.errors import UserError
+    from library.models.checkpoint_io import check_exists
+
+    tokens = []
+    for path in files:
+        p = check_exists(path, "embedding file", flag="--textual_inversion_embeddings")
+        try:
+            pipe.load_textual_inversion(str(p), token=p.stem)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise UserError(f"cannot load the embedding {p.name} ({err}).", path=p,
+                            fix="pass an SD1.x textual-inversion file (A1111 or kohya format) whose vectors fit "
+                                "this model's text encoder.") from None
+        tokens.append(p.stem)
+    return tokens
+
+
+def pipeline_for(pipe, kind: str):
+    """The txt2img pipeline itself, or diffusers' img2img / inpaint pipeline over the same modules."""
+    if kind == "txt2img":
+        return pipe
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionImg2ImgPipeline
+    other = cls(**{k: v for k, v in pipe.components.items() if k != "image_encoder"}, requires_safety_checker=False)
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
 def build_pipeline(model, sampler: str, control: Control | None = None):
     """diffusers' stock pipeline over our loaded components (its ControlNet pipeline with a ControlNet)."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
@@ -133,7 +205,8 @@ def scheduler_source(model):
 
 @torch.no_grad()
 def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Control | None = None,
-              max_embeddings_multiples: int = 1):
+              max_embeddings_multiples: int = 1, init_images: list | None = None, masks: list | None = None,
+              strength: float = 0.8, steps: int | None = None, size: tuple[int, int] | None = None):
     """Float images in [0, 1], HWC numpy arrays, one per job.
 
     The prompts are encoded here with A1111 weights, (tag:1.2), and up to 75 x max_embeddings_multiples
@@ -146,17 +219,57 @@ def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Con
 
     p = batch[0].prompt
     device = pipe.text_encoder.device
-    prompts, negatives = weighted_embeddings(pipe.tokenizer, pipe.text_encoder, [j.prompt.prompt for j in batch],
-                                             [j.prompt.negative for j in batch], clip_skip,
+    # textual-inversion tokens with several vectors stand for several tokens (diffusers' rule)
+    convert = getattr(pipe, "maybe_convert_prompt", lambda text, tokenizer: text)
+    texts = [convert(j.prompt.prompt, pipe.tokenizer) for j in batch]
+    negative_texts = [convert(j.prompt.negative, pipe.tokenizer) for j in batch]
+    prompts, negatives = weighted_embeddings(pipe.tokenizer, pipe.text_encoder, texts, negative_texts, clip_skip,
                                              max_chunks=max_embeddings_multiples, device=device, warn=warn_once)
+    width, height = size or (p.width, p.height)
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
     extra = {}
     if control is not None:
         extra = dict(image=control.batch_condition(batch).to(device, pipe.unet.dtype),
                      controlnet_conditioning_scale=float(control.scale))
-    return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, width=p.width, height=p.height,
-                num_inference_steps=p.steps, guidance_scale=p.scale, generator=generators, output_type="np",
+    steps = steps or p.steps
+    if init_images is not None:  # img2img, or inpainting with masks: diffusers' own pipelines
+        extra.update(image=init_images, strength=p.strength if p.strength is not None else strength)
+        if masks is not None:
+            extra.update(mask_image=masks, width=width, height=height)
+        return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, num_inference_steps=steps,
+                    guidance_scale=p.scale, generator=generators, output_type="np", **extra).images
+    return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, width=width, height=height,
+                num_inference_steps=steps, guidance_scale=p.scale, generator=generators, output_type="np",
                 **extra).images
+
+
+def highres_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """kohya's first-stage size for --highres_fix_scale: int(x * scale + 0.5), down to a multiple of 32."""
+    def one(x):
+        v = int(x * scale + 0.5)
+        return max(32, v - v % 32)
+
+    return one(width), one(height)
+
+
+def run_highres(pipes: dict, batch: list[Job], scale: float, first_steps: int, strength: float,
+                first_strength: float | None, init: InitImages | None, **common):
+    """kohya's hires fix: the batch at the smaller size (highres_size) in `first_steps` steps, each image
+    enlarged (Lanczos) to the full size, then redrawn by img2img at `strength` in the prompt's steps."""
+    from PIL import Image
+
+    p = batch[0].prompt
+    small = highres_size(p.width, p.height, scale)
+    if init is None:
+        first = run_batch(pipes["txt2img"], batch, steps=first_steps, size=small, **common)
+    else:
+        images, masks = init.batch_images(batch, small)
+        first = run_batch(pipes["inpaint" if masks else "img2img"], batch, steps=first_steps, size=small,
+                          init_images=images, masks=masks, strength=first_strength or strength, **common)
+    enlarged = [Image.fromarray((image * 255).round().clip(0, 255).astype("uint8")).resize((p.width, p.height),
+                                                                                            Image.LANCZOS)
+                for image in first]
+    return run_batch(pipes["img2img"], batch, init_images=enlarged, strength=strength, **common)
 
 
 def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetwork],
