@@ -20,7 +20,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a LoRA network on Stable Diffusion (kohya-compatible).")
     A.add_config_arguments(parser)
     A.add_model_arguments(parser)
-    A.add_dataset_arguments(parser, weighted_captions=True)
+    A.add_dataset_arguments(parser, lora_trainer=True)
     A.add_masked_loss_arguments(parser)
     A.add_training_arguments(parser)
     A.add_optimizer_arguments(parser)

@@ -92,11 +92,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool = True,
-                          weighted_captions: bool = False) -> None:
+                          lora_trainer: bool = False) -> None:
     """`reg_and_config=False` leaves out --reg_data_dir and --dataset_config, for a script whose
     datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them.
-    `weighted_captions=True` adds --weighted_captions and --debug_dataset, for a script whose trainer reads
-    them (library/training/network_trainer.py)."""
+    `lora_trainer=True` adds --weighted_captions and --debug_dataset, which the LoRA trainer reads
+    (library/training/network_trainer.py)."""
     g = parser.add_argument_group("dataset")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="folder whose subfolders are named <repeats>_<name>, e.g. 10_mychar, holding "
@@ -117,7 +117,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="extension of caption files (a .txt beside the image is used when none exists)")
     g.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated caption tags")
-    if weighted_captions:
+    if lora_trainer:
         g.add_argument("--weighted_captions", action="store_true",
                        help="read A1111 weights in captions, e.g. '(red hair:1.2)', as kohya (the weight scales that "
                             "part's text-encoder output)")
@@ -156,7 +156,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="never upscale: small images get a bucket of their own size")
     g.add_argument("--prior_loss_weight", type=non_negative_float, default=1.0,
                    help="loss weight of regularization images")
-    if weighted_captions:  # the scripts whose trainer reads these (train_network.py)
+    if lora_trainer:
         g.add_argument("--debug_dataset", action="store_true",
                        help="print every batch of the first epoch (files, captions as trained, sizes), save its images "
                             "as trained in <output_dir>/debug_dataset, and exit without training")
@@ -584,10 +584,14 @@ def _warn_ignored_keys(path: Path, ignored: list[str], actions) -> None:
     from library.kohya_flags import KOHYA_KEYS
     from library.logs import warn_once
 
+    def likely_typo(key: str) -> str:  # a kohya key one letter from one of ours (epoch / epochs) is named too
+        close = difflib.get_close_matches(key, actions, n=1, cutoff=0.85)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
     kohya = sorted(k for k in ignored if k in KOHYA_KEYS)
     lines = []
     if kohya:
-        lines.append(f"kohya options this script does not use: {', '.join(kohya)}")
+        lines.append(f"kohya options this script does not use: {', '.join(k + likely_typo(k) for k in kohya)}")
     for key in sorted(k for k in ignored if k not in KOHYA_KEYS):
         close = difflib.get_close_matches(key, actions, n=1)
         lines.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
