@@ -610,7 +610,13 @@ def _config_bool(value, dest: str, source: str) -> bool:
     if isinstance(value, (int, float)):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
-        return value.strip().lower() in _TRUE_WORDS
+        result = value.strip().lower() in _TRUE_WORDS
+        if not result and value:
+            from library.logs import warn_once
+
+            warn_once(f"'{dest} = \"{value}\"' in {source} is read as false (kohya takes any non-empty string as "
+                      "true); write true or false without quotes.")
+        return result
     raise UserError(f"'{dest}' in {source} must be true or false, got {value!r}.",
                     fix=f"write {dest} = true or {dest} = false.")
 
