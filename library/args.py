@@ -121,6 +121,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
         g.add_argument("--weighted_captions", action="store_true",
                        help="read A1111 weights in captions, e.g. '(red hair:1.2)', as kohya (the weight scales that "
                             "part's text-encoder output)")
+    g.add_argument("--enable_wildcard", action="store_true",
+                   help="captions with several lines train on a random line each time, and {a|b|c} on one of the "
+                        "choices ({{ }} are literal braces), as kohya")
     g.add_argument("--keep_tokens", type=non_negative_int, default=0,
                    help="keep the first N comma-separated tags in place when shuffling")
     g.add_argument("--keep_tokens_separator", type=str, default="",

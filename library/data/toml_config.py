@@ -23,7 +23,7 @@ SUBSET_TYPES = {
     "caption_separator": STR, "keep_tokens_separator": STR, "secondary_separator": STR,
     "caption_dropout_rate": FLOAT, "caption_dropout_every_n_epochs": INT,
     "caption_tag_dropout_rate": FLOAT, "alpha_mask": BOOL, "conditioning_data_dir": STR,
-    "resize_interpolation": STR,
+    "resize_interpolation": STR, "enable_wildcard": BOOL,
 }
 # conditioning_data_dir is one folder's masks, so it belongs to that folder's subset (as in kohya).
 SUBSET_ONLY = ("image_dir", "is_reg", "metadata_file", "conditioning_data_dir")
@@ -36,7 +36,7 @@ DATASET_TYPES = {
 }
 # kohya keys this toolkit does not implement yet: named as such rather than as typos.
 NOT_YET_SUPPORTED = (
-    "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "enable_wildcard",
+    "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
     "custom_attributes", "cache_info",
     "validation_seed", "validation_split", "network_multiplier",
 )

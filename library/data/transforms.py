@@ -5,6 +5,8 @@ batch is the same whether it is built in the main process, a worker, or after a 
 """
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import torch
@@ -133,6 +135,24 @@ def _tags(text: str, separator: str) -> list[str]:
     return [t.strip() for t in text.split(separator) if t.strip()]
 
 
+_WILDCARD = re.compile(r"\{([^{}]+)\}")
+
+
+def apply_wildcards(caption: str, rng: np.random.Generator | None) -> str:
+    """kohya's enable_wildcard: one random line of a multi-line caption, then each {a|b|c} replaced by one
+    of its choices ({{ and }} are literal braces). Without rng (listing captions) the first of each."""
+    lines = caption.split("\n")
+    caption = lines[int(rng.integers(len(lines)))] if rng is not None and len(lines) > 1 else lines[0]
+    open_mark, close_mark = "\x00", "\x01"
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+
+    def choose(match):
+        options = match.group(1).split("|")
+        return options[int(rng.integers(len(options)))] if rng is not None else options[0]
+
+    return _WILDCARD.sub(choose, caption).replace(open_mark, "{").replace(close_mark, "}")
+
+
 def process_caption(caption: str, subset, rng: np.random.Generator | None, epoch: int = 0) -> str:
     """The caption the model sees, in kohya's order: prefix/suffix, whole-caption dropout, then the
     tag ops (fixed/flexible split, shuffle, tag dropout), then the secondary separator.
@@ -152,6 +172,8 @@ def process_caption(caption: str, subset, rng: np.random.Generator | None, epoch
     # Draw only when the option is on, so turning it off does not change other random choices.
     if subset.caption_dropout_rate > 0 and rng is not None and rng.random() < subset.caption_dropout_rate:
         return ""
+    if getattr(subset, "enable_wildcard", False):
+        caption = apply_wildcards(caption, rng)
     caption = caption.split("\n")[0]  # kohya trains on the first line (metadata captions may have more)
 
     sep, marker = subset.caption_separator, subset.keep_tokens_separator
