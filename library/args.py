@@ -255,6 +255,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, max_steps_alias: boo
                    help="dtype of saved weights (default: float)")
     s.add_argument("--save_every_n_epochs", type=positive_int, default=None, help="save every N epochs")
     s.add_argument("--save_every_n_steps", type=positive_int, default=None, help="save every N steps")
+    s.add_argument("--save_n_epoch_ratio", type=positive_int, default=None,
+                   help="save about N files over the run: every (epochs / N) epochs, at least every epoch "
+                        "(overrides --save_every_n_epochs, as kohya)")
     s.add_argument("--save_last_n_epochs", type=positive_int, default=None,
                    help="keep only the last N files saved every N epochs")
     s.add_argument("--save_last_n_steps", type=positive_int, default=None,

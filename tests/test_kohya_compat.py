@@ -545,3 +545,13 @@ def test_enable_wildcard_picks_a_line_and_choices_as_kohya(tmp_path):
 
     assert captions() == {"a {red|blue} disk {{x}}"}
     assert captions("--enable_wildcard") == {"a red disk {x}", "a blue disk {x}", "second line"}
+
+
+def test_save_n_epoch_ratio_sets_the_epoch_interval(tiny_model, tmp_path):
+    """kohya's train_network.py: save_every_n_epochs = math.floor(num_train_epochs / save_n_epoch_ratio) or 1."""
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks disk", count=1)
+    out = tmp_path / "out"
+    run_train_network(_train_args(tiny_model.single_file, data, out, "--max_train_epochs=5", "--save_n_epoch_ratio=2"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == \
+        ["last-000002.safetensors", "last-000004.safetensors", "last.safetensors"]

@@ -61,6 +61,7 @@ class LoopSettings:
     save_every_n_steps: int | None = None
     save_last_n_epochs: int | None = None
     save_last_n_steps: int | None = None
+    save_n_epoch_ratio: int | None = None  # kohya: save_every_n_epochs = floor(num_epochs / ratio) or 1
     save_last_n_epochs_state: int | None = None  # state folders; None: as save_last_n_epochs (kohya)
     save_last_n_steps_state: int | None = None
     # kohya's --initial_epoch / --initial_step / --skip_until_initial_step (see start_position)
@@ -153,6 +154,7 @@ def automation_settings(args) -> dict:
     return {"save_top_k": getattr(args, "save_top_k", None), "monitor": getattr(args, "monitor", None),
             "monitor_mode": getattr(args, "monitor_mode", None) or "min",
             "fast_dev_run": getattr(args, "fast_dev_run", None) or 0, "profile": bool(getattr(args, "profile", False)),
+            "save_n_epoch_ratio": getattr(args, "save_n_epoch_ratio", None),
             "save_last_n_epochs_state": getattr(args, "save_last_n_epochs_state", None),
             "save_last_n_steps_state": getattr(args, "save_last_n_steps_state", None),
             "initial_epoch": getattr(args, "initial_epoch", None), "initial_step": getattr(args, "initial_step", None),
@@ -214,6 +216,8 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                  noise_generator: torch.Generator, progress_logger) -> TrainState:
     world, main = accelerator.num_processes, accelerator.is_main_process
     writes = not cfg.fast_dev_run  # fast_dev_run: nothing at all is written
+    if cfg.save_n_epoch_ratio:  # kohya's train_network.py rule
+        cfg = replace(cfg, save_every_n_epochs=math.floor(cfg.num_epochs / cfg.save_n_epoch_ratio) or 1)
     if is_schedule_free(optimizer):  # samples, validation and saves see the averaged weights (kohya)
         hooks = replace(hooks, save_model=in_eval_mode(optimizer, hooks.save_model),
                         sample=in_eval_mode(optimizer, hooks.sample), validate=in_eval_mode(optimizer, hooks.validate))
