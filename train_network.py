@@ -20,19 +20,20 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a LoRA network on Stable Diffusion (kohya-compatible).")
     A.add_config_arguments(parser)
     A.add_model_arguments(parser)
-    A.add_dataset_arguments(parser)
+    A.add_dataset_arguments(parser, lora_trainer=True)
     A.add_masked_loss_arguments(parser)
     A.add_training_arguments(parser)
     A.add_optimizer_arguments(parser)
     A.add_sampling_arguments(parser)
     A.add_validation_arguments(parser)
     A.add_trainer_automation_arguments(parser)
+    A.add_metadata_arguments(parser)
 
     g = parser.add_argument_group("network")
     g.add_argument("--network_module", type=str, default="networks.lora", help="network module to train")
     g.add_argument("--network_dim", type=A.positive_int, default=4, help="rank of the LoRA modules")
-    g.add_argument("--network_alpha", type=A.positive_float, default=1.0,
-                   help="alpha: the LoRA output is scaled by alpha / rank (kohya's default 1)")
+    g.add_argument("--network_alpha", type=A.non_negative_float, default=1.0,
+                   help="alpha: the LoRA output is scaled by alpha / rank (kohya's default 1; 0 means alpha = rank)")
     g.add_argument("--network_dropout", type=A.unit_float, default=None, help="dropout on the LoRA hidden units")
     g.add_argument("--network_args", type=str, default=None, nargs="*",
                    help='extra network options, e.g. "conv_dim=4" "conv_alpha=1" (LoCon), "rank_dropout=0.1", '
@@ -47,8 +48,9 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_train_unet_only", action="store_true", help="train only the U-Net part")
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text-encoder part")
     g.add_argument("--unet_lr", type=A.non_negative_float, default=None, help="learning rate of the U-Net part")
-    g.add_argument("--text_encoder_lr", type=A.non_negative_float, default=None,
-                   help="learning rate of the text-encoder part")
+    g.add_argument("--text_encoder_lr", type=A.non_negative_float, default=None, nargs="*",
+                   help="learning rate of the text-encoder part: one value per text encoder, as kohya (SD1/SD2 "
+                        "have one, so the first is used)")
     g.add_argument("--network_multiplier", type=float, default=1.0, help="multiplier of the network output")
     g.add_argument("--scale_weight_norms", type=A.positive_float, default=None,
                    help="scale down modules whose weight norm exceeds this (1 is a good start)")

@@ -1,7 +1,10 @@
 """Prompt files in kohya's formats and the sampler names, shared by training samples and gen_img.py.
 
 .txt, one prompt a line: `a prompt --n negative words --w 512 --h 512 --s 20 --l 7.5 --d 42 --ss euler`
-(negative prompt, width, height, steps, CFG scale, seed, sampler). Lines starting with # are comments.
+(negative prompt, width, height, steps, CFG scale, seed, sampler), in any case (--W is --w), as kohya.
+Lines starting with # are comments. A prompt without --d gets a random seed (kohya's rule), written
+into the image's file name. gen_img.py also reads kohya's --t (img2img strength) and --am (one
+multiplier per network, comma-separated).
 
 .toml and .json use kohya's keys: prompt, negative_prompt, width, height, sample_steps, scale, seed,
 sample_sampler. TOML: `[[prompt]]` tables, one per prompt, or kohya's `[prompt]` table of shared
@@ -52,10 +55,17 @@ class SamplePrompt:
     scale: float = 7.5
     seed: int | None = None
     sampler: str | None = None  # kohya's --ss / sample_sampler: this prompt's sampler (None: the run's)
+    strength: float | None = None  # gen_img's --t: img2img / hires strength of this prompt (None: the run's)
+    network_muls: tuple | None = None  # gen_img's --am: one multiplier per --network_weights file
+
+
+def _multipliers(text: str) -> tuple:
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 _OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
-            "l": ("scale", float), "d": ("seed", int), "ss": ("sampler", str)}
+            "l": ("scale", float), "d": ("seed", int), "ss": ("sampler", str),
+            "t": ("strength", float), "am": ("network_muls", _multipliers)}
 # kohya's .toml/.json keys -> SamplePrompt fields
 _KEYS = {"prompt": "prompt", "negative_prompt": "negative", "width": "width", "height": "height",
          "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
@@ -74,17 +84,19 @@ def parse_prompt_line(line: str, default_size: tuple[int, int] = (512, 512), *, 
     line = line.strip()
     if not line or line.startswith("#"):
         return None
-    parts = re.split(r"\s+--(?=[a-z]+\s)", " " + line + " ")
+    # kohya's line_to_prompt_dict matches the options case-insensitively (--W 640 is --w 640)
+    parts = re.split(r"\s+--(?=[a-zA-Z]+\s)", " " + line + " ")
     sample = SamplePrompt(prompt=parts[0].strip(), width=default_size[0], height=default_size[1], **defaults)
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
+        key = key.lower()
         if key in _OPTIONS:
             name, kind = _OPTIONS[key]
             try:
                 setattr(sample, name, kind(value.strip()))
             except ValueError:
                 raise UserError(f"bad value for --{key} in the prompt line {line!r}.", path=path,
-                                fix=f"--{key} takes a {kind.__name__}.") from None
+                                fix=f"--{key} takes a {getattr(kind, '__name__', 'value').strip('_')}.") from None
     return _finish(sample, f"the prompt line {line!r}", path)
 
 
@@ -96,6 +108,9 @@ def _finish(sample: SamplePrompt, where: str, path=None) -> SamplePrompt:
         raise UserError(f"the size {sample.width}x{sample.height} in {where} is too small.", path=path,
                         fix="give width and height of at least 8 (multiples of 8).")
     sample.steps = max(1, min(1000, sample.steps))
+    if sample.strength is not None and not 0 < sample.strength <= 1:
+        raise UserError(f"the strength {sample.strength} in {where} is outside (0, 1].", path=path,
+                        fix="give --t a value above 0 and at most 1 (how much of the image is redrawn).")
     if sample.sampler is not None:
         sample.sampler = check_sampler(sample.sampler, where, path)
     return sample

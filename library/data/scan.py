@@ -59,8 +59,9 @@ def list_images(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in sorted(names)]
 
 
-def read_caption(path: Path, findings: Findings) -> str | None:
-    """The first non-empty line of a caption file; None for an empty file or undecodable text."""
+def read_caption(path: Path, findings: Findings, all_lines: bool = False) -> str | None:
+    """The first non-empty line of a caption file (with `all_lines`, kohya's enable_wildcard: every
+    non-empty line, joined by newlines); None for an empty file or undecodable text."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: Windows editors add a BOM
     except UnicodeDecodeError:
@@ -70,10 +71,10 @@ def read_caption(path: Path, findings: Findings) -> str | None:
     except OSError as err:
         findings.error(f"caption {path} cannot be read ({err.strerror or err}).", path)
         return None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    return "\n".join(lines) if all_lines else lines[0]
 
 
 def suggest_folder_name(name: str) -> str:
@@ -140,7 +141,7 @@ def _caption_for(image: str, sub: SubsetConfig, findings: Findings) -> tuple[str
     for i, e in enumerate(exts):
         cap_path = Path(base + e)
         if e and cap_path.is_file():
-            caption = read_caption(cap_path, findings)
+            caption = read_caption(cap_path, findings, all_lines=sub.enable_wildcard)
             if caption is not None:
                 if i > 0:
                     folder = sub.image_dir

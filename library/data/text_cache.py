@@ -23,13 +23,13 @@ def check_text_encoder_caching_allowed(group) -> None:
     bad = []
     for d in group.datasets:
         for sub in d.subsets:
-            on = [n for n in ("shuffle_caption",) if getattr(sub, n)]
+            on = [n for n in ("shuffle_caption", "enable_wildcard") if getattr(sub, n, False)]
             on += [n for n in ("caption_tag_dropout_rate",) if getattr(sub, n) > 0]
             if on:
                 bad.append(f"{sub.name} ({', '.join(on)})")
     if bad:
         raise UserError(
-            "--cache_text_encoder_outputs cannot be combined with shuffle_caption or "
+            "--cache_text_encoder_outputs cannot be combined with shuffle_caption, enable_wildcard or "
             "caption_tag_dropout_rate, which give a caption a different text every step; they are set "
             "for: " + "; ".join(sorted(set(bad))) + ".",
             fix="drop --cache_text_encoder_outputs, or turn off --shuffle_caption and "

@@ -43,6 +43,8 @@ def check_arguments(args) -> None:
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other.",
                         fix="pass at most one of them.")
+    if isinstance(args.text_encoder_lr, list):  # kohya: one per text encoder; SD1/SD2 have one, the first is used
+        args.text_encoder_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     for flag in ("unet_lr", "text_encoder_lr"):
         value = getattr(args, flag)
         if value is not None and value < 0:
@@ -168,6 +170,10 @@ def train(args) -> dict:
     if run.main and not fast:  # the LoRA metadata's model hashes, computed while the model loads
         meta_mod.prefetch_model_hashes(args.pretrained_model_name_or_path, args.vae)
     group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed, skip_bad_images=args.skip_bad_images)
+    if getattr(args, "debug_dataset", False):  # kohya: show the batches, train nothing
+        from library.data.debug import debug_dataset
+
+        return {"debug_dataset": debug_dataset(group, output_dir / "debug_dataset" if run.main else None)}
     validation_seed = args.validation_seed if args.validation_seed is not None else args.seed
     group, val_group = split_validation(group, args.validation_split, validation_seed)
     if val_group is not None:
@@ -247,7 +253,8 @@ def train(args) -> dict:
             cond = TextConditioning(text_cache.lookup(batch["captions"], device))
         else:
             with torch.set_grad_enabled(te_trains):
-                cond = family.encode_prompts(model, batch["captions"], device, args.clip_skip, args.max_token_length)
+                cond = family.encode_prompts(model, batch["captions"], device, args.clip_skip, args.max_token_length,
+                                             args.weighted_captions)
         noise, noisy, timesteps = objective.noisy_latents(latents, generator)
         pred = train_unet_model(noisy, timesteps, **cond.unet_kwargs(weight_dtype)).sample
         return objective.loss(pred, objective.target(latents, noise, timesteps), timesteps, batch)
@@ -328,7 +335,7 @@ def cache_text_outputs(args, run, group, family, model):
 
     t0 = time.perf_counter()
     text_cache = TextEncoderOutputCache(lambda captions: family.encode_prompts(
-        model, captions, run.device, args.clip_skip, args.max_token_length).hidden_states)
+        model, captions, run.device, args.clip_skip, args.max_token_length, args.weighted_captions).hidden_states)
     with torch.no_grad(), run.accelerator.autocast():  # as compute_loss runs, so outputs are equal
         text_cache.fill(group.possible_captions(), batch_size=args.train_batch_size)
     run.t_cache += time.perf_counter() - t0
@@ -367,5 +374,5 @@ def _sampling_hooks(args, accelerator, model, output_dir, dtype, device, tracker
         generate_samples(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                          base_scheduler=model.noise_scheduler, prompts=prompts, sampler=args.sample_sampler,
                          out_dir=output_dir / "sample", name_prefix=prefix, device=device, dtype=dtype,
-                         clip_skip=args.clip_skip, seed_base=args.seed, trackers=accelerator.trackers, step=step)
+                         clip_skip=args.clip_skip, trackers=accelerator.trackers, step=step)
     return sample, want

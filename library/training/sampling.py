@@ -15,7 +15,6 @@ import torch
 # The prompt format and the sampler map live in library.prompts (gen_img.py uses them too);
 # read_prompt_file here adds the size check for the trainers.
 from library.errors import UserError
-from library.models.text import encode_captions
 from library.prompts import SamplePrompt, make_scheduler  # noqa: F401
 from library.prompts import read_prompt_file as _read_prompt_file
 
@@ -85,10 +84,17 @@ class KeepRng:
 @torch.no_grad()
 def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prompts: list[SamplePrompt],
                      sampler: str, out_dir: Path, name_prefix: str, device, dtype=torch.float32,
-                     clip_skip: int | None = None, seed_base: int = 0, tracker=None, trackers=(),
-                     step: int = 0) -> list[Path]:
+                     clip_skip: int | None = None, tracker=None, trackers=(), step: int = 0) -> list[Path]:
     """Write one PNG per prompt and log it to `trackers` (accelerate trackers; `tracker` is the
-    older single-TensorBoard-tracker form)."""
+    older single-TensorBoard-tracker form).
+
+    As kohya's sample_image_inference: a prompt without --d gets a random seed (in the file name),
+    and prompts are read with A1111 weights, (tag:1.2), and up to 3 x 75 tokens (library.prompt_weights).
+    """
+    import random
+
+    from library.logs import warn_once
+    from library.prompt_weights import weighted_embeddings
     from diffusers import StableDiffusionPipeline
 
     trackers = list(trackers) + ([tracker] if tracker is not None else [])
@@ -112,14 +118,15 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
     text_encoder.eval()
     with KeepRng():
         for i, p in enumerate(prompts):
-            seed = p.seed if p.seed is not None else seed_base + i
+            # a random seed that does not draw from (or disturb) the training RNGs
+            seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             pipe.scheduler = scheduler_for(p.sampler or sampler)
             with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
                 # Our own text path (clip_skip included): diffusers' clip_skip needs the pre-5
                 # transformers layout, and this way samples see exactly what training sees.
-                cond = encode_captions(tokenizer, text_encoder, [p.prompt], clip_skip, device)
-                uncond = encode_captions(tokenizer, text_encoder, [p.negative or ""], clip_skip, device)
+                cond, uncond = weighted_embeddings(tokenizer, text_encoder, [p.prompt], [p.negative or ""],
+                                                   clip_skip, max_chunks=3, device=device, warn=warn_once)
                 image = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, width=p.width, height=p.height,
                              num_inference_steps=p.steps, guidance_scale=p.scale,
                              generator=generator).images[0]

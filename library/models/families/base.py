@@ -82,12 +82,12 @@ class ModelFamily:
         return load_sd_model(path, v2=self.v2, **kwargs)
 
     def encode_prompts(self, model, captions: list[str], device=None, clip_skip: int | None = None,
-                       max_token_length: int | None = None) -> TextConditioning:
-        from library.models.text import encode_tokens, tokenize
+                       max_token_length: int | None = None, weighted: bool = False) -> TextConditioning:
+        """`weighted`: kohya's --weighted_captions, A1111's (word:1.2) in captions."""
+        from library.models.text import encode_text
 
-        ids = tokenize(model.tokenizer, captions, max_token_length)
-        ids = ids.to(device) if device is not None else ids
-        return TextConditioning(encode_tokens(model.text_encoder, ids, clip_skip))
+        return TextConditioning(encode_text(model.tokenizer, model.text_encoder, captions, max_token_length,
+                                            clip_skip, weighted, device or model.text_encoder.device))
 
     def lora_module_name(self, prefix: str, module_path: str) -> str:
         """kohya's module name in a LoRA file: prefix + the module path with dots as underscores; a
