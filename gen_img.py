@@ -13,6 +13,12 @@ With a ControlNet (train_controlnet.py's output, or any SD1.x ControlNet):
 
     python gen_img.py --ckpt model.safetensors --outdir out --prompt "a room" \
         --controlnet output/controlnet --control_image edges.png --control_scale 0.8
+
+img2img, inpainting (white in the mask = repaint), the highres fix and textual inversion, as kohya:
+
+    python gen_img.py ... --image_path photo.png --strength 0.6 [--mask_path mask.png]
+    python gen_img.py ... --W 1024 --H 1024 --highres_fix_scale 0.5 --highres_fix_steps 20 --strength 0.5
+    python gen_img.py ... --textual_inversion_embeddings easynegative.safetensors --prompt "a cat --n easynegative"
 """
 from __future__ import annotations
 
@@ -64,8 +70,10 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--outdir", type=str, default=None, help="folder for the images")
     g.add_argument("--images_per_prompt", type=A.positive_int, default=1, help="images per prompt")
     g.add_argument("--batch_size", type=A.positive_int, default=1, help="images per pipeline call")
-    g.add_argument("--W", type=A.positive_int, default=512, help="width (prompt option --w overrides)")
-    g.add_argument("--H", type=A.positive_int, default=512, help="height (prompt option --h overrides)")
+    g.add_argument("--W", type=A.positive_int, default=None,
+                   help="width: 512, or --image_path's width (prompt option --w overrides)")
+    g.add_argument("--H", type=A.positive_int, default=None,
+                   help="height: 512, or --image_path's height (prompt option --h overrides)")
     g.add_argument("--steps", type=A.positive_int, default=50, help="sampling steps (prompt option --s overrides)")
     g.add_argument("--scale", type=A.non_negative_float, default=7.5,
                    help="CFG scale (prompt option --l overrides)")
@@ -74,10 +82,31 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="prompts up to 75 x this many tokens (kohya's default 1: 75 tokens; 3 for 225)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image; the next ones count up (prompt option --d overrides)")
+    g.add_argument("--textual_inversion_embeddings", type=str, nargs="*", default=None,
+                   help="textual-inversion files (A1111 .pt/.safetensors, kohya, diffusers); write each one's "
+                        "file name in the prompt to use it")
+
+    i = parser.add_argument_group("img2img and inpainting")
+    i.add_argument("--image_path", type=str, nargs="*", default=None,
+                   help="start from these image(s) (img2img; one per generated image, used in turn)")
+    i.add_argument("--mask_path", type=str, nargs="*", default=None,
+                   help="inpainting masks for --image_path: white is repainted, black kept")
+    i.add_argument("--strength", type=A.unit_float, default=None,
+                   help="how much of the start image is repainted, 0-1 (kohya's default 0.8; prompt option --t)")
+
+    h = parser.add_argument_group("highres fix")
+    h.add_argument("--highres_fix_scale", type=A.unit_float, default=None,
+                   help="first pass at this fraction of --W/--H (e.g. 0.5), then upscaled and refined by img2img")
+    h.add_argument("--highres_fix_steps", type=A.positive_int, default=28, help="steps of the first pass")
+    h.add_argument("--highres_fix_strength", type=A.unit_float, default=None,
+                   help="strength of the first pass when it is img2img itself (default --strength)")
+    h.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first pass's images")
+    h.add_argument("--highres_fix_latents_upscaling", action="store_true",
+                   help="upscale the first pass's latents (bicubic) instead of its image (Lanczos)")
     return parser
 
 
-def read_prompts(args):
+def read_prompts(args, size: tuple[int, int]):
     from library.prompts import parse_prompt_line, read_prompt_file
 
     defaults = dict(steps=args.steps, scale=args.scale)
@@ -85,8 +114,34 @@ def read_prompts(args):
         raise UserError("give exactly one of --prompt and --from_file.",
                         fix='pass --prompt "a photo of a cat" or --from_file prompts.txt.')
     if args.from_file:
-        return read_prompt_file(args.from_file, (args.W, args.H), flag="--from_file", **defaults)
-    return [parse_prompt_line(args.prompt, (args.W, args.H), **defaults)]
+        return read_prompt_file(args.from_file, size, flag="--from_file", **defaults)
+    return [parse_prompt_line(args.prompt, size, **defaults)]
+
+
+def init_images(args):
+    """(InitImages or None, the default size): --image_path/--mask_path checked before the model loads.
+    Without --W/--H the first start image's size is the default, as kohya does."""
+    from library.data.probe import probe_image
+    from library.generation import InitImages
+    from library.models.checkpoint_io import check_exists
+
+    if not args.image_path:
+        if args.mask_path or (args.strength is not None and args.highres_fix_scale is None):
+            raise UserError("--mask_path / --strength were given without --image_path (or --highres_fix_scale).",
+                            fix="add --image_path with the image(s) to start from.")
+        return None, (args.W or 512, args.H or 512)
+    sizes = []
+    for flag, paths in (("--image_path", args.image_path), ("--mask_path", args.mask_path or [])):
+        for path in paths:
+            check_exists(path, "image", flag=flag)
+            size, why = probe_image(path)
+            if size is None:
+                raise UserError(f"{flag} {path} cannot be read as an image ({why}).", path=path,
+                                fix="pass a PNG, JPEG or WebP file.")
+            sizes.append(size)
+    width, height = sizes[0]
+    init = InitImages(list(args.image_path), list(args.mask_path or []))
+    return init, (args.W or width, args.H or height)
 
 
 def network_list(args):
@@ -148,9 +203,16 @@ def main(argv=None):
         raise UserError("no model given.", fix="pass --ckpt with a .safetensors checkpoint or a diffusers folder.")
     if not args.outdir:
         raise UserError("no output folder given.", fix="pass --outdir, the folder for the images.")
-    prompts = read_prompts(args)
+    init, size = init_images(args)
+    prompts = read_prompts(args, size)
     modules, files, muls = network_list(args)
     controls = control_images(args)
+    highres = None
+    if args.highres_fix_scale is not None:
+        from library.generation import HighresFix
+
+        highres = HighresFix(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_strength,
+                             args.highres_fix_latents_upscaling, args.highres_fix_save_1st)
 
     from tqdm.auto import tqdm
 
@@ -170,15 +232,25 @@ def main(argv=None):
         controlnet = load_controlnet(args.controlnet, model.unet, model.vae, dtype=dtype).to(device)
         control = gen.Control(Path(args.controlnet), controls, args.control_scale, controlnet)
     pipe = gen.build_pipeline(model, args.sampler, control)
+    for token, vectors in gen.load_embeddings(pipe, args.textual_inversion_embeddings or []):
+        print(f"textual inversion: {token} ({vectors} vector{'s' if vectors > 1 else ''})")
     jobs, seed = gen.plan_jobs(prompts, args.images_per_prompt, args.seed)
-    print(f"{len(jobs)} images, seed {seed}, {args.sampler}, {device.type} {str(dtype).removeprefix('torch.')}")
+    mode = "inpainting" if init and init.masks else "img2img" if init else "text-to-image"
+    print(f"{len(jobs)} images ({mode}{', highres fix' if highres else ''}), seed {seed}, {args.sampler}, "
+          f"{device.type} {str(dtype).removeprefix('torch.')}")
     stamp = gen.timestamp()
+    strength = 0.8 if args.strength is None else args.strength  # kohya's default
     with tqdm(total=len(jobs), desc="images", unit="image") as bar:
         for batch in gen.batches(jobs, args.batch_size):
-            for job, image in zip(batch, gen.run_batch(pipe, batch, args.clip_skip, control,
-                                                      args.max_embeddings_multiples or 1)):
-                text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip, control)
-                gen.save_png(image, out_dir, stamp, job, text)
+            gen.set_multipliers(batch[0], networks)
+            final, first = gen.generate(pipe, batch, args.clip_skip, control, args.max_embeddings_multiples or 1,
+                                        init, highres, strength)
+            for k, job in enumerate(batch):
+                text = gen.infotext(job, args.sampler, model.model_name, networks, args.clip_skip, control,
+                                    init, highres, strength)
+                if highres and highres.save_first and first is not None:
+                    gen.save_png(first[k], out_dir, stamp, job, text, prefix="0")
+                gen.save_png(final[k], out_dir, stamp, job, text, prefix="1" if highres else "")
                 bar.update(1)
     print(f"wrote {len(jobs)} images to {out_dir}")
     return 0

@@ -46,7 +46,8 @@ def plan_jobs(prompts: list[SamplePrompt], images_per_prompt: int, seed: int | N
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     """Consecutive jobs that can share a pipeline call (same size, steps and CFG scale)."""
     def settings(job):
-        return job.prompt.width, job.prompt.height, job.prompt.steps, job.prompt.scale
+        p = job.prompt
+        return p.width, p.height, p.steps, p.scale, p.strength, tuple(p.network_muls or ())
 
     out: list[list[Job]] = []
     for job in jobs:
@@ -89,18 +90,125 @@ class Control:
     scale: float
     controlnet: object
 
-    def batch_condition(self, batch: list[Job]) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1], each image resized to its job's size."""
+    def batch_condition(self, batch: list[Job], size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1], each image resized to `size` (default: its job's size)."""
         import numpy as np
         from PIL import Image
 
         from library.data.probe import load_rgb
 
         p = batch[0].prompt
-        arrays = [np.asarray(load_rgb(self.images[j.index % len(self.images)]).resize((p.width, p.height),
-                                                                                    Image.BICUBIC))
+        size = size or (p.width, p.height)
+        arrays = [np.asarray(load_rgb(self.images[j.index % len(self.images)]).resize(size, Image.BICUBIC))
                   for j in batch]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+@dataclass
+class InitImages:
+    """img2img / inpainting sources (kohya's --image_path / --mask_path): image i of the run uses
+    images[i % len] and masks[i % len], each resized to the size being generated."""
+    images: list[str]
+    masks: list[str]
+
+    def batch(self, batch: list[Job], size: tuple[int, int]):
+        from PIL import Image
+
+        from library.data.probe import load_rgb
+
+        images = [load_rgb(self.images[j.index % len(self.images)]).resize(size, Image.LANCZOS) for j in batch]
+        masks = None
+        if self.masks:
+            # white = repaint, black = keep (WebUI's and diffusers' convention)
+            masks = [Image.open(self.masks[j.index % len(self.masks)]).convert("L").resize(size, Image.BICUBIC)
+                     for j in batch]
+        return images, masks
+
+
+@dataclass
+class HighresFix:
+    """kohya's highres fix: a first pass at `scale` x the size (multiples of 32) with `steps` steps,
+    upscaled (Lanczos on the image, or bicubic on the latents), then img2img at the full size."""
+    scale: float
+    steps: int
+    strength: float | None  # of the first pass when it is img2img itself; None: the run's
+    latents: bool
+    save_first: bool
+
+    def first_size(self, width: int, height: int) -> tuple[int, int]:
+        def scaled(x):
+            x = int(x * self.scale + 0.5)
+            return max(32, x - x % 32)
+        return scaled(width), scaled(height)
+
+
+def load_embeddings(pipe, files: list[str]) -> list[tuple[str, int]]:
+    """Textual-inversion embeddings (A1111 .pt/.safetensors, kohya's, diffusers') into the pipeline's
+    tokenizer and text encoder through diffusers; each is named by its file name. Returns
+    (token, vectors) per file."""
+    from library.errors import UserError
+
+    loaded = []
+    for path in map(Path, files):
+        vectors = _embedding_vectors(path)
+        token = path.stem
+        try:
+            pipe.load_textual_inversion(vectors, token=token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        except ValueError as err:
+            raise UserError(f"the embedding {path} cannot be used with this model ({err}).", path=path,
+                            fix="use an embedding made for this model family (SD1.x: 768 values per vector, "
+                                "SD2.x: 1024), whose file name is not already a word of the tokenizer.") from None
+        loaded.append((token, vectors.shape[0]))
+    return loaded
+
+
+def _embedding_vectors(path: Path) -> torch.Tensor:
+    """[n, dim] from the known embedding formats."""
+    from library.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"embedding file not found: {path}.", path=path,
+                        fix="check the --textual_inversion_embeddings path.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            data = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"the embedding {path} cannot be read ({type(err).__name__}: {err}).", path=path,
+                        fix="pass an A1111 or kohya textual-inversion file (.pt or .safetensors).") from None
+    if isinstance(data, dict) and "string_to_param" in data:       # A1111 .pt
+        vectors = data["string_to_param"].get("*")
+    elif isinstance(data, dict) and "emb_params" in data:          # A1111 / kohya .safetensors
+        vectors = data["emb_params"]
+    elif isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data):
+        raise UserError(f"{path} is an SDXL embedding (clip_l + clip_g); this gen_img.py generates with SD1.x/2.x.",
+                        path=path, fix="use an SD1.x/2.x embedding.")
+    elif isinstance(data, dict) and len(data) == 1:                # diffusers learned_embeds
+        vectors = next(iter(data.values()))
+    elif isinstance(data, torch.Tensor):
+        vectors = data
+    else:
+        vectors = None
+    if not isinstance(vectors, torch.Tensor):
+        raise UserError(f"{path} holds no textual-inversion vectors (keys: {sorted(data)[:5] if isinstance(data, dict) else type(data).__name__}).",
+                        path=path, fix="pass an A1111, kohya or diffusers textual-inversion file.")
+    return vectors.reshape(-1, vectors.shape[-1]).float()
+
+
+def variant(pipe, kind: str):
+    """The img2img or inpainting form of a text-to-image pipeline (ControlNet kept), sharing its parts."""
+    if kind == "text":
+        return pipe
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    cache = pipe.__dict__.setdefault("_sdt_variants", {})
+    if kind not in cache:
+        auto = AutoPipelineForImage2Image if kind == "image" else AutoPipelineForInpainting
+        cache[kind] = auto.from_pipe(pipe)
+        cache[kind].set_progress_bar_config(leave=False, desc="denoising")
+    return cache[kind]
 
 
 def build_pipeline(model, sampler: str, control: Control | None = None):
@@ -133,8 +241,12 @@ def scheduler_source(model):
 
 @torch.no_grad()
 def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Control | None = None,
-              max_embeddings_multiples: int = 1):
-    """Float images in [0, 1], HWC numpy arrays, one per job.
+              max_embeddings_multiples: int = 1, *, images=None, masks=None, strength: float | None = None,
+              size: tuple[int, int] | None = None, steps: int | None = None, output_type: str = "np"):
+    """Float images in [0, 1], HWC numpy arrays, one per job (or what `output_type` asks for).
+
+    With `images` the pipeline is diffusers' img2img form (inpainting with `masks`) at `strength`;
+    `size` and `steps` replace the prompt's (the first pass of the highres fix).
 
     The prompts are encoded here with A1111 weights, (tag:1.2), and up to 75 x max_embeddings_multiples
     tokens (library.prompt_weights, kohya's gen_img rules; kohya's clip_skip rule): diffusers' own
@@ -145,25 +257,69 @@ def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Con
     from library.prompt_weights import weighted_embeddings
 
     p = batch[0].prompt
+    width, height = size or (p.width, p.height)
     device = pipe.text_encoder.device
-    prompts, negatives = weighted_embeddings(pipe.tokenizer, pipe.text_encoder, [j.prompt.prompt for j in batch],
-                                             [j.prompt.negative for j in batch], clip_skip,
+    # textual-inversion names become their tokens ("emb" -> "emb emb_1 ..."); a no-op without embeddings
+    texts = [pipe.maybe_convert_prompt(j.prompt.prompt, pipe.tokenizer) for j in batch]
+    negs = [pipe.maybe_convert_prompt(j.prompt.negative, pipe.tokenizer) for j in batch]
+    prompts, negatives = weighted_embeddings(pipe.tokenizer, pipe.text_encoder, texts, negs, clip_skip,
                                              max_chunks=max_embeddings_multiples, device=device, warn=warn_once)
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
     extra = {}
     if control is not None:
-        extra = dict(image=control.batch_condition(batch).to(device, pipe.unet.dtype),
-                     controlnet_conditioning_scale=float(control.scale))
-    return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, width=p.width, height=p.height,
-                num_inference_steps=p.steps, guidance_scale=p.scale, generator=generators, output_type="np",
-                **extra).images
+        cond = control.batch_condition(batch, (width, height)).to(device, pipe.unet.dtype)
+        extra = dict(controlnet_conditioning_scale=float(control.scale))
+        extra["control_image" if images is not None else "image"] = cond
+    if images is not None:
+        extra.update(image=images, strength=float(strength))
+        if masks is not None:
+            extra["mask_image"] = masks
+    return pipe(prompt_embeds=prompts, negative_prompt_embeds=negatives, width=width, height=height,
+                num_inference_steps=steps or p.steps, guidance_scale=p.scale, generator=generators,
+                output_type=output_type, **extra).images
+
+
+def generate(pipe, batch: list[Job], clip_skip: int | None = None, control: Control | None = None,
+             max_embeddings_multiples: int = 1, init: InitImages | None = None, highres: HighresFix | None = None,
+             strength: float = 0.8):
+    """(final images, first-pass images or None): text-to-image, img2img or inpainting, with the
+    highres fix when asked. Strength: the prompt's --t, else the run's `strength` (--strength)."""
+    import numpy as np
+    from PIL import Image
+
+    p = batch[0].prompt
+    common = (clip_skip, control, max_embeddings_multiples)
+    strength = p.strength if p.strength is not None else strength
+    kind = "text" if init is None else ("inpaint" if init.masks else "image")
+    if highres is None:
+        images, masks = init.batch(batch, (p.width, p.height)) if init else (None, None)
+        return run_batch(variant(pipe, kind), batch, *common, images=images, masks=masks, strength=strength), None
+    small = highres.first_size(p.width, p.height)
+    images, masks = init.batch(batch, small) if init else (None, None)
+    first_strength = highres.strength if highres.strength is not None else strength
+    first = run_batch(variant(pipe, kind), batch, *common, images=images, masks=masks, strength=first_strength,
+                      size=small, steps=highres.steps, output_type="latent" if highres.latents else "np")
+    if highres.latents:  # kohya's --highres_fix_latents_upscaling: bicubic on the latents
+        upscaled = torch.nn.functional.interpolate(first.float(), (p.height // 8, p.width // 8), mode="bicubic")
+        upscaled = upscaled.to(first.dtype)
+        first_images = None
+    else:
+        first_images = first
+        upscaled = [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype("uint8")).resize(
+            (p.width, p.height), Image.LANCZOS) for a in first]
+    masks = init.batch(batch, (p.width, p.height))[1] if init and init.masks else None
+    second = run_batch(variant(pipe, "inpaint" if masks else "image"), batch, *common, images=upscaled, masks=masks,
+                       strength=strength)
+    return second, first_images
 
 
 def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetwork],
-             clip_skip: int | None = None, control: Control | None = None) -> str:
+             clip_skip: int | None = None, control: Control | None = None, init: InitImages | None = None,
+             highres: HighresFix | None = None, strength: float = 0.8) -> str:
     """WebUI's `parameters` text; the LoRAs appear as <lora:name:mul> so WebUI can redo the image."""
     p = job.prompt
-    tags = "".join(f" <lora:{n.path.stem}:{n.multiplier:g}>" for n in networks)
+    muls = multipliers(job, networks)
+    tags = "".join(f" <lora:{n.path.stem}:{m:g}>" for n, m in zip(networks, muls))
     lines = [p.prompt + tags]
     if p.negative:
         lines.append(f"Negative prompt: {p.negative}")
@@ -171,6 +327,11 @@ def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetw
               f"Seed: {job.seed}", f"Size: {p.width}x{p.height}", f"Model: {model_name}"]
     if clip_skip and clip_skip > 1:
         fields.append(f"Clip skip: {clip_skip}")
+    if init is not None or highres is not None:  # WebUI's names, so PNG Info and "Send to" read them
+        fields.append(f"Denoising strength: {p.strength if p.strength is not None else strength:g}")
+    if highres is not None:
+        fields.append(f"Hires upscale: {1 / highres.scale:g}, Hires steps: {highres.steps}, Hires upscaler: "
+                      + ("Latent (bicubic)" if highres.latents else "Lanczos"))
     if control is not None:  # as WebUI's ControlNet extension writes it, so PNG Info shows it
         fields.append(f'ControlNet 0: "Model: {control.path.stem}, Weight: {control.scale:g}, '
                       f'Image: {Path(control.images[job.index % len(control.images)]).name}"')
@@ -181,15 +342,30 @@ def infotext(job: Job, sampler: str, model_name: str, networks: list[AppliedNetw
     return "\n".join(lines)
 
 
-def save_png(image, out_dir: Path, stamp: str, job: Job, text: str) -> Path:
-    """Write im_<stamp>_<index>_<seed>.png atomically (a new name if that one exists)."""
+def multipliers(job: Job, networks: list[AppliedNetwork]) -> list[float]:
+    """Each network's multiplier for this image: the prompt's --am (its last value repeated, as
+    kohya), else --network_mul."""
+    muls = job.prompt.network_muls
+    if not muls:
+        return [n.multiplier for n in networks]
+    return [muls[min(i, len(muls) - 1)] for i in range(len(networks))]
+
+
+def set_multipliers(job: Job, networks: list[AppliedNetwork]) -> None:
+    for applied, mul in zip(networks, multipliers(job, networks)):
+        applied.network.set_multiplier(mul)
+
+
+def save_png(image, out_dir: Path, stamp: str, job: Job, text: str, prefix: str = "") -> Path:
+    """Write im_<stamp>_<prefix><index>_<seed>.png atomically (a new name if that one exists);
+    the highres fix's passes are told apart by the prefix 0 / 1, as kohya names them."""
     import numpy as np
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from library.fileio import atomic_path
 
-    name = f"im_{stamp}_{job.index:03d}_{job.seed}"
+    name = f"im_{stamp}_{prefix}{job.index:03d}_{job.seed}"
     path, n = out_dir / f"{name}.png", 0
     while path.exists():
         n += 1

@@ -3,7 +3,8 @@
 .txt, one prompt a line: `a prompt --n negative words --w 512 --h 512 --s 20 --l 7.5 --d 42 --ss euler`
 (negative prompt, width, height, steps, CFG scale, seed, sampler), in any case (--W is --w), as kohya.
 Lines starting with # are comments. A prompt without --d gets a random seed (kohya's rule), written
-into the image's file name.
+into the image's file name. gen_img.py also reads kohya's --t (img2img strength) and --am (one
+multiplier per network, comma-separated).
 
 .toml and .json use kohya's keys: prompt, negative_prompt, width, height, sample_steps, scale, seed,
 sample_sampler. TOML: `[[prompt]]` tables, one per prompt, or kohya's `[prompt]` table of shared
@@ -54,10 +55,18 @@ class SamplePrompt:
     scale: float = 7.5
     seed: int | None = None
     sampler: str | None = None  # kohya's --ss / sample_sampler: this prompt's sampler (None: the run's)
+    strength: float | None = None  # gen_img's --t: img2img strength (None: the run's --strength)
+    network_muls: list[float] | None = None  # gen_img's --am: one multiplier per network (None: --network_mul)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
 
 
 _OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
-            "l": ("scale", float), "d": ("seed", int), "ss": ("sampler", str)}
+            "l": ("scale", float), "d": ("seed", int), "ss": ("sampler", str), "t": ("strength", float),
+            "am": ("network_muls", _numbers)}
+_KIND_TEXT = {str: "text", int: "whole number", float: "number", _numbers: "comma-separated list of numbers"}
 # kohya's .toml/.json keys -> SamplePrompt fields
 _KEYS = {"prompt": "prompt", "negative_prompt": "negative", "width": "width", "height": "height",
          "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
@@ -88,7 +97,7 @@ def parse_prompt_line(line: str, default_size: tuple[int, int] = (512, 512), *, 
                 setattr(sample, name, kind(value.strip()))
             except ValueError:
                 raise UserError(f"bad value for --{key} in the prompt line {line!r}.", path=path,
-                                fix=f"--{key} takes a {kind.__name__}.") from None
+                                fix=f"--{key} takes a {_KIND_TEXT[kind]}.") from None
     return _finish(sample, f"the prompt line {line!r}", path)
 
 
