@@ -88,9 +88,9 @@ def setup_parser() -> argparse.ArgumentParser:
 
     i = parser.add_argument_group("img2img and inpainting")
     i.add_argument("--image_path", type=str, nargs="*", default=None,
-                   help="start from these image(s) (img2img; one per generated image, used in turn)")
+                   help="start from these image(s) or folders of images (img2img; one per generated image, in turn)")
     i.add_argument("--mask_path", type=str, nargs="*", default=None,
-                   help="inpainting masks for --image_path: white is repainted, black kept")
+                   help="inpainting masks (files or folders) for --image_path: white is repainted, black kept")
     i.add_argument("--strength", type=A.unit_float, default=None,
                    help="how much of the start image is repainted, 0-1 (kohya's default 0.8; prompt option --t)")
 
@@ -121,9 +121,9 @@ def read_prompts(args, size: tuple[int, int]):
 def init_images(args):
     """(InitImages or None, the default size): --image_path/--mask_path checked before the model loads.
     Without --W/--H the first start image's size is the default, as kohya does."""
+    from library import generation as gen
     from library.data.probe import probe_image
     from library.generation import InitImages
-    from library.models.checkpoint_io import check_exists
 
     if not args.image_path:
         if args.mask_path or (args.strength is not None and args.highres_fix_scale is None):
@@ -131,16 +131,17 @@ def init_images(args):
                             fix="add --image_path with the image(s) to start from.")
         return None, (args.W or 512, args.H or 512)
     sizes = []
-    for flag, paths in (("--image_path", args.image_path), ("--mask_path", args.mask_path or [])):
+    images = [f for path in args.image_path for f in gen.image_files(path, "--image_path")]
+    masks = [f for path in args.mask_path or [] for f in gen.image_files(path, "--mask_path")]
+    for flag, paths in (("--image_path", images), ("--mask_path", masks)):
         for path in paths:
-            check_exists(path, "image", flag=flag)
             size, why = probe_image(path)
             if size is None:
                 raise UserError(f"{flag} {path} cannot be read as an image ({why}).", path=path,
                                 fix="pass a PNG, JPEG or WebP file.")
             sizes.append(size)
     width, height = sizes[0]
-    init = InitImages(list(args.image_path), list(args.mask_path or []))
+    init = InitImages(images, masks)
     return init, (args.W or width, args.H or height)
 
 

@@ -24,7 +24,7 @@ def setup_parser() -> argparse.ArgumentParser:
                                                  "of two modalities (e.g. colour fundus + angiography).")
     A.add_config_arguments(parser)
     A.add_model_arguments(parser)
-    A.add_training_arguments(parser)
+    A.add_training_arguments(parser, max_steps_alias=False)  # its own --max_steps below
     A.add_optimizer_arguments(parser)
     parser.set_defaults(learning_rate=1e-4)  # a LoRA rate (kohya's 2e-6 default is for full fine-tuning)
 

@@ -57,7 +57,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="keep the generator fixed; train the control branch, encoder and pose head (stage 1)")
 
     t = parser.add_argument_group("training")
-    t.add_argument("--epochs", type=A.positive_int, default=100, help="epochs to train")
+    t.add_argument("--epochs", "--max_epochs", type=A.positive_int, default=100, help="epochs to train")
     t.add_argument("--lr", type=A.positive_float, default=1e-4, help="AdamW learning rate (cosine decay to 0)")
     t.add_argument("--lr_warmup_steps", type=A.non_negative_int, default=0, help="linear warmup steps")
     t.add_argument("--weight_decay", type=A.non_negative_float, default=1e-5, help="AdamW weight decay")

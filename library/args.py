@@ -91,9 +91,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "in 75-token windows, as kohya")
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool = True) -> None:
+def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool = True,
+                          lora_trainer: bool = False) -> None:
     """`reg_and_config=False` leaves out --reg_data_dir and --dataset_config, for a script whose
-    datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them."""
+    datasets cannot use them (train_controlnet.py): the GUI's forms then show no field for them.
+    `lora_trainer=True` adds --weighted_captions and --debug_dataset, which the LoRA trainer reads
+    (library/training/network_trainer.py)."""
     g = parser.add_argument_group("dataset")
     g.add_argument("--train_data_dir", type=str, default=None,
                    help="folder whose subfolders are named <repeats>_<name>, e.g. 10_mychar, holding "
@@ -114,6 +117,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="extension of caption files (a .txt beside the image is used when none exists)")
     g.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated caption tags")
+    if lora_trainer:
+        g.add_argument("--weighted_captions", action="store_true",
+                       help="read A1111 weights in captions, e.g. '(red hair:1.2)', as kohya (the weight scales that "
+                            "part's text-encoder output)")
     g.add_argument("--keep_tokens", type=non_negative_int, default=0,
                    help="keep the first N comma-separated tags in place when shuffling")
     g.add_argument("--keep_tokens_separator", type=str, default="",
@@ -133,6 +140,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
     g.add_argument("--color_aug", action="store_true",
                    help="weak colour augmentation (not with latent caching)")
     g.add_argument("--random_crop", action="store_true", help="random crops instead of center crops")
+    g.add_argument("--resize_interpolation", type=str, default=None,
+                   choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"],
+                   help="how images are resized to their bucket (default: area when shrinking, Lanczos when enlarging)")
     g.add_argument("--alpha_mask", action="store_true",
                    help="use each image's alpha channel as a loss mask (transparent = not trained; images "
                         "without alpha are trained everywhere)")
@@ -146,6 +156,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
                    help="never upscale: small images get a bucket of their own size")
     g.add_argument("--prior_loss_weight", type=non_negative_float, default=1.0,
                    help="loss weight of regularization images")
+    if lora_trainer:
+        g.add_argument("--debug_dataset", action="store_true",
+                       help="print every batch of the first epoch (files, captions as trained, sizes), save its images "
+                            "as trained in <output_dir>/debug_dataset, and exit without training")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="train without unreadable images instead of stopping")
     g.add_argument("--cache_latents", action="store_true",
@@ -164,21 +178,41 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, reg_and_config: bool 
 
 def add_precision_alias(group) -> None:
     """Lightning's spelling of --mixed_precision, applied by training.accel.apply_precision_alias; one
-    widget (mixed_precision) in the GUI is enough, so it is not listed."""
+    widget (mixed_precision) in the GUI is enough, so it is not listed. Every trainer calls this, so
+    Lightning's launch flags (--devices, --strategy, --num_nodes) are added here too."""
     group.add_argument("--precision", type=str, default=None,
                        choices=["16-mixed", "bf16-mixed", "32", "32-true", "16", "bf16"], help=argparse.SUPPRESS)
+    add_launch_arguments(group)
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def add_launch_arguments(group) -> None:
+    """Lightning's --devices/--strategy/--num_nodes, run by library.launch.relaunch_if_asked."""
+    from library.launch import STRATEGIES, devices_count
+
+    group.add_argument("--devices", type=devices_count, default=None,
+                       help="Lightning's flag: train on N processes (GPUs) of this machine, started by this command "
+                            "through accelerate launch ('auto': all GPUs)")
+    group.add_argument("--strategy", type=str.lower, default=None, choices=list(STRATEGIES),
+                       help="with --devices: ddp (default) or deepspeed (ZeRO-2, configs/accelerate/"
+                            "deepspeed_zero2.yaml; needs pip install deepspeed)")
+    group.add_argument("--num_nodes", type=positive_int, default=None,
+                       help="with --devices: machines taking part (set MASTER_ADDR, MASTER_PORT, NODE_RANK as for "
+                            "Lightning, and run the command on each)")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, max_steps_alias: bool = True) -> None:
+    """`max_steps_alias=False` leaves out Lightning's --max_steps, for a script with its own (train_dual_unet.py)."""
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
     g.add_argument("--output_name", type=str, default=None,
                    help="base name of the trained files (default 'last')")
     g.add_argument("--train_batch_size", type=positive_int, default=1,
                    help="batch size (per process: N processes train on N x this many images per step)")
-    g.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
-    g.add_argument("--max_train_epochs", type=positive_int, default=None,
-                   help="epochs to train (overrides --max_train_steps)")
+    g.add_argument("--max_train_steps", *(["--max_steps"] if max_steps_alias else []), type=positive_int,
+                   default=1600,
+                   help="optimizer steps to train" + (" (Lightning's --max_steps works too)" if max_steps_alias else ""))
+    g.add_argument("--max_train_epochs", "--max_epochs", type=positive_int, default=None,
+                   help="epochs to train (overrides --max_train_steps; Lightning's --max_epochs works too)")
     g.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", type=positive_int, default=1,
                    help="batches accumulated into one optimizer step (Lightning's --accumulate_grad_batches "
                         "works too)")
@@ -222,6 +256,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep only the last N files saved every N epochs")
     s.add_argument("--save_last_n_steps", type=positive_int, default=None,
                    help="keep only the files saved in the last N steps")
+    s.add_argument("--save_last_n_epochs_state", type=positive_int, default=None,
+                   help="keep only the last N state folders saved every N epochs (default: --save_last_n_epochs)")
+    s.add_argument("--save_last_n_steps_state", type=positive_int, default=None,
+                   help="keep only the state folders saved in the last N steps (default: --save_last_n_steps)")
     s.add_argument("--save_state", action="store_true",
                    help="also save the training state (optimizer, scheduler, RNG, data position) for --resume")
     s.add_argument("--save_state_on_train_end", action="store_true",
@@ -229,6 +267,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--resume", "--resume_from_checkpoint", type=str, default=None,
                    help="continue from a state folder written by --save_state (--resume_from_checkpoint works "
                         "too)")
+    s.add_argument("--initial_epoch", type=positive_int, default=None,
+                   help="start counting at this epoch (1 = the first; the lr schedule still starts at 0 without "
+                        "--resume); overrides the position of a --resume state, as kohya")
+    s.add_argument("--initial_step", type=non_negative_int, default=None,
+                   help="start counting at this optimizer step (overrides --initial_epoch)")
+    s.add_argument("--skip_until_initial_step", action="store_true",
+                   help="with --initial_step/--initial_epoch: skip the batches before it, so the run sees the data an "
+                        "uninterrupted run would")
 
     lg = parser.add_argument_group("logging")
     lg.add_argument("--logging_dir", type=str, default=None, help="folder for TensorBoard logs")
@@ -251,6 +297,52 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     lg.add_argument("--profile", action="store_true",
                     help="profile steps 3-7: print where the time goes and save a trace in --output_dir")
     lg.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
+    add_console_log_arguments(lg)
+
+
+def add_console_log_arguments(group) -> None:
+    """kohya's --console_log_level / --console_log_file / --console_log_simple (library.utils.add_logging_arguments)."""
+    group.add_argument("--console_log_level", type=str.upper, default=None,
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                       help="level of library log messages shown (default: warnings and errors only)")
+    group.add_argument("--console_log_file", type=str, default=None,
+                       help="write library log messages to this file instead of the console")
+    group.add_argument("--console_log_simple", action="store_true",
+                       help="accepted for kohya compatibility; log lines are always plain")
+
+
+def apply_console_log(args) -> None:
+    """Route Python logging as --console_log_level/--console_log_file ask (kohya's setup_logging);
+    without them, logging is left as it is."""
+    import logging
+
+    level, path = getattr(args, "console_log_level", None), getattr(args, "console_log_file", None)
+    if not level and not path:
+        return
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_console_log", False)]:
+        root.removeHandler(old)
+        old.close()
+    handler._console_log = True
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level or "INFO"))
+
+
+def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
+    """kohya's ModelSpec flags (library/sai_model_spec.add_model_spec_arguments), written as
+    modelspec.<name> into the saved file's metadata."""
+    g = parser.add_argument_group("metadata")
+    g.add_argument("--metadata_title", type=str, default=None, help="model title (default: --output_name)")
+    g.add_argument("--metadata_author", type=str, default=None, help="author name")
+    g.add_argument("--metadata_description", type=str, default=None, help="description of the model")
+    g.add_argument("--metadata_license", type=str, default=None, help="license of the model")
+    g.add_argument("--metadata_tags", type=str, default=None, help="tags, separated by commas")
+    g.add_argument("--metadata_trigger_phrase", type=str, default=None, help="words that trigger the trained concept")
+    g.add_argument("--metadata_usage_hint", type=str, default=None, help="how to use the model")
+    g.add_argument("--metadata_thumbnail", type=str, default=None,
+                   help="thumbnail: a data: URL, or an image file stored as one")
 
 
 def steps_or_ratio(value):
@@ -492,10 +584,14 @@ def _warn_ignored_keys(path: Path, ignored: list[str], actions) -> None:
     from library.kohya_flags import KOHYA_KEYS
     from library.logs import warn_once
 
+    def likely_typo(key: str) -> str:  # a kohya key one letter from one of ours (epoch / epochs) is named too
+        close = difflib.get_close_matches(key, actions, n=1, cutoff=0.85)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
     kohya = sorted(k for k in ignored if k in KOHYA_KEYS)
     lines = []
     if kohya:
-        lines.append(f"kohya options this script does not use: {', '.join(kohya)}")
+        lines.append(f"kohya options this script does not use: {', '.join(k + likely_typo(k) for k in kohya)}")
     for key in sorted(k for k in ignored if k not in KOHYA_KEYS):
         close = difflib.get_close_matches(key, actions, n=1)
         lines.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
@@ -571,7 +667,17 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if args.output_config:
         write_config_file(parser, args)
         raise SystemExit(0)
+    after_parse(args, argv)
     return args
+
+
+def after_parse(args: argparse.Namespace, argv: list[str]) -> None:
+    """What every script's parsed arguments set up: kohya's console logging, and Lightning's --devices N,
+    which runs this script again under accelerate launch and exits (library.launch)."""
+    from library.launch import relaunch_if_asked
+
+    apply_console_log(args)
+    relaunch_if_asked(args, argv)
 
 
 def config_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:

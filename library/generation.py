@@ -142,6 +142,21 @@ class HighresFix:
         return scaled(width), scaled(height)
 
 
+def image_files(path: str, flag: str) -> list[str]:
+    """A file, or the images of a folder in name order (kohya: a folder is used image by image)."""
+    from library.data.probe import IMAGE_EXTENSIONS
+    from library.errors import UserError
+    from library.models.checkpoint_io import check_exists
+
+    p = check_exists(path, "image", flag=flag)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise UserError(f"the {flag} folder holds no images.", path=p, fix="pass an image file or a folder of images.")
+        return files
+    return [str(p)]
+
+
 def load_embeddings(pipe, files: list[str]) -> list[tuple[str, int]]:
     """Textual-inversion embeddings (A1111 .pt/.safetensors, kohya's, diffusers') into the pipeline's
     tokenizer and text encoder through diffusers; each is named by its file name. Returns

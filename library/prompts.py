@@ -55,18 +55,17 @@ class SamplePrompt:
     scale: float = 7.5
     seed: int | None = None
     sampler: str | None = None  # kohya's --ss / sample_sampler: this prompt's sampler (None: the run's)
-    strength: float | None = None  # gen_img's --t: img2img strength (None: the run's --strength)
-    network_muls: list[float] | None = None  # gen_img's --am: one multiplier per network (None: --network_mul)
+    strength: float | None = None  # gen_img's --t: img2img / hires strength of this prompt (None: the run's)
+    network_muls: tuple | None = None  # gen_img's --am: one multiplier per --network_weights file
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+def _multipliers(text: str) -> tuple:
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 _OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
-            "l": ("scale", float), "d": ("seed", int), "ss": ("sampler", str), "t": ("strength", float),
-            "am": ("network_muls", _numbers)}
-_KIND_TEXT = {str: "text", int: "whole number", float: "number", _numbers: "comma-separated list of numbers"}
+            "l": ("scale", float), "d": ("seed", int), "ss": ("sampler", str),
+            "t": ("strength", float), "am": ("network_muls", _multipliers)}
 # kohya's .toml/.json keys -> SamplePrompt fields
 _KEYS = {"prompt": "prompt", "negative_prompt": "negative", "width": "width", "height": "height",
          "sample_steps": "steps", "scale": "scale", "seed": "seed", "sample_sampler": "sampler"}
@@ -97,7 +96,7 @@ def parse_prompt_line(line: str, default_size: tuple[int, int] = (512, 512), *, 
                 setattr(sample, name, kind(value.strip()))
             except ValueError:
                 raise UserError(f"bad value for --{key} in the prompt line {line!r}.", path=path,
-                                fix=f"--{key} takes a {_KIND_TEXT[kind]}.") from None
+                                fix=f"--{key} takes a {getattr(kind, '__name__', 'value').strip('_')}.") from None
     return _finish(sample, f"the prompt line {line!r}", path)
 
 
@@ -109,6 +108,9 @@ def _finish(sample: SamplePrompt, where: str, path=None) -> SamplePrompt:
         raise UserError(f"the size {sample.width}x{sample.height} in {where} is too small.", path=path,
                         fix="give width and height of at least 8 (multiples of 8).")
     sample.steps = max(1, min(1000, sample.steps))
+    if sample.strength is not None and not 0 < sample.strength <= 1:
+        raise UserError(f"the strength {sample.strength} in {where} is outside (0, 1].", path=path,
+                        fix="give --t a value above 0 and at most 1 (how much of the image is redrawn).")
     if sample.sampler is not None:
         sample.sampler = check_sampler(sample.sampler, where, path)
     return sample

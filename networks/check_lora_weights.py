@@ -25,7 +25,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Show or verify LoRA files.")
     A.add_config_arguments(parser)
     parser.add_argument("file", type=str, nargs="+", help="LoRA file(s) (.safetensors, .ckpt, .pt)")
-    parser.add_argument("-s", "--show_all", action="store_true",
+    parser.add_argument("-s", "--show_all_keys", "--show_all", dest="show_all", action="store_true",
                         help="also list every tensor, and metadata values in full")
     parser.add_argument("--verify", action="store_true",
                         help="check the file contract; exit with status 1 and a list of problems if broken")

@@ -27,6 +27,12 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="the original model (single-file .safetensors/.ckpt or diffusers folder)")
     parser.add_argument("--model_tuned", type=str, default=None, help="the fine-tuned model, same layout rules")
     parser.add_argument("--v2", action="store_true", help="the models are SD2.x (not supported yet)")
+    parser.add_argument("--v_parameterization", action="store_true", default=None,
+                        help="the metadata says v-prediction (default: as --v2), as kohya")
+    parser.add_argument("--load_original_model_to", type=str, default=None,
+                        help="device the original model is loaded to (cpu, cuda, cuda:0; default cpu)")
+    parser.add_argument("--load_tuned_model_to", type=str, default=None,
+                        help="device the tuned model is loaded to (default cpu)")
     parser.add_argument("--dim", type=A.positive_int, default=4, help="rank of the LoRA")
     parser.add_argument("--conv_dim", type=A.positive_int, default=None,
                         help="rank of the LoCon 3x3 conv modules; without it only the attention and MLP "
@@ -54,19 +60,23 @@ def main(argv=None):
     device = cli.compute_device(args.device)
 
     from library.lora_tools.extract import extract
-    from library.lora_tools.weights import lora_metadata, write_lora
+    from library.lora_tools.weights import lora_metadata, modelspec_metadata, write_lora
+    from library.training.metadata import base_model_version
     from library.models.loading import load_sd_model
 
     load_dtype = cli.save_dtype(args.load_precision)
-    org = load_sd_model(args.model_org, v2=args.v2, dtype=load_dtype)
-    tuned = load_sd_model(args.model_tuned, v2=args.v2, dtype=load_dtype)
+    org = load_sd_model(args.model_org, v2=args.v2, dtype=load_dtype, device=args.load_original_model_to or "cpu")
+    tuned = load_sd_model(args.model_tuned, v2=args.v2, dtype=load_dtype, device=args.load_tuned_model_to or "cpu")
+    v_pred = args.v2 if args.v_parameterization is None else args.v_parameterization
     modules, notes = extract(org, tuned, args.dim, args.conv_dim, args.clamp_quantile, args.min_diff, device)
     for note in notes:
         print(note)
     meta = lora_metadata(modules, save_to, {
         "ss_sd_model_name": org.model_name,
         "ss_training_comment": f"extracted from {tuned.model_name} - {org.model_name} with rank {args.dim}"
-                               + (f", conv rank {args.conv_dim}" if args.conv_dim else "")})
+                               + (f", conv rank {args.conv_dim}" if args.conv_dim else ""),
+        "ss_v2": str(org.v2), "ss_base_model_version": base_model_version(org.v2, v_pred),
+        **modelspec_metadata(save_to, org.v2, v_pred)})
     write_lora(save_to, modules, cli.save_dtype(args.save_precision), meta)
     print(f"extracted {len(modules)} modules; saved {save_to}")
     return 0

@@ -40,6 +40,10 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concat", action="store_true",
                         help="accepted for kohya compatibility; LoRAs are always merged by concatenating "
                              "their ranks, which is exact")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="permute each module's rank dimension (the LoRA's effect is unchanged), as kohya")
+    parser.add_argument("--no_metadata", action="store_true",
+                        help="write no sai ModelSpec metadata (a LoRA keeps kohya's minimum ss_* keys)")
     cli.add_device_argument(parser)
     return parser
 
@@ -52,7 +56,7 @@ def main(argv=None):
     device = cli.compute_device(args.device)
     dtype = cli.save_dtype(args.save_precision)
 
-    from library.lora_tools.weights import merge_sources, read_lora
+    from library.lora_tools.weights import merge_sources, modelspec_metadata, read_lora, shuffle_ranks
 
     loras = [read_lora(path) for path in args.models]
     if args.sd_model:
@@ -63,15 +67,21 @@ def main(argv=None):
         model = load_sd_model(args.sd_model, v2=args.v2)
         merge_into_model(model.unet, model.text_encoder, loras, ratios, "--sd_model", device)
         recipe = {"type": "merge_lora", "base": model.model_name, "loras": merge_sources(loras, ratios)}
-        save_sd_checkpoint(save_to, model.unet, model.text_encoder, model.vae, dtype,
-                           metadata={"sd_merge_recipe": json.dumps(recipe)})
+        meta = None if args.no_metadata else {
+            "sd_merge_recipe": json.dumps(recipe),
+            **modelspec_metadata(save_to, model.v2, args.v2, [args.sd_model, *args.models], kind="checkpoint")}
+        save_sd_checkpoint(save_to, model.unet, model.text_encoder, model.vae, dtype, metadata=meta)
         print(f"merged {len(loras)} LoRA(s) into {args.sd_model}; saved {save_to}")
     else:
         from library.lora_tools.combine import concat_merge, group_modules
         from library.lora_tools.weights import lora_metadata, write_lora
 
         modules = concat_merge(group_modules(loras, ratios))
+        if args.shuffle:
+            modules = shuffle_ranks(modules)
         meta = lora_metadata(modules, save_to, {"ss_merged_from": json.dumps(merge_sources(loras, ratios))})
+        if not args.no_metadata:
+            meta.update(modelspec_metadata(save_to, merged_from=args.models))
         write_lora(save_to, modules, dtype, meta)
         ranks = sorted({m.rank for m in modules})
         print(f"merged {len(loras)} LoRA(s) into {len(modules)} modules of rank {ranks[0]}..{ranks[-1]}; "

@@ -35,6 +35,9 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", type=str, default="float", choices=["float", "fp16", "bf16"],
                         help="accepted for kohya compatibility; the SVD is always computed in fp32")
     parser.add_argument("--v2", action="store_true", help="accepted for kohya compatibility (no effect)")
+    parser.add_argument("--lbws", type=str, nargs="*", default=None,
+                        help='per-block weights for each model, as JSON lists of 17 numbers (BASE, IN01 IN02 IN04 IN05 '
+                             'IN07 IN08, MID, OUT03-OUT11) or 26, e.g. "[1,1,1,1,1,1,1,1,0,0,0,1,1,1,1,1,1]"')
     cli.add_device_argument(parser)
     return parser
 
@@ -46,10 +49,10 @@ def main(argv=None):
     device = cli.compute_device(args.device)
 
     from library.lora_tools import lowrank
-    from library.lora_tools.combine import group_modules
+    from library.lora_tools.combine import group_modules, parse_lbws, weight_blocks
     from library.lora_tools.weights import lora_metadata, merge_sources, read_lora, write_lora
 
-    loras = [read_lora(path) for path in args.models]
+    loras = [weight_blocks(read_lora(path), lbw) for path, lbw in zip(args.models, parse_lbws(args.lbws, len(args.models)))]
     modules, changes = lowrank.svd_merge(group_modules(loras, ratios), args.new_rank, args.new_conv_rank, device)
     for change in changes:
         print(change.format())

@@ -308,3 +308,221 @@ def test_gen_img_reads_weights_and_long_prompts(tiny_model, tmp_path):
     cut = image("cut", long_prompt)
     assert np.array_equal(image("cut_same", long_prompt.replace("on grass", "in snow")), cut)
     assert not np.array_equal(image("long", long_prompt, "--max_embeddings_multiples", "3"), cut)
+
+
+# --- flags: metadata, state pruning, weighted captions, schedule-free, huber, initial step, logging --
+
+def _train_args(model, data, out, *extra):
+    return [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
+            "--resolution=64", "--network_dim=4", "--train_batch_size=1", "--learning_rate=1e-3", "--seed=7",
+            "--caption_extension=.txt", "--max_data_loader_n_workers=0", *extra]
+
+
+def test_metadata_flags_state_pruning_and_weighted_captions_in_one_run(tiny_model, tmp_path):
+    """kohya's get_sai_model_spec (--metadata_* -> modelspec.*, a thumbnail file as a data: URL,
+    encoder_layer from --clip_skip); save_and_remove_state_on_epoch_end (--save_last_n_epochs_state
+    prunes the state folders, the model files follow --save_last_n_epochs); --weighted_captions."""
+    from PIL import Image
+
+    from library.training.metadata import read_metadata
+
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks disk", count=2, caption="a (sks:1.3) disk")
+    out = tmp_path / "out"
+    thumb = tmp_path / "thumb.png"
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(thumb)
+    run_train_network(_train_args(
+        tiny_model.single_file, data, out, "--max_train_epochs=4", "--save_every_n_epochs=1", "--save_state",
+        "--save_last_n_epochs=3", "--save_last_n_epochs_state=1", "--weighted_captions", "--clip_skip=2",
+        "--metadata_title=My LoRA", "--metadata_author=me", "--metadata_description=disks",
+        "--metadata_license=CC0", "--metadata_tags=disk,pink", "--metadata_trigger_phrase=sks",
+        "--metadata_usage_hint=weight 0.8", f"--metadata_thumbnail={thumb}"))
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.endswith(".safetensors")] == \
+        ["last-000001.safetensors", "last-000002.safetensors", "last-000003.safetensors", "last.safetensors"]
+    assert [n for n in names if n.endswith("-state")] == ["last-000003-state", "last-state"]
+    meta = read_metadata(out / "last.safetensors")
+    assert {k: meta[f"modelspec.{k}"] for k in ("title", "author", "description", "license", "tags",
+                                                 "trigger_phrase", "usage_hint", "encoder_layer")} == \
+        {"title": "My LoRA", "author": "me", "description": "disks", "license": "CC0", "tags": "disk,pink",
+         "trigger_phrase": "sks", "usage_hint": "weight 0.8", "encoder_layer": "2"}
+    assert meta["modelspec.thumbnail"].startswith("data:image/png;base64,")
+
+
+def test_weighted_caption_tokens_and_weights_as_kohya(tiny_sd):
+    """kohya's SdTokenizeStrategy.tokenize_with_weights + encode_tokens_with_weights: the weights'
+    brackets leave the text, each token's state is scaled by its weight, nothing else changes."""
+    import torch
+
+    from library.training.text import apply_token_weights, encode_text, tokenize, tokenize_weighted
+
+    m = tiny_sd
+    for length in (None, 150):
+        ids, weights = tokenize_weighted(m.tokenizer, ["a (red:1.5) cube", "plain words"], length)
+        assert torch.equal(ids, tokenize(m.tokenizer, ["a red cube", "plain words"], length))
+        plain = encode_text(m.tokenizer, m.text_encoder, ["a red cube", "plain words"], length)
+        weighted = encode_text(m.tokenizer, m.text_encoder, ["a (red:1.5) cube", "plain words"], length, weighted=True)
+        assert torch.equal(weighted[1], plain[1])
+        assert torch.allclose(weighted[0, 2], plain[0, 2] * 1.5) and torch.equal(weighted[0, 1], plain[0, 1])
+        assert torch.equal(apply_token_weights(plain, torch.ones_like(weights)), plain)
+
+
+def test_schedule_free_optimizers_sample_and_save_averaged_weights(tiny_model, tmp_path, capsys):
+    """kohya's get_optimizer (AdamWScheduleFree/RAdamScheduleFree/SGDScheduleFree from schedulefree),
+    get_optimizer_train_eval_fn (eval around sampling and saving) and get_dummy_scheduler."""
+    pytest.importorskip("schedulefree")
+    import torch
+
+    from library.training.loop import in_eval_mode, is_schedule_free
+    from library.training.optim import build_optimizer
+
+    layer = torch.nn.Linear(4, 4)
+    for name in ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"):
+        args = A.parse_args(_parser(), ["--optimizer_type", name, "--learning_rate", "0.1"])
+        optimizer, desc = build_optimizer(args, [{"params": list(layer.parameters())}], "cpu")
+        assert is_schedule_free(optimizer) and desc == f"schedulefree.{name}"
+    for _ in range(3):
+        layer(torch.randn(2, 4)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    training = layer.weight.detach().clone()
+    seen = in_eval_mode(optimizer, lambda: layer.weight.detach().clone())()
+    assert not torch.equal(seen, training)  # the averaged weights, not the training point
+    assert torch.equal(layer.weight, training)  # back in train mode afterwards
+    # a run with one: the lr schedule is the optimizer's own (kohya's dummy scheduler), said once
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2)
+    run_train_network(_train_args(tiny_model.single_file, data, tmp_path / "out", "--max_train_steps=3",
+                                  "--optimizer_type=AdamWScheduleFree", "--lr_scheduler=cosine"))
+    assert (tmp_path / "out" / "last.safetensors").is_file()
+    assert capsys.readouterr().err.count("keeps its own schedule") == 1
+
+
+def test_huber_defaults_and_threshold_match_kohya():
+    """kohya's add_training_arguments defaults (loss_type l2, huber_schedule snr, huber_c 0.1,
+    huber_scale 1.0) and get_huber_threshold_if_needed, transcribed here for each schedule."""
+    import math
+
+    import torch
+
+    from library.models.loading import make_noise_scheduler
+    from library.training import losses
+
+    args = A.parse_args(_parser(), [])
+    assert (args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale) == ("l2", "snr", 0.1, 1.0)
+    sched = make_noise_scheduler()
+    t = torch.tensor([0, 250, 999])
+    c, scale = 0.3, 2.0
+    alpha = -math.log(c) / sched.config.num_train_timesteps
+    abar = torch.index_select(sched.alphas_cumprod, 0, t)
+    sigmas = ((1.0 - abar) / abar) ** 0.5
+    kohya = {"exponential": torch.exp(-alpha * t) * scale, "snr": (1 - c) / (1 + sigmas) ** 2 + c,
+             "constant": torch.full((3,), c * scale)}
+    for schedule, want in kohya.items():
+        got = losses.huber_threshold(schedule, c, scale, t, sched.alphas_cumprod, sched.config.num_train_timesteps)
+        torch.testing.assert_close(got.float(), want.float())
+
+
+def test_initial_step_position_follows_kohya():
+    """kohya's train_network.py: initial_step wins over initial_epoch ((epoch - 1) x updates per epoch);
+    the epoch to start is step // updates per epoch; without --skip_until_initial_step steps count from 0."""
+    from library.training.loop import start_position
+
+    assert start_position(None, None, False, 10, 1) is None
+    assert start_position(3, None, False, 10, 2) == (0, 2, 0)       # 5 updates/epoch: epoch index 2
+    assert start_position(3, 7, True, 10, 2) == (7, 1, 4)           # step 7: epoch 1, its 2nd update = batch 4
+    assert start_position(None, 12, True, 10, 1) == (12, 1, 2)
+
+
+def test_initial_epoch_run_numbers_its_saves_from_there(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, "1_sks disk", count=2)
+    out = tmp_path / "out"
+    run_train_network(_train_args(tiny_model.single_file, data, out, "--max_train_epochs=4", "--save_every_n_epochs=1",
+                                  "--initial_epoch=3"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["last-000003.safetensors", "last.safetensors"]
+
+
+def test_console_log_file_and_level(tmp_path):
+    """kohya's setup_logging: --console_log_file writes log records to the file at --console_log_level."""
+    import logging
+
+    log = tmp_path / "run.log"
+    A.parse_args(_parser(), ["--console_log_level", "debug", "--console_log_file", str(log)])
+    try:
+        logging.getLogger("networks.lora").debug("a debug line")
+        logging.getLogger("networks.lora").info("an info line")
+        text = log.read_text(encoding="utf-8")
+        assert "a debug line" in text and "an info line" in text
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_console_log", False)]:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(logging.WARNING)
+
+
+def test_debug_dataset_shows_the_batches_and_trains_nothing(tiny_model, tmp_path, capsys):
+    """kohya's train_util.debug_dataset (called by train_network.py for --debug_dataset, then return)."""
+    data = tmp_path / "data"
+    write_image_folder(data, "2_sks disk", count=2, caption="a sks disk")
+    out = tmp_path / "out"
+    result = run_train_network(_train_args(tiny_model.single_file, data, out, "--debug_dataset",
+                                           "--caption_prefix=photo,"))
+    assert result == {"debug_dataset": 4}  # 2 images x 2 repeats
+    text = capsys.readouterr().out
+    assert text.count("caption: 'photo, a sks disk'") == 4 and "64x64" in text
+    assert len(list((out / "debug_dataset").glob("*.png"))) == 4
+    assert not list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "nearest", "bilinear", "bicubic", "area", "box"])
+def test_resize_interpolation_methods(method):
+    """kohya's resize_image: lanczos and box through PIL, the others through OpenCV (get_cv2_interpolation)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from library.data.transforms import resize_to
+
+    arr = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    got = resize_to(arr, (80, 60), method)
+    if method in ("lanczos", "box"):
+        want = np.asarray(Image.fromarray(arr).resize((80, 60), getattr(Image.Resampling, method.upper())))
+    else:
+        flag = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+                "area": cv2.INTER_AREA}[method]
+        want = cv2.resize(arr, (80, 60), interpolation=flag)
+    assert np.array_equal(got, want)
+
+
+def test_resize_interpolation_reaches_the_dataset(tmp_path):
+    """--resize_interpolation (and the dataset config's resize_interpolation key) is used for the images."""
+    from library.data import build_dataset_group, dataset_configs_from_args
+
+    write_image_folder(tmp_path / "d", "1_x", count=1, size=100)
+    pixels = {}
+    for method in ("nearest", "area"):
+        args = A.parse_args(_parser(), [f"--train_data_dir={tmp_path / 'd'}", "--resolution=64",
+                                        "--caption_extension=.txt", f"--resize_interpolation={method}"])
+        group = build_dataset_group(dataset_configs_from_args(args), seed=0)
+        assert group.datasets[0].subsets[0].resize_interpolation == method
+        pixels[method] = group.epoch_dataset(0)[0]["images"]
+    assert not pixels["nearest"].equal(pixels["area"])
+
+
+def test_missing_kohya_flags_are_documented():
+    """kohya train_network.py's setup_parser flags (library/kohya_flags.py) that our parser lacks are
+    exactly the ones docs/kohya_compat.md names, each with why."""
+    import re
+    from pathlib import Path
+
+    from library.kohya_flags import TRAIN_NETWORK_FLAGS
+
+    ours = {o.lstrip("-") for a in _parser()._actions for o in a.option_strings}
+    missing = TRAIN_NETWORK_FLAGS - ours
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "kohya_compat.md").read_text(encoding="utf-8")
+    section = doc.split("## kohya train_network.py flags we lack", 1)[1]
+    listed = set(re.findall(r"`([a-z0-9_]+)`", section)) & TRAIN_NETWORK_FLAGS
+    assert listed == missing, (sorted(missing - listed), sorted(listed - missing))
+    assert f"{len(missing)} of {len(TRAIN_NETWORK_FLAGS)}" in doc

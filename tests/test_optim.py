@@ -242,8 +242,7 @@ def test_unknown_and_unsupported_optimizers():
     for name in ("NoSuchOpt", "no_such_module.Opt", "torch.optim.NoSuch"):
         with pytest.raises(UserError, match="unknown --optimizer_type"):
             build_optimizer(make_args([f"--optimizer_type={name}"]), params(), "cpu")
-    with pytest.raises(UserError, match="schedule-free"):
-        build_optimizer(make_args(["--optimizer_type=AdamWScheduleFree"]), params(), "cpu")
+    # schedule-free optimizers are supported now (tests/test_kohya_compat.py)
     with pytest.raises(UserError, match="do not fit AdamW"):
         build_optimizer(make_args(["--optimizer_args", "no_such_arg=1"]), params(), "cpu")
 

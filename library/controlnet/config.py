@@ -130,6 +130,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if args.output_config:
         A.write_config_file(parser, args)
         raise SystemExit(0)
+    A.after_parse(args, argv)
     return args
 
 

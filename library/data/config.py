@@ -45,6 +45,7 @@ class SubsetConfig:
     # same name in this folder (only with --masked_loss, as in kohya).
     alpha_mask: bool = False
     conditioning_data_dir: str | None = None
+    resize_interpolation: str | None = None  # --resize_interpolation (None: area down, Lanczos up)
 
     @property
     def name(self) -> str:
@@ -152,6 +153,7 @@ def flag_defaults(args) -> dict:
         "caption_dropout_every_n_epochs": int(_arg(args, "caption_dropout_every_n_epochs", 0)),
         "caption_tag_dropout_rate": float(_arg(args, "caption_tag_dropout_rate", 0.0)),
         "alpha_mask": bool(_arg(args, "alpha_mask", False)),
+        "resize_interpolation": _arg(args, "resize_interpolation"),
         # kohya reads mask images only for --masked_loss; other trainers (ControlNet) use the same
         # flag for their own conditioning images, which must not become loss masks.
         "conditioning_data_dir": _arg(args, "conditioning_data_dir") if _arg(args, "masked_loss") else None,

@@ -154,7 +154,8 @@ class DatasetGroup:
             else:
                 arr, alpha, cond = load_sample(rec.path, rec.placement, rng, random_crop=sub.random_crop, flip=flip,
                                                color_aug=sub.color_aug, alpha=sub.alpha_mask,
-                                               conditioning=rec.conditioning if sub.conditioning_data_dir else None)
+                                               conditioning=rec.conditioning if sub.conditioning_data_dir else None,
+                                               interpolation=sub.resize_interpolation)
                 images.append(to_tensor(arr))
             if want_alpha:
                 alphas.append(masks.alpha_tensor(alpha, rec.placement.bucket))

@@ -81,7 +81,7 @@ def _mask_keys(group, i: int) -> tuple[str, ...]:
     return keys
 
 
-def _image_meta(rec, dtype, fingerprint: str, mask_keys=()) -> dict[str, str]:
+def _image_meta(rec, dtype, fingerprint: str, mask_keys=(), interpolation: str | None = None) -> dict[str, str]:
     st = os.stat(rec.path)
     p = rec.placement
     meta = {
@@ -94,6 +94,8 @@ def _image_meta(rec, dtype, fingerprint: str, mask_keys=()) -> dict[str, str]:
         "vae": fingerprint,
         "dtype": str(dtype),
     }
+    if interpolation:  # --resize_interpolation changes the pixels, so a cache made with another is stale
+        meta["resize_interpolation"] = interpolation
     if "alpha_masks" in mask_keys:  # the alpha plane comes from the image file itself
         meta["alpha_mask"] = "1"
     if "conditioning_images" in mask_keys:  # a changed or replaced mask image rebuilds the file
@@ -143,7 +145,8 @@ def _load_pixels(job, group):
     rec = group.images[idx]
     keys = _mask_keys(group, idx)
     arr, alpha, cond = load_sample(rec.path, rec.placement, None, flip=flip, alpha="alpha_masks" in keys,
-                                   conditioning=rec.conditioning if "conditioning_images" in keys else None)
+                                   conditioning=rec.conditioning if "conditioning_images" in keys else None,
+                                   interpolation=group.subset_of(rec).resize_interpolation)
     return to_tensor(arr), to_cache(alpha, cond)
 
 
@@ -168,7 +171,8 @@ def cache_latents(group, vae, to_disk=False, vae_batch_size=1, device=None, dtyp
     todo = []
     for i in used:
         if to_disk:
-            expected = _image_meta(group.images[i], dtype, fingerprint, mask_keys[i])
+            expected = _image_meta(group.images[i], dtype, fingerprint, mask_keys[i],
+                                   group.subset_of(group.images[i]).resize_interpolation)
             hit = _load_valid(cache_path_for(group.images[i].path), expected, needs_flip[i], mask_keys[i])
             if hit is not None:
                 results[i] = hit
@@ -234,7 +238,8 @@ def _write_cache_files(group, indices, results, dtype, fingerprint, mask_keys) -
                 tensors[name + "_flipped"] = flipped
         path = cache_path_for(rec.path)
         try:
-            save_safetensors_atomic(tensors, path, metadata=_image_meta(rec, dtype, fingerprint, mask_keys[i]))
+            meta = _image_meta(rec, dtype, fingerprint, mask_keys[i], group.subset_of(rec).resize_interpolation)
+            save_safetensors_atomic(tensors, path, metadata=meta)
         except OSError as err:
             raise UserError(f"cannot write the latent cache file {path} ({err.strerror or err}).",
                             path=path, fix="make the image folder writable, or drop "

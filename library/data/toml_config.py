@@ -23,6 +23,7 @@ SUBSET_TYPES = {
     "caption_separator": STR, "keep_tokens_separator": STR, "secondary_separator": STR,
     "caption_dropout_rate": FLOAT, "caption_dropout_every_n_epochs": INT,
     "caption_tag_dropout_rate": FLOAT, "alpha_mask": BOOL, "conditioning_data_dir": STR,
+    "resize_interpolation": STR,
 }
 # conditioning_data_dir is one folder's masks, so it belongs to that folder's subset (as in kohya).
 SUBSET_ONLY = ("image_dir", "is_reg", "metadata_file", "conditioning_data_dir")
@@ -36,7 +37,7 @@ DATASET_TYPES = {
 # kohya keys this toolkit does not implement yet: named as such rather than as typos.
 NOT_YET_SUPPORTED = (
     "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "enable_wildcard",
-    "custom_attributes", "resize_interpolation", "cache_info",
+    "custom_attributes", "cache_info",
     "validation_seed", "validation_split", "network_multiplier",
 )
 assert set(SUBSET_TYPES) == set(SUBSET_KEYS) and set(DATASET_TYPES) <= set(DATASET_KEYS)
@@ -111,6 +112,12 @@ def _check_types(table: dict, where: str, path: Path) -> dict:
                                                               else " in quotes."))
         if key == "caption_extension":
             value = normalize_extension(value)
+        if key == "resize_interpolation":
+            from library.data.transforms import RESIZE_INTERPOLATIONS
+
+            if value not in RESIZE_INTERPOLATIONS:
+                raise UserError(f"'resize_interpolation' in {where} of {path} is {value!r}.", path=path,
+                                fix=f"use one of: {', '.join(RESIZE_INTERPOLATIONS)}.")
         if kind == FLOAT:
             value = float(value)
         out[key] = value

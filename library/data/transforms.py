@@ -31,20 +31,34 @@ def crop_origin(placement: Placement, rng: np.random.Generator | None = None,
     return extra_x // 2, extra_y // 2
 
 
-def resize_to(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an HxW(xC) uint8 array to (w, h)."""
+# --resize_interpolation names (kohya's library/utils.get_cv2_interpolation / get_pil_interpolation):
+# lanczos and box resize with PIL, the others with OpenCV, as kohya's resize_image does.
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+_CV2_INTERPOLATION = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+                      "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+
+
+def resize_to(arr: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
+    """Resize an HxW(xC) uint8 array to (w, h), with a --resize_interpolation method or the default."""
     h, w = arr.shape[:2]
     rw, rh = size
     if (rw, rh) == (w, h):
         return arr
+    if interpolation in ("lanczos", "box"):
+        from PIL import Image
+
+        method = Image.Resampling.LANCZOS if interpolation == "lanczos" else Image.Resampling.BOX
+        return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((rw, rh), method))
+    if interpolation is not None:
+        return cv2.resize(np.ascontiguousarray(arr), (rw, rh), interpolation=_CV2_INTERPOLATION[interpolation])
     # INTER_AREA averages source pixels when shrinking (no aliasing); Lanczos is sharpest up.
     interp = cv2.INTER_AREA if rw * rh < w * h else cv2.INTER_LANCZOS4
     return cv2.resize(np.ascontiguousarray(arr), (rw, rh), interpolation=interp)
 
 
-def fit(arr: np.ndarray, placement: Placement, origin: tuple[int, int]) -> np.ndarray:
+def fit(arr: np.ndarray, placement: Placement, origin: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
     """Resize to cover the bucket and cut the bucket-sized window at `origin`."""
-    arr = resize_to(arr, placement.resized)
+    arr = resize_to(arr, placement.resized, interpolation)
     (left, top), (bw, bh) = origin, placement.bucket
     return arr[top:top + bh, left:left + bw]
 
@@ -88,7 +102,7 @@ def load_image(path: str, placement: Placement, rng: np.random.Generator | None 
 
 def load_sample(path: str, placement: Placement, rng: np.random.Generator | None = None, *,
                 random_crop=False, flip=False, color_aug=False, alpha=False,
-                conditioning: str | None = None):
+                conditioning: str | None = None, interpolation: str | None = None):
     """The image and its loss masks with the same resize, crop and flip:
     (HxWx3 uint8, alpha HxW uint8 or None, conditioning image HxWx3 uint8 or None).
 
@@ -102,10 +116,10 @@ def load_sample(path: str, placement: Placement, rng: np.random.Generator | None
         arr, alpha_plane = np.asarray(load_rgb(path)), None
     size = (arr.shape[1], arr.shape[0])
     origin = crop_origin(placement, rng, random_crop)
-    arr = fit(arr, placement, origin)
+    arr = fit(arr, placement, origin, interpolation)
     if alpha_plane is not None:
-        alpha_plane = fit(alpha_plane, placement, origin)
-    cond = fit(load_conditioning(conditioning, size), placement, origin) if conditioning else None
+        alpha_plane = fit(alpha_plane, placement, origin, interpolation)
+    cond = fit(load_conditioning(conditioning, size), placement, origin, interpolation) if conditioning else None
     if flip:
         arr = arr[:, ::-1]
         alpha_plane = None if alpha_plane is None else alpha_plane[:, ::-1]

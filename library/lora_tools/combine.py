@@ -91,3 +91,65 @@ def concat_merge(groups: list[ModuleParts]) -> list[ModuleWeights]:
             ups.append(up * math.copysign(root, c))
         merged.append(ModuleWeights(g.name, torch.cat(downs, 0), torch.cat(ups, 1), alpha))
     return merged
+
+
+# --- per-block weights (kohya's svd_merge_lora --lbws, in the LoRA Block Weight extension's layout) ---
+# The 26 slots are BASE (text encoder), IN00..IN11, MID, OUT00..OUT11; a 17-value list names the SD1.x
+# blocks that hold LoRA modules: BASE, IN01 IN02 IN04 IN05 IN07 IN08, MID, OUT03..OUT11.
+LBW17_SLOTS = (0, 2, 3, 5, 6, 8, 9, 13, 17, 18, 19, 20, 21, 22, 23, 24, 25)
+
+
+def parse_lbws(texts: list[str] | None, count: int) -> list[list[float] | None]:
+    """One 26-slot weight list (or None: all 1) per model from kohya's JSON lists of 17 or 26 numbers."""
+    import json
+
+    out: list[list[float] | None] = []
+    for i, text in enumerate(texts or []):
+        try:
+            values = json.loads(text)
+        except ValueError:
+            values = None
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise UserError(f"--lbws item {i + 1} is not a JSON list of numbers: {text!r}.",
+                            fix='write each as "[1,1,0.5,...]" with 17 (or 26) numbers.')
+        if len(values) in (12, 20):
+            raise UserError(f"--lbws item {i + 1} has {len(values)} values, kohya's SDXL layout; this tool merges "
+                            "SD1.x/SD2.x LoRAs.", fix="give 17 values (or 26: BASE, IN00-IN11, MID, OUT00-OUT11).")
+        if len(values) not in (17, 26):
+            raise UserError(f"--lbws item {i + 1} has {len(values)} values.",
+                            fix="give 17 values (BASE, IN01 IN02 IN04 IN05 IN07 IN08, MID, OUT03-OUT11) or 26.")
+        slots = [1.0] * 26
+        for slot, value in zip(LBW17_SLOTS if len(values) == 17 else range(26), values):
+            slots[slot] = float(value)
+        out.append(slots)
+    if len({len(json.loads(t)) for t in texts or []}) > 1:
+        raise UserError("the --lbws lists have different lengths.", fix="give every list 17 values (or every one 26).")
+    if len(out) > count:
+        raise UserError(f"--lbws has {len(out)} lists for {count} --models.", fix="give at most one per model.")
+    return out + [None] * (count - len(out))
+
+
+def lbw_slot(module_name: str) -> int | None:
+    """The 26-slot index of a module (kohya's get_lbw_block_index): 0 for the text encoder."""
+    from networks.lora_blocks import block_index
+
+    if module_name.startswith("lora_te"):
+        return 0
+    index = block_index(module_name)
+    return None if index is None else 1 + index
+
+
+def weight_blocks(lora, slots: list[float] | None):
+    """A copy of a LoRA file with each module scaled by its block's weight (up scaled, so the ratio,
+    alpha and rank stay as they are)."""
+    from dataclasses import replace
+
+    if slots is None:
+        return lora
+    modules = {}
+    for name, m in lora.modules.items():
+        slot = lbw_slot(name)
+        weight = 1.0 if slot is None else slots[slot]
+        modules[name] = m if weight == 1.0 else replace(m, up=m.up * weight)
+    return replace(lora, modules=modules)

@@ -147,6 +147,34 @@ def lora_metadata(modules, output_path, extra: dict | None = None) -> dict[str, 
     return meta
 
 
+def modelspec_metadata(output_path, v2: bool = False, v_parameterization: bool = False,
+                       merged_from: list | None = None, kind: str = "lora") -> dict[str, str]:
+    """The sai ModelSpec keys kohya's tools write (sai_model_spec.build_metadata): title from the file
+    name, architecture from v2 / v-prediction, merged_from for merges. --no_metadata leaves them out."""
+    import time
+
+    from library.training.metadata import modelspec_architecture
+
+    meta = {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{modelspec_architecture(v2, v_parameterization)}/{kind}",
+            "modelspec.implementation": "diffusers", "modelspec.title": Path(output_path).stem,
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "modelspec.prediction_type": "v" if v_parameterization else "epsilon"}
+    if merged_from:
+        meta["modelspec.merged_from"] = ", ".join(Path(str(p)).stem for p in merged_from)
+    return meta
+
+
+def shuffle_ranks(modules, generator: torch.Generator | None = None) -> list:
+    """kohya's merge_lora --shuffle: permute each module's rank dimension (down's rows with up's
+    columns). up @ down, and so what the LoRA does, is unchanged; the tensors are not."""
+    out = []
+    for m in modules:
+        perm = torch.randperm(m.rank, generator=generator)
+        out.append(ModuleWeights(m.name, m.down[perm], m.up[:, perm], m.alpha))
+    return out
+
+
 def merge_sources(loras, ratios) -> list[dict]:
     """What a merge was made from (file, ratio, WebUI's hash of it), for the result's metadata."""
     return [{"file": lora.path.name, "ratio": ratio,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import signal
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +61,12 @@ class LoopSettings:
     save_every_n_steps: int | None = None
     save_last_n_epochs: int | None = None
     save_last_n_steps: int | None = None
+    save_last_n_epochs_state: int | None = None  # state folders; None: as save_last_n_epochs (kohya)
+    save_last_n_steps_state: int | None = None
+    # kohya's --initial_epoch / --initial_step / --skip_until_initial_step (see start_position)
+    initial_epoch: int | None = None
+    initial_step: int | None = None
+    skip_until_initial_step: bool = False
     save_state: bool = False
     save_state_on_train_end: bool = False
     resume: str | None = None
@@ -146,7 +152,30 @@ def automation_settings(args) -> dict:
     """LoopSettings fields from the flags of args.add_trainer_automation_arguments."""
     return {"save_top_k": getattr(args, "save_top_k", None), "monitor": getattr(args, "monitor", None),
             "monitor_mode": getattr(args, "monitor_mode", None) or "min",
-            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0, "profile": bool(getattr(args, "profile", False))}
+            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0, "profile": bool(getattr(args, "profile", False)),
+            "save_last_n_epochs_state": getattr(args, "save_last_n_epochs_state", None),
+            "save_last_n_steps_state": getattr(args, "save_last_n_steps_state", None),
+            "initial_epoch": getattr(args, "initial_epoch", None), "initial_step": getattr(args, "initial_step", None),
+            "skip_until_initial_step": bool(getattr(args, "skip_until_initial_step", False))}
+
+
+def start_position(initial_epoch: int | None, initial_step: int | None, skip: bool, batches_per_epoch: int,
+                   grad_accum: int) -> tuple[int, int, int] | None:
+    """(global step, epoch index, first batch) for --initial_step/--initial_epoch; None when neither is given.
+
+    kohya's train_network.py: --initial_step wins over --initial_epoch ((epoch - 1) x updates per epoch);
+    the run starts in the epoch that holds that step. With --skip_until_initial_step it starts at that
+    step's batch and counts steps from it; without, it starts at the beginning of that epoch and counts
+    steps from 0 (so it trains up to --max_train_steps more, within the remaining epochs).
+    """
+    if initial_step is None and initial_epoch is None:
+        return None
+    updates = math.ceil(batches_per_epoch / grad_accum)
+    step = initial_step if initial_step is not None else (initial_epoch - 1) * updates
+    epoch = step // updates
+    if not skip:
+        return 0, epoch, 0
+    return step, epoch, (step - epoch * updates) * grad_accum
 
 
 def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_steps: int,
@@ -158,10 +187,36 @@ def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_step
     return max_train_steps, math.ceil(max_train_steps / updates_per_epoch)
 
 
+def is_schedule_free(optimizer) -> bool:
+    """A schedule-free optimizer (schedulefree's AdamWScheduleFree, ...): it has train()/eval() modes."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
+
+
+def in_eval_mode(optimizer, fn):
+    """fn run with a schedule-free optimizer in eval mode (the parameters hold the averaged weights that
+    are sampled and saved), then back in train mode: kohya's optimizer_eval_fn / optimizer_train_fn."""
+    if fn is None or not is_schedule_free(optimizer):
+        return fn
+    inner = getattr(optimizer, "optimizer", optimizer)
+
+    def wrapped(*args, **kwargs):
+        inner.eval()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            inner.train()
+
+    return wrapped
+
+
 def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, cfg: LoopSettings,
                  noise_generator: torch.Generator, progress_logger) -> TrainState:
     world, main = accelerator.num_processes, accelerator.is_main_process
     writes = not cfg.fast_dev_run  # fast_dev_run: nothing at all is written
+    if is_schedule_free(optimizer):  # samples, validation and saves see the averaged weights (kohya)
+        hooks = replace(hooks, save_model=in_eval_mode(optimizer, hooks.save_model),
+                        sample=in_eval_mode(optimizer, hooks.sample), validate=in_eval_mode(optimizer, hooks.validate))
     max_steps = min(cfg.max_train_steps, cfg.fast_dev_run) if cfg.fast_dev_run else cfg.max_train_steps
     state = TrainState(seed=cfg.seed, max_train_steps=cfg.max_train_steps)
     scaler = getattr(accelerator, "scaler", None)
@@ -170,6 +225,16 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
         state.max_train_steps = cfg.max_train_steps
         accelerator.print(f"resumed from {cfg.resume}: step {state.global_step}, epoch {state.epoch + 1}, "
                           f"batch {state.next_batch}")
+    start = start_position(cfg.initial_epoch, cfg.initial_step, cfg.skip_until_initial_step,
+                           group.num_batches_per_epoch, cfg.gradient_accumulation_steps)
+    if start is not None:  # overrides a resumed state's position, as kohya (the lr schedule is not moved)
+        if start[0] >= cfg.max_train_steps:
+            from library.errors import UserError
+
+            raise UserError(f"--initial_step/--initial_epoch start at step {start[0]}, not below --max_train_steps "
+                            f"({cfg.max_train_steps}).", fix="raise --max_train_steps or start earlier.")
+        state.global_step, state.epoch, state.next_batch = start
+        accelerator.print(f"starting at step {state.global_step}, epoch {state.epoch + 1}, batch {state.next_batch}")
     accel.broadcast_parameters(accelerator, hooks.trainable)  # identical start on every process
     trainable_params = [p for p in hooks.trainable.parameters() if p.requires_grad]
     if hooks.on_state:
@@ -180,6 +245,8 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
             return None
         return save_train_state(cfg.output_dir / name, state, hooks.trainable, optimizer, lr_scheduler,
                                 noise_generator, scaler)
+
+    save_state = in_eval_mode(optimizer, save_state)
 
     top_k = None
     if cfg.save_top_k and main and writes:
@@ -327,12 +394,21 @@ def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str,
     numbered = {"epoch": epoch} if kind == "epoch" else {"step": step}
     if cfg.save_state:
         save_state(state_dir_name(cfg.output_name, **numbered))
-    keep = cfg.save_last_n_epochs if kind == "epoch" else None
-    if kind == "step" and cfg.save_last_n_steps and cfg.save_every_n_steps:
-        keep = max(1, cfg.save_last_n_steps // cfg.save_every_n_steps)
+    def kept(last_n_epochs, last_n_steps):
+        if kind == "epoch":
+            return last_n_epochs
+        if last_n_steps and cfg.save_every_n_steps:
+            return max(1, last_n_steps // cfg.save_every_n_steps)
+        return None
+
+    keep = kept(cfg.save_last_n_epochs, cfg.save_last_n_steps)
+    # kohya's save_and_remove_state_*: --save_last_n_*_state, else the model files' --save_last_n_*
+    keep_state = kept(cfg.save_last_n_epochs_state, cfg.save_last_n_steps_state) or keep
     if keep:
-        for suffix in (".safetensors", ".ckpt", ".pt", "-state"):
+        for suffix in (".safetensors", ".ckpt", ".pt"):
             prune_old(cfg.output_dir, cfg.output_name, kind, keep, suffix)
+    if keep_state:
+        prune_old(cfg.output_dir, cfg.output_name, kind, keep_state, "-state")
 
 
 class Profiler:

@@ -149,11 +149,48 @@ def training_metadata(args, *, group_meta: dict, optimizer_desc: str, max_train_
         "modelspec.title": args.output_name,
         "modelspec.resolution": f"{res[0]}x{res[1]}",
         "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
+        **modelspec_from_flags(args),
     }
     meta.update({k: _s(v) for k, v in group_meta.items()})
     meta.update(model_hashes(args.pretrained_model_name_or_path, "sd_model"))
     meta.update(model_hashes(args.vae, "vae"))
     return meta
+
+
+MODELSPEC_FLAGS = ("title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint", "thumbnail")
+
+
+def modelspec_from_flags(args) -> dict[str, str]:
+    """modelspec.* from --metadata_<name> (kohya's get_sai_model_spec), with kohya's encoder_layer
+    (--clip_skip) and timestep_range (--min/max_timestep). A --metadata_thumbnail file becomes a data:
+    URL; a missing one is an error before training (kohya skips it with a warning)."""
+    out = {}
+    for name in MODELSPEC_FLAGS:
+        value = getattr(args, f"metadata_{name}", None)
+        if value is not None:
+            out[f"modelspec.{name}"] = thumbnail_data_url(value) if name == "thumbnail" else str(value)
+    if getattr(args, "clip_skip", None) is not None:
+        out["modelspec.encoder_layer"] = str(args.clip_skip)
+    low, high = getattr(args, "min_timestep", None), getattr(args, "max_timestep", None)
+    if low is not None or high is not None:
+        out["modelspec.timestep_range"] = f"{low if low is not None else 0},{high if high is not None else 1000}"
+    return out
+
+
+def thumbnail_data_url(value: str) -> str:
+    import base64
+    import mimetypes
+
+    from library.errors import UserError
+
+    if value.startswith("data:"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise UserError("the --metadata_thumbnail file does not exist.", path=path,
+                        fix="pass an image file (or a data: URL), or leave the flag out.")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 def for_save(meta: dict[str, str], epoch: int, step: int) -> dict[str, str]:

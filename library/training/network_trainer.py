@@ -23,7 +23,7 @@ from library.training.checkpoint import model_file_name, top_k_file_name
 from library.training.optim import optimizer_name
 from library.training.loop import (LoopHooks, LoopSettings, automation_settings, monitored_metric, prepare_group,
                                    run_training_or_exit, steps_and_epochs)
-from library.training.text import encode_tokens, tokenize
+from library.training.text import encode_text
 from library.training.validation import split_validation, validation_loss
 
 
@@ -209,6 +209,10 @@ def train(args) -> dict:
 
     group = build_dataset_group(dataset_configs_from_args(args), seed=args.seed,
                                 skip_bad_images=args.skip_bad_images)
+    if getattr(args, "debug_dataset", False):  # kohya: show the batches, train nothing
+        from library.data.debug import debug_dataset
+
+        return {"debug_dataset": debug_dataset(group, output_dir / "debug_dataset" if main else None)}
     validation_seed = args.validation_seed if args.validation_seed is not None else args.seed
     group, val_group = split_validation(group, args.validation_split, validation_seed)
     if val_group is not None:
@@ -299,8 +303,8 @@ def train(args) -> dict:
         from library.data.text_cache import TextEncoderOutputCache
 
         t0 = time.perf_counter()
-        text_cache = TextEncoderOutputCache(lambda captions: encode_tokens(
-            text_encoder, tokenize(tokenizer, captions, args.max_token_length).to(device), args.clip_skip))
+        text_cache = TextEncoderOutputCache(lambda captions: encode_text(
+            tokenizer, text_encoder, captions, args.max_token_length, args.clip_skip, args.weighted_captions, device))
         with torch.no_grad(), accelerator.autocast():  # as compute_loss runs, so outputs are equal
             text_cache.fill(group.possible_captions(), batch_size=args.train_batch_size)
         t_cache += time.perf_counter() - t0
@@ -374,9 +378,9 @@ def train(args) -> dict:
         if text_cache is not None:
             hidden = text_cache.lookup(batch["captions"], device)
         else:
-            ids = tokenize(tokenizer, batch["captions"], args.max_token_length).to(device)
             with torch.set_grad_enabled(te_trains):
-                hidden = encode_tokens(text_encoder, ids, args.clip_skip)
+                hidden = encode_text(tokenizer, text_encoder, batch["captions"], args.max_token_length, args.clip_skip,
+                                     args.weighted_captions, device)
         noise, noisy, timesteps = objective.noisy_latents(latents, generator)
         pred = train_unet_model(noisy, timesteps, hidden.to(weight_dtype)).sample
         return objective.loss(pred, objective.target(latents, noise, timesteps), timesteps, batch)

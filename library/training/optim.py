@@ -29,6 +29,10 @@ _PACKAGED = {
     "dadaptlion": ("dadaptation", "dadaptation", "DAdaptLion"),
     "dadaptsgd": ("dadaptation", "dadaptation", "DAdaptSGD"),
     "adafactor": ("transformers", "transformers.optimization", "Adafactor"),
+    # schedule-free (kohya's names): they keep their own schedule; the loop switches train/eval modes
+    "adamwschedulefree": ("schedulefree", "schedulefree", "AdamWScheduleFree"),
+    "radamschedulefree": ("schedulefree", "schedulefree", "RAdamScheduleFree"),
+    "sgdschedulefree": ("schedulefree", "schedulefree", "SGDScheduleFree"),
 }
 # bitsandbytes optimizers: 8-bit states (and paged memory) need its CUDA kernels.
 _BITSANDBYTES = {
@@ -36,7 +40,6 @@ _BITSANDBYTES = {
     "pagedadamw32bit": "PagedAdamW32bit", "lion8bit": "Lion8bit", "pagedlion8bit": "PagedLion8bit",
     "sgdnesterov8bit": "SGD8bit",
 }
-_SCHEDULE_FREE = {"radamschedulefree", "adamwschedulefree", "sgdschedulefree"}
 _KEY = re.compile(r"\s+(?=[A-Za-z_][\w.]*=)")
 
 
@@ -118,9 +121,6 @@ def _resolve_class(name: str, device_type: str):
         return _bitsandbytes_class(name, device_type), lower
     if lower in _PACKAGED:
         return _import_class(*_PACKAGED[lower], name), lower
-    if lower in _SCHEDULE_FREE:
-        raise UserError(f"--optimizer_type {name} (schedule-free) is not supported by this trainer.",
-                        fix="use AdamW, Prodigy or DAdaptAdam.")
     # kohya: any class, "module.Class", or a bare name from torch.optim (Adam, RAdam, NAdam, ...)
     module_name, _, class_name = name.rpartition(".")
     try:
@@ -188,6 +188,8 @@ def build_optimizer(args, param_groups, device_type: str):
     except (TypeError, ValueError) as err:
         raise UserError(f"--optimizer_args do not fit {cls.__name__}: {err}.",
                         fix="remove or correct the arguments the optimizer does not take.") from None
+    if callable(getattr(optimizer, "train", None)):  # schedule-free: train mode for the steps (kohya)
+        optimizer.train()
     desc = f"{cls.__module__}.{cls.__name__}"
     if kwargs:
         desc += "(" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + ")"

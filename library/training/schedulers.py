@@ -69,6 +69,12 @@ def build_scheduler(args, optimizer, max_train_steps: int, num_processes: int = 
         return _custom_scheduler(custom, optimizer, kwargs)
 
     name = args.lr_scheduler
+    if callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None)):
+        # schedule-free optimizers keep their own schedule; kohya gives them a do-nothing scheduler
+        if name != "constant" or warm:
+            warn_once(f"{type(optimizer).__name__} keeps its own schedule: --lr_scheduler {name} and --lr_warmup_steps "
+                      "are not used (as kohya); give warmup as --optimizer_args \"warmup_steps=N\".")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if uses_adafactor_schedule(optimizer):
         if name not in ("adafactor", "constant"):  # constant: the default, i.e. not a choice
             warn_once(f"Adafactor with relative_step=True sets its own learning rate; --lr_scheduler {name} is "

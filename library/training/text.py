@@ -39,6 +39,11 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
                          return_tensors="pt").input_ids
     ids = tokenizer(list(captions), padding="max_length", max_length=n * WINDOW_TEXT + 2, truncation=True,
                     return_tensors="pt").input_ids
+    return _windows(tokenizer, ids, n)
+
+
+def _windows(tokenizer, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, 75n + 2] ids (BOS, text, EOS, padding) -> [B, n, 77] windows."""
     bos, last = ids[:, :1], ids[:, -1:]  # last: EOS after truncation, else padding
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     windows = []
@@ -52,6 +57,52 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
         w[w[:, 1] == pad, 1] = eos
         windows.append(w)
     return torch.stack(windows, dim=1)
+
+
+def tokenize_weighted(tokenizer, captions: list[str], max_token_length: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """--weighted_captions: ids laid out as `tokenize` lays them out, with the caption's A1111 weights
+    ("(tag:1.2)", library.prompt_weights) removed from the text, and a weight per id (1 at BOS, EOS,
+    padding): kohya's tokenize_with_weights."""
+    from library.prompt_weights import tokens_with_weights
+
+    n = num_windows(max_token_length)
+    length = n * WINDOW_TEXT + 2 if n > 1 else 77
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows, weight_rows = [], []
+    for caption in captions:
+        ids, weights, _ = tokens_with_weights(tokenizer, caption, length - 2)
+        rows.append([bos] + ids + [eos] + [pad] * (length - 2 - len(ids)))
+        weight_rows.append([1.0] + weights + [1.0] * (length - 1 - len(weights)))
+    ids, weights = torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows)
+    if n == 1:
+        return ids, weights
+    text = weights[:, 1:1 + n * WINDOW_TEXT].reshape(-1, n, WINDOW_TEXT)
+    ones = torch.ones(text.shape[0], n, 1)
+    return _windows(tokenizer, ids, n), torch.cat([ones, text, ones], dim=2)
+
+
+def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale each text position's hidden state by its weight (kohya's encode_tokens_with_weights; no
+    mean rescaling in training, unlike sampling). hidden [B, 77, D] with weights [B, 77], or
+    [B, 2 + 75n, D] with window weights [B, n, 77]."""
+    weights = weights.to(hidden.device, hidden.dtype)
+    if weights.dim() == 2:
+        return hidden * weights.unsqueeze(-1)
+    flat = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
+    flat[:, 1:-1] = weights[:, :, 1:-1].reshape(weights.shape[0], -1)
+    return hidden * flat.unsqueeze(-1)
+
+
+def encode_text(tokenizer, text_encoder, captions, max_token_length: int | None = None,
+                clip_skip: int | None = None, weighted: bool = False, device=None) -> torch.Tensor:
+    """Captions -> hidden states for training: `tokenize` + `encode_tokens`, or with --weighted_captions
+    the weighted form."""
+    device = device or text_encoder.device
+    if not weighted:
+        return encode_tokens(text_encoder, tokenize(tokenizer, captions, max_token_length).to(device), clip_skip)
+    ids, weights = tokenize_weighted(tokenizer, captions, max_token_length)
+    return apply_token_weights(encode_tokens(text_encoder, ids.to(device), clip_skip), weights)
 
 
 def _encode(text_encoder, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
