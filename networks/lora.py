@@ -141,6 +141,7 @@ class LoRANetwork(torch.nn.Module):
     TEXT_ENCODER_TARGET_REPLACE_MODULE = list(fmt.TE_TARGETS)
     LORA_PREFIX_UNET = fmt.UNET_PREFIX
     LORA_PREFIX_TEXT_ENCODER = fmt.TE_PREFIX
+    FILE_TENSOR_SUFFIXES = fmt.TENSOR_SUFFIXES  # what save_weights writes (networks.lycoris adds its keys)
 
     NUM_OF_BLOCKS = blocks.NUM_BLOCKS
     NUM_OF_MID_BLOCKS = blocks.NUM_MID
@@ -298,8 +299,9 @@ class LoRANetwork(torch.nn.Module):
         for name, loras, lr, ratio in parts:
             if not loras or not lr:
                 continue
-            downs = [p for m in loras for p in m.lora_down.parameters()]
-            ups = [p for m in loras for p in m.lora_up.parameters()]
+            ups = [p for m in loras for p in _up_parameters(m)]
+            up_ids = {id(p) for p in ups}
+            downs = [p for m in loras for p in m.parameters() if id(p) not in up_ids]
             if ratio:  # LoRA+: the up matrices learn `ratio` times faster
                 groups += [{"params": downs, "lr": lr, "name": name},
                            {"params": ups, "lr": lr * ratio, "name": name + " plus"}]
@@ -338,7 +340,7 @@ class LoRANetwork(torch.nn.Module):
         """Write the LoRA file atomically; .safetensors gets sshs_model_hash / sshs_legacy_hash."""
         from library.fileio import atomic_path, torch_save_atomic
 
-        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
+        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(self.FILE_TENSOR_SUFFIXES)}
         # Per-block alphas (block_alphas) or edited modules: diffusers would apply one alpha to
         # every Linear module, so the differences are folded into lora_up (same update everywhere).
         sd, changed = fmt.unify_linear_alphas(sd)
@@ -388,6 +390,13 @@ class LoRANetwork(torch.nn.Module):
         scaled = norms * ratios
         keys_scaled = int((ratios < 1.0).sum())
         return keys_scaled, float(scaled.mean()), float(scaled.max())
+
+
+def _up_parameters(module) -> list:
+    """The tensors LoRA+ trains faster: lora_up, or what a networks.lycoris module names (none for LoHa/LoKr)."""
+    if hasattr(module, "up_parameters"):
+        return module.up_parameters() or []
+    return list(module.lora_up.parameters())
 
 
 def _single_text_encoder(text_encoder):

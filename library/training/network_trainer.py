@@ -165,6 +165,8 @@ def compile_unet(unet, args, device):
 
 
 def import_network_module(name: str):
+    from networks.lycoris import resolve_module_name
+    name = resolve_module_name(name)  # kohya_ss's lycoris.kohya -> networks.lycoris
     try:
         return importlib.import_module(name)
     except ImportError as err:

@@ -1,0 +1,335 @@
+"""networks.lycoris: LoHa, LoKr and DoRA, trained here and applied by WebUI's and ComfyUI's rules.
+
+`webui_delta` and `comfy_weight` re-implement, from their code, how AUTOMATIC1111 WebUI
+(extensions-builtin/Lora: network_lora/hada/lokr.py, network.py finalize_updown and
+apply_weight_decompose) and ComfyUI (comfy/weight_adapter lora/loha/lokr.py, base.py
+weight_decompose) turn a file's tensors into a weight change; our saved file must give, under
+each rule, the layer output our network gives in training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.errors import UserError
+from library.models.tiny import build_tiny_components
+from networks import lycoris as lyco
+from networks import lycoris_format as lyc
+
+# --- the clients' rules, written from their code ---------------------------------------------
+
+
+def webui_delta(t: dict, orig_weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """WebUI: calc_updown of the module type, then finalize_updown (scale, DoRA, multiplier)."""
+    shape = orig_weight.shape
+    dim = None
+    if "lora_down.weight" in t:  # network_lora.py
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        dim = down.shape[0]
+        if up.dim() == 4:
+            updown = (up.squeeze(3).squeeze(2) @ down.flatten(1)).reshape(shape) if up.shape[2:] == (1, 1) \
+                else None
+        else:
+            updown = up @ down
+        output_shape = shape
+    elif "hada_w1_a" in t:  # network_hada.py
+        dim = t["hada_w1_b"].shape[0]
+        updown = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        output_shape = [t["hada_w1_a"].size(0), t["hada_w1_b"].size(1)]
+    else:  # network_lokr.py
+        if "lokr_w1" in t:
+            w1 = t["lokr_w1"]
+        else:
+            w1 = t["lokr_w1_a"] @ t["lokr_w1_b"]
+            dim = t["lokr_w1_b"].shape[0]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+            dim = t["lokr_w2_b"].shape[0]
+        output_shape = [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if len(shape) == 4:
+            output_shape = shape
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        updown = torch.kron(w1, w2.contiguous()).reshape(output_shape)
+    # finalize_updown
+    if len(output_shape) == 4:
+        updown = updown.reshape(output_shape)
+    if orig_weight.numel() == updown.numel():
+        updown = updown.reshape(orig_weight.shape)
+    alpha = t["alpha"].item() if "alpha" in t else None
+    scale = alpha / dim if dim is not None and alpha is not None else 1.0
+    updown = updown * scale
+    if "dora_scale" in t:  # apply_weight_decompose
+        merged = updown + orig_weight
+        norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(merged.shape[1], *[1] * (len(shape) - 1)).transpose(0, 1))
+        updown = merged * (t["dora_scale"] / norm) - orig_weight
+    return updown * multiplier
+
+
+def comfy_weight(t: dict, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """ComfyUI: calculate_weight of the adapter type; weight_decompose when dora_scale is present."""
+    weight = weight.clone()
+    alpha_t = t.get("alpha")
+    if "lora_down.weight" in t:  # lora.py
+        mat1, mat2 = t["lora_up.weight"], t["lora_down.weight"]
+        alpha = alpha_t.item() / mat2.shape[0] if alpha_t is not None else 1.0
+        diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(weight.shape)
+    elif "hada_w1_a" in t:  # loha.py
+        alpha = alpha_t.item() / t["hada_w1_b"].shape[0] if alpha_t is not None else 1.0
+        m1 = torch.mm(t["hada_w1_a"], t["hada_w1_b"])
+        m2 = torch.mm(t["hada_w2_a"], t["hada_w2_b"])
+        diff = (m1 * m2).reshape(weight.shape)
+    else:  # lokr.py
+        dim = None
+        w1, w2 = t.get("lokr_w1"), t.get("lokr_w2")
+        if w1 is None:
+            dim = t["lokr_w1_b"].shape[0]
+            w1 = torch.mm(t["lokr_w1_a"], t["lokr_w1_b"])
+        if w2 is None:
+            dim = t["lokr_w2_b"].shape[0]
+            w2 = torch.mm(t["lokr_w2_a"], t["lokr_w2_b"])
+        if len(w2.shape) == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        alpha = alpha_t.item() / dim if alpha_t is not None and dim is not None else 1.0
+        diff = torch.kron(w1, w2).reshape(weight.shape)
+    if "dora_scale" not in t:
+        return weight + strength * alpha * diff
+    dora_scale = t["dora_scale"]  # base.py weight_decompose
+    diff = diff * alpha
+    calc = weight + diff
+    if dora_scale.shape[0] == calc.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(
+            weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = (calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    calc = calc * (dora_scale / norm)
+    if strength != 1.0:
+        return weight + strength * (calc - weight)
+    return calc
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+ALGOS = {
+    "loha": {"algo": "loha"},
+    "lokr": {"algo": "lokr", "factor": "4"},  # dim 4 < half of w2: w2 low-rank
+    "lokr_full": {"algo": "lokr", "factor": "4", "full_matrix": "True"},
+    "lokr_both": {"algo": "lokr", "factor": "8", "decompose_both": "True"},
+    "dora": {"algo": "dora"},
+    "loha_dora": {"algo": "loha", "dora_wd": "True"},
+    "lokr_dora": {"algo": "lokr", "factor": "4", "dora_wd": "True"},
+}
+
+
+def components():
+    return build_tiny_components(seed=0)
+
+
+def build(algo_args, dim=4, alpha=2, conv=True, multiplier=1.0):
+    unet, vae, te = components()
+    kwargs = dict(algo_args, **({"conv_dim": "4", "conv_alpha": "3"} if conv else {"preset": "attn-mlp"}))
+    net = lyco.create_network(multiplier, dim, alpha, vae, te, unet, **kwargs)
+    net.apply_to(te, unet, True, True)
+    net.models = (unet, te)
+    return net
+
+
+@torch.no_grad()
+def randomize(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith("dora_scale"):
+            p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def layer_input(layer, g):
+    if isinstance(layer, torch.nn.Conv2d):
+        return torch.randn(2, layer.in_channels, 6, 6, generator=g, dtype=layer.weight.dtype)
+    return torch.randn(2, 3, layer.in_features, generator=g, dtype=layer.weight.dtype)
+
+
+def base_out(layer, x, weight):
+    if isinstance(layer, torch.nn.Conv2d):
+        return layer._conv_forward(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-12)) if not a.requires_grad else rel(a.detach(), b.detach())
+
+
+# --- the client rules give our training delta ------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_saved_file_applied_by_webui_and_comfyui_rules_equals_training(tmp_path, name):
+    mult = 0.7
+    net = build(ALGOS[name], multiplier=mult)
+    randomize(net)
+    net.train()
+    path = tmp_path / f"{name}.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    # float64 so that what is compared is the rule, not float32 cancellation in (out + change) - out
+    for part in net.models:
+        part.double()
+    net.double()
+    sd = {k: v.double() for k, v in load_file(path).items()}
+    modules = lyc.group_modules(sd)
+    assert len(modules) == len(net.all_loras())
+    g = torch.Generator().manual_seed(3)
+    worst = {"webui": 0.0, "comfy": 0.0}
+    kinds = set()
+    for m in net.all_loras():
+        layer = m.org_module
+        kinds.add((type(m).__name__, type(layer).__name__, tuple(layer.weight.shape[2:])))
+        x = layer_input(layer, g)
+        with torch.no_grad():
+            ours = layer(x) - base_out(layer, x, layer.weight)  # the patched layer, training mode
+            w = layer.weight
+            webui = base_out(layer, x, w + webui_delta(modules[m.lora_name], w, mult)) - base_out(layer, x, w)
+            comfy = base_out(layer, x, comfy_weight(modules[m.lora_name], w, mult)) - base_out(layer, x, w)
+        assert ours.abs().max() > 0, m.lora_name
+        worst["webui"] = max(worst["webui"], rel(ours, webui))
+        worst["comfy"] = max(worst["comfy"], rel(ours, comfy))
+    print(f"{name}: worst rel. diff of the layer outputs' change: WebUI {worst['webui']:.2e}, "
+          f"ComfyUI {worst['comfy']:.2e} over {len(modules)} modules")
+    assert worst["webui"] < 1e-5 and worst["comfy"] < 1e-5, worst
+    linear_and_conv3 = {k[1] for k in kinds} == {"Linear", "Conv2d"} and any(k[2] == (3, 3) for k in kinds)
+    assert linear_and_conv3, kinds
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr", "dora"])
+def test_file_reloads_into_the_same_network_and_merges_to_the_same_weights(tmp_path, name):
+    net = build(ALGOS[name])
+    randomize(net)
+    path = tmp_path / "a.safetensors"
+    net.save_weights(str(path), torch.float32, None)
+    unet, vae, te = components()
+    net2, weights = lyco.create_network_from_weights(1.0, str(path), vae, te, unet)
+    net2.apply_to(te, unet)
+    info = net2.load_state_dict(weights)
+    assert not info.missing_keys and not info.unexpected_keys
+    assert [type(m) for m in net2.all_loras()] == [type(m) for m in net.all_loras()]
+    for a, b in zip(net.all_loras(), net2.all_loras()):
+        torch.testing.assert_close(a.delta_weight(), b.delta_weight(), rtol=0, atol=0)
+    # merge_to: the layers' weights change by exactly what the patched forward computes
+    unet3, vae3, te3 = components()
+    net3, w3 = lyco.create_network_from_weights(1.0, str(path), vae3, te3, unet3)
+    net3.merge_to(te3, unet3, w3)
+    by_name = {m.lora_name: m for m in net2.all_loras()}
+    for m in net3.all_loras():
+        merged = m.org_module.weight
+        want = by_name[m.lora_name].org_module.weight + by_name[m.lora_name].delta_weight()
+        assert rel(merged, want) < 1e-6, m.lora_name
+
+
+def test_fresh_network_is_a_no_op_and_trains():
+    for name in ("loha", "lokr", "dora", "lokr_both"):
+        net = build(ALGOS[name])
+        for m in net.all_loras():
+            assert float(m.delta_weight().abs().max()) < 1e-5, (name, m.lora_name)
+        params = net.prepare_optimizer_params(None, None, 1e-3)
+        trainable = [p for g in params for p in g["params"]]
+        assert len(trainable) == len(list(net.parameters()))
+        unet, te = net.models
+        x = torch.randn(1, 4, 16, 16)
+        h = torch.randn(1, 8, 32)
+        loss = unet(x, 10, encoder_hidden_states=h).sample.square().mean()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), name
+
+
+# --- names, keys, metadata -------------------------------------------------------------------
+
+def test_keys_shapes_and_text_encoder_names(tmp_path):
+    expected = {"loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+                "lokr": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
+                "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}}
+    for name, keys in expected.items():
+        net = build(ALGOS[name])
+        path = tmp_path / f"{name}.safetensors"
+        net.save_weights(str(path), torch.float16, None)
+        modules = lyc.group_modules(load_file(path))
+        te = [n for n in modules if n.startswith("lora_te")]
+        assert te and all(n.startswith("lora_te_text_model_encoder_layers_") for n in te)
+        if name == "lokr":  # each factor full or low-rank, by the layer's size
+            assert all(len(set(t) & {"lokr_w1", "lokr_w1_a"}) == 1 and len(set(t) & {"lokr_w2", "lokr_w2_a"}) == 1
+                       and "alpha" in t for t in modules.values())
+        else:
+            assert all(set(t) == keys for t in modules.values()), name
+        q = modules["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+        conv = modules["lora_unet_down_blocks_0_resnets_0_conv1"]  # 32 -> 32, 3x3
+        if name == "loha":
+            assert q["hada_w1_a"].shape == (32, 4) and q["hada_w1_b"].shape == (4, 32)
+            assert conv["hada_w1_b"].shape == (4, 32 * 9)
+        elif name == "lokr":  # factor 4: 32 = 4 * 8; w2 [8, 8] is low-rank only when 4 < 8/2: full
+            assert set(q) == {"lokr_w1", "lokr_w2", "alpha"} and q["lokr_w1"].shape == (4, 4)
+            assert q["lokr_w2"].shape == (8, 8) and conv["lokr_w2"].shape == (8, 8, 3, 3)
+        else:
+            assert q["dora_scale"].shape == (1, 32) and conv["dora_scale"].shape == (1, 32, 1, 1)
+        assert all(t["alpha"].dtype == torch.float16 for t in modules.values())
+
+
+def test_lokr_layouts():
+    shapes = lyco.lokr_shapes("x", (320, 320), 8, factor=8)
+    assert shapes == {"lokr_w1": (8, 8), "lokr_w2_a": (40, 8), "lokr_w2_b": (8, 40)}
+    shapes = lyco.lokr_shapes("x", (320, 320, 3, 3), 100000, factor=8)
+    assert shapes == {"lokr_w1": (8, 8), "lokr_w2": (40, 40, 3, 3)}
+    shapes = lyco.lokr_shapes("x", (1280, 320), 4, factor=-1, decompose_both=True)
+    assert shapes == {"lokr_w1_a": (32, 4), "lokr_w1_b": (4, 16), "lokr_w2_a": (40, 4), "lokr_w2_b": (4, 20)}
+    with pytest.raises(UserError, match="factor=7 does not divide the size 320 of the layer x"):
+        lyco.lokr_shapes("x", (320, 320), 4, factor=7)
+
+
+def test_bad_arguments_are_refused_by_name():
+    unet, vae, te = components()
+    cases = [({"algo": "ia3"}, "algo=ia3 is not supported"), ({"algo": "lohaa"}, "not an algorithm"),
+             ({"algo": "loha", "use_tucker": "True"}, "use_tucker=True is not supported"),
+             ({"algo": "loha", "train_norm": "True"}, "train_norm=True"),
+             ({"algo": "dora", "wd_on_out": "True"}, "wd_on_out=True"),
+             ({"algo": "lokr", "factor": "7"}, "factor=7 does not divide"),
+             ({"algo": "dora", "rank_dropout": "0.1"}, "do not apply to DoRA"),
+             ({"preset": "full-lin"}, "preset='full-lin'")]
+    for kwargs, message in cases:
+        with pytest.raises(UserError, match=message):
+            lyco.create_network(1.0, 4, 1, vae, te, unet, **kwargs)
+    net = lyco.create_network(1.0, 4, 1, vae, te, unet, algo="loha", loraplus_lr_ratio="4")
+    with pytest.raises(UserError, match="LoRA\\+"):
+        net.prepare_optimizer_params(None, None, 1e-4)
+
+
+def test_unknown_lycoris_keys_name_the_module_and_the_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    unet, vae, te = components()
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    sd = {f"{name}.hada_w1_a": torch.zeros(32, 4), f"{name}.hada_w1_b": torch.zeros(4, 32),
+          f"{name}.hada_w2_a": torch.zeros(32, 4), f"{name}.hada_w2_b": torch.zeros(4, 32),
+          f"{name}.hada_t1": torch.zeros(4, 4, 3, 3)}
+    save_file(sd, tmp_path / "t.safetensors")
+    with pytest.raises(UserError, match=f"{name} holds tensors .*hada_t1 .*use_tucker") as err:
+        lyco.create_network_from_weights(1.0, str(tmp_path / "t.safetensors"), vae, te, unet)
+    assert "without use_tucker" in err.value.fix
+
+
+def test_lycoris_kohya_resolves_to_ours_with_one_notice(caplog):
+    from library.training.network_trainer import import_network_module
+
+    with caplog.at_level(logging.INFO):
+        first = import_network_module("lycoris.kohya")
+        second = import_network_module("lycoris.kohya")
+    assert first is lyco and second is lyco
+    assert sum("lycoris-lora package is not used" in r.getMessage() for r in caplog.records) <= 1
+    assert import_network_module("networks.lycoris") is lyco
