@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,8 @@ def resolve_module_name(name: str) -> str:
     if name in ("lycoris.kohya", "lycoris"):
         if name not in _notified:
             _notified.add(name)
-            logger.info("--network_module %s: using this program's own LoHa/LoKr/DoRA (networks.lycoris), "
-                        "which writes LyCORIS-format files; the lycoris-lora package is not used", name)
+            print(f"note: --network_module {name}: using this program's own LoHa/LoKr/DoRA (networks.lycoris), "
+                  "which writes LyCORIS-format files; the lycoris-lora package is not used", file=sys.stderr)
         return __name__
     return name
 

@@ -9,7 +9,6 @@ each rule, the layer output our network gives in training.
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -324,12 +323,62 @@ def test_unknown_lycoris_keys_name_the_module_and_the_fix(tmp_path):
     assert "without use_tucker" in err.value.fix
 
 
-def test_lycoris_kohya_resolves_to_ours_with_one_notice(caplog):
+def test_lycoris_kohya_resolves_to_ours_with_one_notice(capsys, monkeypatch):
     from library.training.network_trainer import import_network_module
 
-    with caplog.at_level(logging.INFO):
-        first = import_network_module("lycoris.kohya")
-        second = import_network_module("lycoris.kohya")
+    monkeypatch.setattr(lyco, "_notified", set())
+    first = import_network_module("lycoris.kohya")
+    second = import_network_module("lycoris.kohya")
     assert first is lyco and second is lyco
-    assert sum("lycoris-lora package is not used" in r.getMessage() for r in caplog.records) <= 1
+    assert capsys.readouterr().err.count("lycoris-lora package is not used") == 1
     assert import_network_module("networks.lycoris") is lyco
+
+
+# --- training through train_network.py -------------------------------------------------------
+
+def test_kohya_ss_lycoris_command_trains_continues_and_verifies(tiny_model, tmp_path):
+    """kohya_ss's LoHa command (lycoris.kohya, LyCORIS network_args) unchanged; the file is checked,
+    its metadata names the module and args as kohya writes them, and --network_weights continues it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from library.lora_tools.verify import verify_lora_file
+    from tests.helpers import write_image_folder
+
+    repo = Path(__file__).resolve().parents[1]
+    write_image_folder(tmp_path / "data", "4_sks disk", count=2)
+
+    def train(out, *extra):
+        cmd = [sys.executable, str(repo / "train_network.py"),
+               f"--pretrained_model_name_or_path={tiny_model.single_file}", f"--train_data_dir={tmp_path / 'data'}",
+               f"--output_dir={out}", "--resolution=64", "--network_module=lycoris.kohya", "--network_dim=4",
+               "--network_alpha=2", "--network_args", "algo=loha", "conv_dim=4", "conv_alpha=2",
+               "--train_batch_size=1", "--max_train_steps=2", "--learning_rate=1e-3", "--seed=7",
+               "--caption_extension=.txt", "--save_model_as=safetensors", *extra]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    log = train(tmp_path / "a")
+    assert log.count("lycoris-lora package is not used") == 1
+    path = tmp_path / "a" / "last.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "loha", "conv_dim": "4", "conv_alpha": "2"}
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    modules = lyc.group_modules(load_file(path))
+    assert all(set(t) == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"} for t in modules.values())
+    assert any(n.startswith("lora_unet_down_blocks_0_resnets_0_conv1") for n in modules)
+    assert any(n.startswith("lora_te_text_model_encoder_layers_") for n in modules)
+    report = verify_lora_file(path)
+    assert report.ok, report.format()
+
+    # same seed, so without loading, run b would start where run a started (2 Adam steps of 1e-3 away)
+    log = train(tmp_path / "b", f"--network_weights={path}", "--learning_rate=1e-7", "--max_train_steps=1")
+    assert "loaded network weights" in log, log[-2000:]
+    before, after = load_file(path), load_file(tmp_path / "b" / "last.safetensors")
+    assert before.keys() == after.keys()
+    assert max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-5
