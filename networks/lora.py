@@ -484,6 +484,11 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         weights_sd = fmt.read_weights(file)
     else:
         weights_sd = {fmt.canonical_key(k): v for k, v in weights_sd.items()}
+    from networks import lycoris, lycoris_format
+
+    if lycoris_format.has_lycoris_modules(weights_sd):  # LoHa / LoKr / DoRA: networks.lycoris builds it
+        return lycoris.create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd,
+                                                   for_inference, **kwargs)
     modules_dim, modules_alpha = fmt.ranks_and_alphas(weights_sd)
     if not modules_dim:
         raise UserError("the file holds no LoRA modules (no `*.lora_down.weight` tensors).", path=file,

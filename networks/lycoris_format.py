@@ -37,6 +37,12 @@ _OTHER = {"hada_t1": "LoHa with use_tucker", "hada_t2": "LoHa with use_tucker", 
           "a1.weight": "GLoRA", "lora_A.weight": "PEFT/diffusers LoRA naming"}
 
 
+def has_lycoris_modules(sd: dict) -> bool:
+    """True when a state dict holds LoHa, LoKr or DoRA tensors (not only plain LoRA)."""
+    extra = LOHA_KEYS | LOKR_KEYS | {"dora_scale"}
+    return any(split_key(k)[1] in extra for k in sd)
+
+
 def split_key(key: str) -> tuple[str, str]:
     name, _, suffix = key.partition(".")
     return name, suffix

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python networks/merge_lora.py`: make th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library import args as A  # noqa: E402
-from library.errors import run_cli  # noqa: E402
+from library.errors import UserError, run_cli  # noqa: E402
 from library.lora_tools import cli  # noqa: E402
 
 
@@ -69,6 +69,15 @@ def main(argv=None):
     else:
         from library.lora_tools.combine import concat_merge, group_modules
         from library.lora_tools.weights import lora_metadata, write_lora
+
+        for lora in loras:
+            others = lora.lycoris_modules()
+            if others:
+                raise UserError(
+                    f"{lora.path} holds LoHa/LoKr/DoRA modules (e.g. {others[0]}), which cannot be merged into "
+                    "one LoRA by stacking ranks.", path=lora.path,
+                    fix="merge them into a checkpoint (--sd_model), or into one LoRA with svd_merge_lora.py "
+                        "--new_rank N (LoHa/LoKr deltas are converted by SVD, with the error printed).")
 
         modules = concat_merge(group_modules(loras, ratios))
         meta = lora_metadata(modules, save_to, {"ss_merged_from": json.dumps(merge_sources(loras, ratios))})

@@ -382,3 +382,162 @@ def test_kohya_ss_lycoris_command_trains_continues_and_verifies(tiny_model, tmp_
     before, after = load_file(path), load_file(tmp_path / "b" / "last.safetensors")
     assert before.keys() == after.keys()
     assert max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-5
+
+
+# --- tools -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    """One file per algorithm for the tiny model (seed 0), with non-zero updates."""
+    root = tmp_path_factory.mktemp("adapters")
+    files = {}
+    for i, name in enumerate(("loha", "lokr", "dora")):
+        net = build(ALGOS[name])
+        randomize(net, seed=10 + i)
+        with torch.no_grad():  # smaller updates: merged models stay close to the base
+            for key, p in net.named_parameters():
+                if not key.endswith("dora_scale"):
+                    p.mul_(0.5)
+        files[name] = root / f"{name}.safetensors"
+        net.save_weights(str(files[name]), torch.float32, {"ss_network_module": "networks.lycoris"})
+    return files
+
+
+def module_deltas(path, ratio=1.0):
+    """name -> ratio * delta from the file's tensors on the tiny model's base weights (lycoris_format)."""
+    unet, _, te = components()
+    layers = {"lora_unet_" + p.replace(".", "_"): m for p, m in unet.named_modules()}
+    layers.update({"lora_te_text_model_" + p.replace(".", "_"): m for p, m in te.named_modules()})
+    return {n: ratio * lyc.module_delta(n, t, layers[n].weight.detach()) for n, t in
+            lyc.group_modules(load_file(path)).items()}
+
+
+def test_merge_any_mix_into_a_checkpoint(tiny_model, adapter_files, tmp_path):
+    from library.models.loading import load_sd_model
+    from networks import merge_lora
+
+    out = tmp_path / "merged.safetensors"
+    merge_lora.main(["--sd_model", str(tiny_model.single_file), "--models", str(adapter_files["loha"]),
+                     str(adapter_files["lokr"]), "--ratios", "0.7", "-0.5", "--save_to", str(out)])
+    merged = load_sd_model(out)
+    base_unet, _, base_te = components()
+    want = module_deltas(adapter_files["loha"], 0.7)
+    for name, d in module_deltas(adapter_files["lokr"], -0.5).items():
+        want[name] = want[name] + d
+    got = {}
+    for prefix, root, base in (("lora_unet_", merged.unet, base_unet), ("lora_te_text_model_", merged.text_encoder,
+                                                                         base_te)):
+        base_layers = dict(base.named_modules())
+        for p, m in root.named_modules():
+            if prefix + p.replace(".", "_") in want:
+                got[prefix + p.replace(".", "_")] = m.weight.detach() - base_layers[p].weight.detach()
+    assert got.keys() == want.keys()
+    assert max(rel(got[n], want[n]) for n in want) < 1e-4  # (W + delta) - W in fp32: rounding of W
+
+    out2 = tmp_path / "dora.safetensors"  # DoRA: the change depends on the base weights, which the merge has
+    merge_lora.main(["--sd_model", str(tiny_model.single_file), "--models", str(adapter_files["dora"]),
+                     "--save_to", str(out2)])
+    merged = load_sd_model(out2)
+    want = module_deltas(adapter_files["dora"])
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    w = merged.unet.down_blocks[0].resnets[0].conv1.weight.detach() - base_unet.down_blocks[0].resnets[0].conv1.weight
+    assert rel(w, want[name]) < 1e-4
+
+
+def test_one_lora_from_any_mix_by_svd_with_the_error_reported(adapter_files, tmp_path, capsys):
+    from networks import merge_lora, svd_merge_lora
+
+    with pytest.raises(UserError, match="svd_merge_lora.py --new_rank"):
+        merge_lora.main(["--models", str(adapter_files["loha"]), "--save_to", str(tmp_path / "x.safetensors")])
+    with pytest.raises(UserError, match="DoRA"):
+        svd_merge_lora.main(["--models", str(adapter_files["dora"]), "--save_to", str(tmp_path / "x.safetensors")])
+    out = tmp_path / "one.safetensors"
+    svd_merge_lora.main(["--models", str(adapter_files["loha"]), str(adapter_files["lokr"]), "--ratios", "1", "0.5",
+                         "--new_rank", "3", "--new_conv_rank", "2", "--save_to", str(out)])
+    printed = capsys.readouterr().out
+    sd = load_file(out)
+    assert all(k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in sd)
+    want = module_deltas(adapter_files["loha"])
+    for n, d in module_deltas(adapter_files["lokr"], 0.5).items():
+        want[n] = want[n] + d
+    got = {n: lyc.module_delta(n, t, want[n]) for n, t in lyc.group_modules(sd).items()}
+    error = sum(float((got[n] - want[n]).square().sum()) for n in want) ** 0.5
+    reported = float(printed.split("total error ")[1].split()[0])
+    assert abs(reported - error) / error < 1e-3, (reported, error)
+
+
+def test_resize_converts_loha_lokr_to_lora_and_keeps_dora(adapter_files, tmp_path, capsys):
+    from networks import check_lora_weights, resize_lora
+
+    for name in ("loha", "lokr"):
+        out = tmp_path / f"{name}_r.safetensors"
+        resize_lora.main(["--model", str(adapter_files[name]), "--new_rank", "4", "--save_to", str(out)])
+        printed = capsys.readouterr().out
+        assert f"{name} -> LoRA rank 4, retained Frobenius norm" in printed
+        sd = load_file(out)
+        assert all(k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in sd)
+        want = module_deltas(adapter_files[name])
+        got = module_deltas(out)
+        error = sum(float((got[n] - want[n]).square().sum()) for n in want) ** 0.5
+        assert abs(float(printed.split("total error ")[1].split()[0]) - error) / error < 1e-3
+        assert check_lora_weights.main(["--verify", str(out)]) == 0
+    out = tmp_path / "dora_r.safetensors"
+    resize_lora.main(["--model", str(adapter_files["dora"]), "--new_rank", "2", "--save_to", str(out)])
+    modules = lyc.group_modules(load_file(out))
+    source = lyc.group_modules(load_file(adapter_files["dora"]))
+    assert all(t["lora_down.weight"].shape[0] == 2 and torch.equal(t["dora_scale"], source[n]["dora_scale"])
+               for n, t in modules.items())
+    with safe_open(str(out), "pt") as fh:
+        assert json.loads(fh.metadata()["ss_network_args"])["dora_wd"] == "True"
+
+
+def test_check_shows_and_verifies_every_algorithm(adapter_files, capsys):
+    from networks import check_lora_weights
+
+    assert check_lora_weights.main(["--verify", *map(str, adapter_files.values())]) == 0
+    assert check_lora_weights.main([str(adapter_files["loha"]), str(adapter_files["lokr"])]) == 0
+    printed = capsys.readouterr().out
+    assert "loha 4" in printed and "lokr " in printed
+    assert "?" not in "".join(line.split()[-1] for line in printed.splitlines() if line.startswith("lora_"))
+
+
+def test_verify_flags_bad_lycoris_modules(adapter_files, tmp_path):
+    from safetensors.torch import save_file
+
+    from library.lora_tools.model_fit import target_layers
+    from library.lora_tools.verify import verify_lora_file
+
+    sd = load_file(adapter_files["dora"])
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    sd[f"{name}.dora_scale"] = sd[f"{name}.dora_scale"].reshape(32, 1).contiguous()  # output axis
+    save_file(sd, tmp_path / "d.safetensors")
+    unet, _, te = components()
+    report = verify_lora_file(tmp_path / "d.safetensors", target_layers(unet, te), check_sizes=True)
+    assert not report.ok and "dora_scale not per input channel" in report.format()
+    sd = load_file(adapter_files["loha"])
+    sd[f"{name}.hada_w2_b"] = sd[f"{name}.hada_w2_b"][:, :16].contiguous()
+    save_file(sd, tmp_path / "h.safetensors")
+    report = verify_lora_file(tmp_path / "h.safetensors", target_layers(unet, te), check_sizes=True)
+    assert not report.ok and "do not multiply" in report.format()
+
+
+def test_gen_img_style_loading_applies_any_algorithm(adapter_files):
+    """networks.lora's create_network_from_weights (gen_img's default module, --base_weights) takes any file."""
+    from networks import lora
+
+    for name, path in adapter_files.items():
+        unet, vae, te = components()
+        net, weights = lora.create_network_from_weights(0.8, str(path), vae, te, unet)
+        assert isinstance(net, lyco.LycorisNetwork)
+        net.apply_to(te, unet)
+        assert not net.load_state_dict(weights).missing_keys
+        for part in (unet, te, net):  # float64: compare the rule, not fp32 rounding of out + change
+            part.double()
+        want = {n: d.double() for n, d in module_deltas(path, 0.8).items()}
+        for m in net.all_loras():
+            layer = m.org_module
+            x = layer_input(layer, torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                change = layer(x) - base_out(layer, x, layer.weight)
+                expect = base_out(layer, x, layer.weight + want[m.lora_name]) - base_out(layer, x, layer.weight)
+            assert rel(change, expect) < 1e-5, (name, m.lora_name)
