@@ -541,3 +541,30 @@ def test_gen_img_style_loading_applies_any_algorithm(adapter_files):
                 change = layer(x) - base_out(layer, x, layer.weight)
                 expect = base_out(layer, x, layer.weight + want[m.lora_name]) - base_out(layer, x, layer.weight)
             assert rel(change, expect) < 1e-5, (name, m.lora_name)
+
+
+def test_gen_img_network_module_lycoris_kohya_matches_the_merged_checkpoint(tiny_model, adapter_files, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import gen_img
+    from networks import merge_lora
+
+    def run(ckpt, out, *extra):
+        gen_img.main(["--ckpt", str(ckpt), "--outdir", str(out), "--W", "64", "--H", "64", "--prompt", "a cat",
+                      "--steps", "2", "--seed", "3", *extra])
+        return [np.asarray(Image.open(p).convert("RGB")).astype(np.int16) for p in sorted(out.glob("*.png"))]
+
+    merged = tmp_path / "merged.safetensors"
+    # (not DoRA with another adapter on the same layer: WebUI normalises each file's W + delta on its own,
+    # ComfyUI and merges in sequence; apart, both agree with us, see the client tests)
+    merge_lora.main(["--sd_model", str(tiny_model.single_file), "--models", str(adapter_files["lokr"]),
+                     str(adapter_files["loha"]), "--save_to", str(merged)])
+    patched = run(tiny_model.single_file, tmp_path / "patched", "--network_module", "lycoris.kohya", "networks.lora",
+                  "--network_weights", str(adapter_files["lokr"]), str(adapter_files["loha"]))
+    plain = run(tiny_model.single_file, tmp_path / "plain")
+    want = run(merged, tmp_path / "merged")
+    assert np.abs(patched[0] - plain[0]).max() > 10  # the adapters change the image
+    diff = np.abs(patched[0] - want[0])
+    print("patched vs merged: max", diff.max(), "mean", diff.mean(), "; vs plain: mean", np.abs(patched[0] - plain[0]).mean())
+    assert diff.max() <= 2  # patched at run time == merged into the weights
