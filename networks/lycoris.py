@@ -49,9 +49,9 @@ REFUSED_ARGS = {
                  "the original weight) and not at all in WebUI; the input axis is used",
     "bypass_mode": "bypass mode is only for quantised base weights, which this program does not train",
 }
-PRESETS = {"full": True, "attn-mlp": False, "unet-transformer-only": False}
+PRESETS = {"full": True, "attn-mlp": False}  # preset -> whether the ResNet 3x3 convs are patched
 _HANDLED = {"algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
-            "decompose_both", "dora_wd", "preset", "rank_dropout_scale", "full_matrix", "no_dim_warn",
+            "decompose_both", "dora_wd", "preset", "full_matrix", "no_dim_warn",
             "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
             *blocks.BLOCK_DIM_KEYS, *blocks.LR_WEIGHT_KEYS}
 
@@ -101,7 +101,7 @@ class AdapterModule(torch.nn.Module):
             with torch.no_grad():
                 w = org_module.weight.detach().float()
                 norm = torch.linalg.vector_norm(w, dim=[0] + list(range(2, w.dim())), keepdim=True)
-            self.dora_scale = torch.nn.Parameter(norm.reshape(lyc.dora_scale_shape(self.weight_shape)).cpu())
+            self.dora_scale = torch.nn.Parameter(norm.reshape(lyc.dora_scale_shape(self.weight_shape)))
         else:
             self.dora_scale = None
 
