@@ -568,3 +568,27 @@ def test_gen_img_network_module_lycoris_kohya_matches_the_merged_checkpoint(tiny
     diff = np.abs(patched[0] - want[0])
     print("patched vs merged: max", diff.max(), "mean", diff.mean(), "; vs plain: mean", np.abs(patched[0] - plain[0]).mean())
     assert diff.max() <= 2  # patched at run time == merged into the weights
+
+
+def test_module_and_rank_dropout_in_training_only():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 64)
+    m = lyco.LoHaModule("lora_unet_x", layer, 1.0, 4, 2, rank_dropout=0.5, module_dropout=None)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    m.apply_to()
+    x = torch.randn(3, 16)
+    base = F.linear(x, layer.weight, layer.bias)
+    full = (x @ m.delta_weight().T)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - base, full, rtol=1e-5, atol=1e-6)  # no dropout at inference
+        m.train()
+        change = layer(x) - base
+    kept = change.abs().sum(0) > 0
+    assert 0 < int(kept.sum()) < 64  # whole output rows of the update dropped, ...
+    torch.testing.assert_close(change[:, kept], 2 * full[:, kept], rtol=1e-5, atol=1e-6)  # ... the rest x 1/(1-p)
+    m.rank_dropout, m.module_dropout = None, 0.999999
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base)
