@@ -5,9 +5,12 @@
         --ratios 0.7 0.5 --save_to merged.safetensors --save_precision fp16
     python networks/merge_lora.py --models a.safetensors b.safetensors --ratios 0.7 0.5 --save_to ab.safetensors
 
-Into a model: W += ratio * (alpha/r) * up @ down for every module (LoCon convs too), saved as a
-single-file checkpoint in the original SD layout. Into one LoRA: the ranks are concatenated,
-so the result applies exactly the ratio-weighted sum of the inputs.
+Into a model: W += ratio * delta for every module (LoCon convs too), saved as a single-file
+checkpoint in the original SD layout; any mix of LoRA, LoHa, LoKr and DoRA files (each module's
+delta as networks/lycoris_format.py computes it; files are merged in order, so a DoRA module sees
+the earlier files' changes, as in ComfyUI). Into one LoRA: the ranks are concatenated, so the
+result applies exactly the ratio-weighted sum of the inputs (LoRA/LoCon only; for LoHa/LoKr use
+svd_merge_lora.py --new_rank).
 """
 from __future__ import annotations
 
