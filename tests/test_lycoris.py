@@ -495,6 +495,10 @@ def test_check_shows_and_verifies_every_algorithm(adapter_files, capsys):
     from networks import check_lora_weights
 
     assert check_lora_weights.main(["--verify", *map(str, adapter_files.values())]) == 0
+    from library.lora_tools.verify import check_saved_lora  # the trainer's check, with the model's sizes
+
+    unet, _, te = components()
+    assert all(check_saved_lora(path, unet, te).ok for path in adapter_files.values())
     assert check_lora_weights.main([str(adapter_files["loha"]), str(adapter_files["lokr"])]) == 0
     printed = capsys.readouterr().out
     assert "loha 4" in printed and "lokr " in printed
