@@ -408,7 +408,8 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
         loraplus_text_encoder_lr_ratio=number(kwargs, "loraplus_text_encoder_lr_ratio", float, low=0))
     network.set_block_lr_weight(lr_weights)
     network.algo, network.weight_decompose = algo, dora
-    if dora:  # LyCORIS's newer default is the output axis; see the module docstring
+    if dora and "dora" not in _notified:  # LyCORIS's newer default is the output axis; see the module docstring
+        _notified.add("dora")
         print("note: DoRA's magnitude (dora_scale) is learned per input channel, the orientation WebUI and "
               "ComfyUI both apply as trained (LyCORIS wd_on_out=False)", file=sys.stderr)
     return network
