@@ -4,6 +4,7 @@
     python networks/check_lora_weights.py my_lora.safetensors           # modules, ranks, alphas, norms, metadata
     python networks/check_lora_weights.py --verify a.safetensors b.safetensors
 
+LoHa, LoKr and DoRA files (LyCORIS keys) are shown and verified too.
 --verify lists what would make WebUI, ComfyUI, diffusers or sd-scripts load a file wrongly (names
 they drop silently, missing or zero alpha, rank or shape mismatches, NaN/Inf, a stale
 sshs_model_hash, text-encoder names without text_model_) and exits with status 1 if anything is wrong.

@@ -141,6 +141,7 @@ class LoRANetwork(torch.nn.Module):
     TEXT_ENCODER_TARGET_REPLACE_MODULE = list(fmt.TE_TARGETS)
     LORA_PREFIX_UNET = fmt.UNET_PREFIX
     LORA_PREFIX_TEXT_ENCODER = fmt.TE_PREFIX
+    FILE_TENSOR_SUFFIXES = fmt.TENSOR_SUFFIXES  # what save_weights writes (networks.lycoris adds its keys)
 
     NUM_OF_BLOCKS = blocks.NUM_BLOCKS
     NUM_OF_MID_BLOCKS = blocks.NUM_MID
@@ -309,8 +310,9 @@ class LoRANetwork(torch.nn.Module):
         for name, loras, lr, ratio in parts:
             if not loras or not lr:
                 continue
-            downs = [p for m in loras for p in m.lora_down.parameters()]
-            ups = [p for m in loras for p in m.lora_up.parameters()]
+            ups = [p for m in loras for p in _up_parameters(m)]
+            up_ids = {id(p) for p in ups}
+            downs = [p for m in loras for p in m.parameters() if id(p) not in up_ids]
             if ratio:  # LoRA+: the up matrices learn `ratio` times faster
                 groups += [{"params": downs, "lr": lr, "name": name},
                            {"params": ups, "lr": lr * ratio, "name": name + " plus"}]
@@ -349,7 +351,7 @@ class LoRANetwork(torch.nn.Module):
         """Write the LoRA file atomically; .safetensors gets sshs_model_hash / sshs_legacy_hash."""
         from library.fileio import atomic_path, check_finite, torch_save_atomic
 
-        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
+        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(self.FILE_TENSOR_SUFFIXES)}
         # Per-block alphas (block_alphas) or edited modules: diffusers would apply one alpha to
         # every Linear module, so the differences are folded into lora_up (same update everywhere).
         sd, changed = fmt.unify_linear_alphas(sd)
@@ -405,6 +407,13 @@ class LoRANetwork(torch.nn.Module):
 def _is_sdxl(unet) -> bool:
     """An SDXL UNet (its pooled-text + size embedding), as kohya tells SDXL by its UNet's class."""
     return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def _up_parameters(module) -> list:
+    """The tensors LoRA+ trains faster: lora_up, or what a networks.lycoris module names (none for LoHa/LoKr)."""
+    if hasattr(module, "up_parameters"):
+        return module.up_parameters() or []
+    return list(module.lora_up.parameters())
 
 
 def _single_text_encoder(text_encoder):
@@ -492,6 +501,11 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         weights_sd = fmt.read_weights(file)
     else:
         weights_sd = {fmt.canonical_key(k): v for k, v in weights_sd.items()}
+    from networks import lycoris, lycoris_format
+
+    if lycoris_format.has_lycoris_modules(weights_sd):  # LoHa / LoKr / DoRA: networks.lycoris builds it
+        return lycoris.create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd,
+                                                   for_inference, **kwargs)
     modules_dim, modules_alpha = fmt.ranks_and_alphas(weights_sd)
     if not modules_dim:
         raise UserError("the file holds no LoRA modules (no `*.lora_down.weight` tensors).", path=file,

@@ -5,9 +5,12 @@
         --ratios 0.7 0.5 --save_to merged.safetensors --save_precision fp16
     python networks/merge_lora.py --models a.safetensors b.safetensors --ratios 0.7 0.5 --save_to ab.safetensors
 
-Into a model: W += ratio * (alpha/r) * up @ down for every module (LoCon convs too), saved as a
-single-file checkpoint in the original SD layout. Into one LoRA: the ranks are concatenated,
-so the result applies exactly the ratio-weighted sum of the inputs.
+Into a model: W += ratio * delta for every module (LoCon convs too), saved as a single-file
+checkpoint in the original SD layout; any mix of LoRA, LoHa, LoKr and DoRA files (each module's
+delta as networks/lycoris_format.py computes it; files are merged in order, so a DoRA module sees
+the earlier files' changes, as in ComfyUI). Into one LoRA: the ranks are concatenated, so the
+result applies exactly the ratio-weighted sum of the inputs (LoRA/LoCon only; for LoHa/LoKr use
+svd_merge_lora.py --new_rank).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ if __package__ in (None, ""):  # run as `python networks/merge_lora.py`: make th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library import args as A  # noqa: E402
-from library.errors import run_cli  # noqa: E402
+from library.errors import UserError, run_cli  # noqa: E402
 from library.lora_tools import cli  # noqa: E402
 
 
@@ -75,6 +78,15 @@ def main(argv=None):
     else:
         from library.lora_tools.combine import concat_merge, group_modules
         from library.lora_tools.weights import lora_metadata, write_lora
+
+        for lora in loras:
+            others = lora.lycoris_modules()
+            if others:
+                raise UserError(
+                    f"{lora.path} holds LoHa/LoKr/DoRA modules (e.g. {others[0]}), which cannot be merged into "
+                    "one LoRA by stacking ranks.", path=lora.path,
+                    fix="merge them into a checkpoint (--sd_model), or into one LoRA with svd_merge_lora.py "
+                        "--new_rank N (LoHa/LoKr deltas are converted by SVD, with the error printed).")
 
         modules = concat_merge(group_modules(loras, ratios))
         if args.shuffle:

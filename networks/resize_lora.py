@@ -5,7 +5,9 @@
     python networks/resize_lora.py --model big.safetensors --new_rank 32 --dynamic_method sv_fro \
         --dynamic_param 0.9 --save_to dynamic.safetensors
 
-Prints, per module, the new rank and the share of the delta's Frobenius norm it keeps.
+Prints, per module, the new rank and the share of the delta's Frobenius norm it keeps. A LoHa or
+LoKr file becomes a plain LoRA of the new rank (SVD of each delta, the error printed); a DoRA file
+keeps its dora_scale (its low-rank part is resized).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@
         --new_rank 16 --new_conv_rank 8 --save_to ab16.safetensors
 
 Each module's ratio-weighted sum of deltas is truncated to its best rank-k approximation; the
-printed error per module is exactly what the truncation dropped.
+printed error per module is exactly what the truncation dropped. LoHa and LoKr files mix in by
+their deltas (so one LoHa file alone is converted to a plain LoRA); DoRA needs the base model
+(merge_lora.py --sd_model).
 """
 from __future__ import annotations
 

@@ -301,7 +301,8 @@ def _mutations():
 
     return {
         "unknown module name": (add_module, "names of no SD1.x layer"),
-        "unknown tensor": (lambda sd, meta: sd.update({f"{te_q}.dora_scale": torch.ones(1, 32)}), "unknown tensors"),
+        "unknown tensor": (lambda sd, meta: sd.update({f"{te_q}.lora_mid.weight": torch.ones(4, 4, 3, 3)}),
+                           "unknown tensors"),
         "missing alpha": (lambda sd, meta: sd.pop(f"{te_q}.alpha"), "missing alpha"),
         "zero alpha": (set_(f"{te_q}.alpha", torch.zeros_like), "alpha not a single number > 0"),
         "rank mismatch": (set_(f"{te_q}.lora_up.weight", lambda v: v[:, :-1].contiguous()), "rank mismatch"),
@@ -406,7 +407,7 @@ def test_bad_input_is_a_user_error_before_any_work(loras, tmp_path):
         resize_lora.main(["--model", str(tmp_path / "notes.txt"), "--save_to", str(tmp_path / "r.safetensors")])
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({f"{name}.hada_w1_a": torch.ones(2, 2)}, str(tmp_path / "loha.safetensors"))
-    with pytest.raises(UserError, match="LyCORIS"):
+    with pytest.raises(UserError, match=f"{name} \\(loha\\) has no hada_w1_b"):  # an incomplete LoHa
         resize_lora.main(["--model", str(tmp_path / "loha.safetensors"), "--save_to", str(tmp_path / "r.safetensors")])
 
 

@@ -23,7 +23,11 @@ REQUIRED_METHODS = ("apply_to", "prepare_optimizer_params", "save_weights", "loa
 
 
 def import_network_module(name: str):
-    """The module named by --network_module, checked to provide kohya's two factories."""
+    """The module named by --network_module, checked to provide kohya's two factories. kohya_ss's
+    `lycoris.kohya` resolves to our networks.lycoris (with one notice), installed package or not."""
+    from networks.lycoris import resolve_module_name
+
+    name = resolve_module_name(name)
     try:
         module = importlib.import_module(name)
     except ImportError as err:

@@ -8,6 +8,7 @@ import collections
 
 from library.errors import UserError
 from networks import lora_format as fmt
+from networks import lycoris_format as lyc
 
 SHOWN_METADATA_CHARS = 120
 
@@ -20,12 +21,39 @@ def module_rows(sd: dict) -> list[tuple[str, str, str, str, str]]:
         modules[name][suffix] = value
     rows = []
     for name, t in sorted(modules.items()):
+        if not lyc.LORA_KEYS & set(t) and (lyc.LOHA_KEYS | lyc.LOKR_KEYS) & set(t):
+            rows.append(_lycoris_row(name, t))
+            continue
         down, up, alpha = t.get("lora_down.weight"), t.get("lora_up.weight"), t.get("alpha")
         rank = str(down.shape[0]) if down is not None and down.dim() >= 2 else "?"
         alpha_text = f"{float(alpha):g}" if alpha is not None and alpha.numel() == 1 else "-"
         dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in t.values()})
         rows.append((name, rank, alpha_text, "/".join(dtypes), _norm(down, up, alpha)))
     return rows
+
+
+def _lycoris_row(name: str, t: dict) -> tuple[str, str, str, str, str]:
+    """LoHa / LoKr: rank (the low-rank factors'; 'full' for LoKr without one) and ||delta||_F."""
+    from library.errors import UserError
+
+    alpha = t.get("alpha")
+    alpha_text = f"{float(alpha):g}" if alpha is not None and alpha.numel() == 1 else "-"
+    dtypes = "/".join(sorted({str(v.dtype).removeprefix("torch.") for v in t.values()}))
+    try:
+        algo = lyc.module_algo(name, t)
+        rank = lyc.module_rank(algo, t)
+        flat = {k: (v.flatten(1) if k == "lokr_w2" else v) for k, v in t.items()}
+        if algo == "loha":
+            shape = (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1])
+        else:  # the Frobenius norm of w1 (x) w2 does not depend on how the result is shaped
+            w1 = flat["lokr_w1"] if "lokr_w1" in flat else flat["lokr_w1_a"] @ flat["lokr_w1_b"]
+            w2 = flat["lokr_w2"] if "lokr_w2" in flat else flat["lokr_w2_a"] @ flat["lokr_w2_b"]
+            shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
+        norm = float(lyc.product(algo, flat, shape).norm()) * lyc.module_scale(algo, t)
+        dora = "+dora" if "dora_scale" in t else ""
+        return (name, f"{algo}{dora} {rank if rank else 'full'}", alpha_text, dtypes, f"{norm:.4g}")
+    except (UserError, RuntimeError, KeyError):
+        return (name, "?", alpha_text, dtypes, "?")
 
 
 def _norm(down, up, alpha) -> str:
@@ -58,7 +86,8 @@ def describe(path, show_all: bool = False) -> str:
             lines.append(f"  {key}: {value}")
     rows = module_rows(sd)
     width = max((len(r[0]) for r in rows), default=6)
-    lines.append(f"{'module'.ljust(width)}  rank  alpha  dtype     |delta|")
+    lines.append(f"{'module'.ljust(width)}  rank  alpha  dtype     |delta|" + (
+        "  (DoRA: |delta| of the low-rank part)" if any(k.endswith(".dora_scale") for k in sd) else ""))
     lines += [f"{n.ljust(width)}  {r:>4}  {a:>5}  {d:<8}  {norm}" for n, r, a, d, norm in rows]
     if show_all:
         lines.append("tensors:")

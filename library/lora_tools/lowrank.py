@@ -22,6 +22,7 @@ class RankChange:
     new_rank: int
     norm: float  # ||delta||_F before
     error: float  # ||delta - reduced||_F = sqrt(sum of the dropped S^2)
+    algo: str = "lora"  # loha / lokr: converted to a plain LoRA
 
     @property
     def retained(self) -> float:
@@ -31,7 +32,9 @@ class RankChange:
         return max(0.0, 1.0 - (self.error / self.norm) ** 2) ** 0.5
 
     def format(self) -> str:
-        return (f"{self.name}: rank {self.old_rank} -> {self.new_rank}, retained Frobenius norm "
+        old = f"rank {self.old_rank} -> {self.new_rank}" if self.algo == "lora" else \
+            f"{self.algo} -> LoRA rank {self.new_rank}"
+        return (f"{self.name}: {old}, retained Frobenius norm "
                 f"{100 * self.retained:.2f}%, error {self.error:.3g}")
 
 
@@ -65,6 +68,7 @@ def resize(lora, new_rank: int, new_conv_rank: int | None = None, method: str | 
         a, b = m.factors(1.0, device)
         limit = new_conv_rank if m.is_conv3x3 else new_rank
         module, change = reduce(m.name, a, b, m.weight_shape, limit, alphas[m.is_conv3x3], method, param)
+        module.dora_scale, change.algo = m.dora_scale, m.algo  # DoRA: the magnitude is kept as it is
         out.append(module)
         changes.append(change)
     return out, changes
@@ -83,6 +87,14 @@ def svd_merge(groups, new_rank: int, new_conv_rank: int | None = None, device=No
     from tqdm.auto import tqdm
 
     new_conv_rank = new_conv_rank or new_rank
+    dora = [g.name for g in groups if any(m.dora_scale is not None for m, _ in g.parts)]
+    if dora:
+        from library.errors import UserError
+
+        raise UserError(f"{len(dora)} modules are DoRA (e.g. {dora[0]}): their change depends on the base "
+                        "model's weights, so they cannot be summed into a LoRA without it.",
+                        fix="merge DoRA files into the checkpoint with merge_lora.py --sd_model, or reduce one "
+                            "DoRA file's rank with resize_lora.py (which keeps its dora_scale).")
     out, changes = [], []
     for g in tqdm(groups, desc="svd merge", unit="module"):
         a, b = g.factors(device)

@@ -18,6 +18,7 @@ import torch
 from library.errors import UserError
 from library.lora_tools.model_fit import Layer, sd15_layers, shape_problem, target_layers
 from networks import lora_format as fmt
+from networks import lycoris_format as lyc
 
 JSON_KEYS = ("ss_tag_frequency", "ss_bucket_info", "ss_dataset_dirs", "ss_network_args", "ss_datasets")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,7 +74,7 @@ def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: 
     modules: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for key, value in sd.items():
         name, _, suffix = key.partition(".")
-        if "." + suffix not in fmt.TENSOR_SUFFIXES and not any_module_kind:
+        if suffix not in lyc.KNOWN_KEYS and not any_module_kind:  # LoRA, LoHa, LoKr, DoRA keys are all known
             report.add("unknown tensors (WebUI and ComfyUI drop them silently)", key)
             continue
         modules[name][suffix] = value
@@ -83,7 +84,7 @@ def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: 
             report.add("NaN or Inf values", key)
     report.modules = len(modules)
     if not modules:
-        report.add("no LoRA modules", "no *.lora_down.weight / *.lora_up.weight tensors")
+        report.add("no LoRA modules", "no lora_down/lora_up, hada_* or lokr_* tensors")
     for name, tensors in sorted(modules.items()):
         _check_module(report, name, tensors, layers, check_sizes, any_module_kind)
     _check_alphas_agree(report, modules)
@@ -100,7 +101,12 @@ def _check_module(report: Report, name: str, tensors: dict, layers, check_sizes:
             report.add("text-encoder names without text_model_ (WebUI, ComfyUI and sd-scripts ignore them)", name)
         else:
             report.add("names of no SD1.x layer (WebUI and ComfyUI drop them silently)", name)
+    if not lyc.LORA_KEYS & set(tensors) and (lyc.LOHA_KEYS | lyc.LOKR_KEYS) & set(tensors):
+        _check_lycoris_module(report, name, tensors, layer if check_sizes else None)
+        return
     down, up, alpha = (tensors.get(s) for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    if "dora_scale" in tensors and layer is not None and check_sizes:
+        _check_dora_scale(report, name, tensors["dora_scale"], layer)
     if any_module_kind and down is None and up is None:
         return  # another kind of module (LoHa, LoKr, ...): its name, dtypes and values are checked
     if down is None or up is None:
@@ -119,6 +125,43 @@ def _check_module(report: Report, name: str, tensors: dict, layers, check_sizes:
         why = shape_problem(layer, down.shape, up.shape, check_sizes)
         if why:
             report.add("shapes that do not fit the layer", f"{name}: {why}")
+
+
+def _layer_shape(layer: Layer) -> tuple[int, ...]:
+    return (layer.out_features, layer.in_features) + (layer.kernel or ())
+
+
+def _check_dora_scale(report: Report, name: str, scale, layer: Layer) -> None:
+    want = lyc.dora_scale_shape(_layer_shape(layer))
+    if tuple(scale.shape) != want:
+        report.add("dora_scale not per input channel (WebUI and ComfyUI apply it differently)",
+                   f"{name} ({list(scale.shape)}, expected {list(want)})")
+
+
+def _check_lycoris_module(report: Report, name: str, tensors: dict, layer) -> None:
+    """LoHa / LoKr: complete, alpha > 0 where a rank divides it, the product fits the layer (if given)."""
+    try:
+        algo = lyc.module_algo(name, tensors)
+    except UserError as err:
+        report.add("incomplete or mixed LoHa/LoKr modules", f"{name} ({err})")
+        return
+    alpha = tensors.get("alpha")
+    if lyc.module_rank(algo, tensors) is not None:
+        if alpha is None:
+            report.add("missing alpha (clients disagree on the default)", name)
+        elif alpha.numel() != 1 or not torch.isfinite(alpha).all() or float(alpha) <= 0:
+            report.add("alpha not a single number > 0", f"{name} ({alpha.flatten()[:2].tolist()})")
+    if layer is None:
+        return
+    shape = _layer_shape(layer)
+    try:
+        lyc.product(algo, tensors, shape)
+    except RuntimeError as err:
+        report.add("shapes that do not fit the layer", f"{name}: {algo} factors do not multiply to "
+                   f"{list(shape)} ({str(err).splitlines()[0]})")
+        return
+    if "dora_scale" in tensors:
+        _check_dora_scale(report, name, tensors["dora_scale"], layer)
 
 
 def _check_alphas_agree(report: Report, modules: dict) -> None:

@@ -2,8 +2,11 @@
 
 A module's delta is (alpha / rank) * up @ down, shaped like its layer's weight: Linear
 [out, in]; Conv2d [out, in, kh, kw] with down carrying the kernel and up being [out, r, 1, 1].
-Reading is strict: anything that is not plain LoRA/LoCon stops with the file and the module
-named, because these tools would otherwise drop it without a word.
+LoHa and LoKr modules (networks/lycoris_format.py) are read as their exact delta in that form,
+with an identity for one factor (rank min(out, in*kh*kw), alpha = rank), so every tool computes
+with them as with a LoRA; `source` keeps their own tensors for merging and writing. A DoRA module
+keeps its `dora_scale` (its change depends on the base weight, which only model merges have).
+Reading is strict: tensors of no known algorithm stop with the file and the module named.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from library.errors import UserError
 from library.logs import warn_once
 from networks import lora_format as fmt
+from networks import lycoris_format as lyc
 
 
 @dataclass
@@ -24,6 +28,9 @@ class ModuleWeights:
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float
+    dora_scale: torch.Tensor | None = None
+    algo: str = "lora"  # "loha" / "lokr": down/up hold the dense delta, `source` the file's tensors
+    source: dict | None = None
 
     @property
     def rank(self) -> int:
@@ -62,12 +69,15 @@ class LoraFile:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return module_tensors(self.modules.values())
 
+    def lycoris_modules(self) -> list[str]:
+        """Names of the modules that are not plain LoRA (LoHa, LoKr, or with a dora_scale)."""
+        return [n for n, m in self.modules.items() if m.algo != "lora" or m.dora_scale is not None]
+
 
 def _not_plain(path, example: str) -> UserError:
     return UserError(
-        f"{path} holds tensors that are not plain LoRA/LoCon (e.g. '{example}'): it is a LyCORIS "
-        "(LoHa/LoKr), DoRA or other adapter format, which these tools cannot compute with.", path=path,
-        fix="pass a kohya LoRA/LoCon file (lora_down.weight / lora_up.weight / alpha per module).")
+        f"{path} holds tensors that are not of a kohya or LyCORIS adapter (e.g. '{example}').", path=path,
+        fix="pass a LoRA/LoCon, LoHa, LoKr or DoRA file (lora_unet_* / lora_te_* modules).")
 
 
 def read_lora(path) -> LoraFile:
@@ -82,7 +92,7 @@ def read_lora(path) -> LoraFile:
     parts: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for key, value in sd.items():
         name, _, suffix = fmt.canonical_key(key).partition(".")
-        if "." + suffix not in fmt.TENSOR_SUFFIXES or not name.startswith(("lora_unet_", "lora_te")):
+        if not name.startswith(("lora_unet_", "lora_te")):
             raise _not_plain(path, key)
         parts[name][suffix] = value
     if not parts:
@@ -90,7 +100,12 @@ def read_lora(path) -> LoraFile:
                         fix="pass a kohya LoRA file (lora_unet_* / lora_te_* tensors).")
     modules = {}
     for name, tensors in sorted(parts.items()):
-        modules[name] = _module(path, name, tensors)
+        algo = lyc.module_algo(name, tensors, path)  # unknown keys: an error naming the module
+        if algo == "lora":
+            modules[name] = _module(path, name, tensors)
+            modules[name].dora_scale = tensors.get("dora_scale")
+        else:
+            modules[name] = _dense_module(path, name, algo, tensors)
     dtypes = collections.Counter(m.up.dtype for m in modules.values())
     metadata = read_safetensors_metadata(path) if path.suffix.lower() == ".safetensors" else {}
     return LoraFile(path=path, modules=modules, metadata=metadata, dtype=dtypes.most_common(1)[0][0])
@@ -120,6 +135,57 @@ def _module(path, name: str, tensors: dict) -> ModuleWeights:
     return ModuleWeights(name, down, up, alpha)
 
 
+def _dense_module(path, name: str, algo: str, tensors: dict) -> ModuleWeights:
+    """A LoHa/LoKr module as its exact delta: up @ down with an identity on the smaller side."""
+    from library.lora_tools.model_fit import sd15_layers
+
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"the module {name} in {path} holds NaN or Inf values ({key}).", path=path,
+                            fix="the adapter is broken (often a training run that diverged); use an earlier file.")
+    shape = _lycoris_weight_shape(name, algo, tensors, sd15_layers())
+    if shape is None:
+        raise UserError(f"cannot tell the layer shape of the {algo} module {name} in {path}: it names no SD1.x "
+                        "layer, and its tensors do not give the conv kernel.", path=path,
+                        fix="use the file with the model it was trained on (merge_lora.py --sd_model, gen_img.py).")
+    try:
+        delta = lyc.product(algo, tensors, shape) * lyc.module_scale(algo, tensors)
+    except RuntimeError as err:
+        raise UserError(f"the {algo} module {name} in {path} has factors that do not form a {list(shape)} weight "
+                        f"({str(err).splitlines()[0]}).", path=path,
+                        fix="the file is damaged, or made for another model; save it again from its source.") from None
+    flat = delta.reshape(shape[0], -1)
+    if flat.shape[0] <= flat.shape[1]:  # rank = out: up = I, down = delta (carries the kernel)
+        up = torch.eye(shape[0]).reshape(shape[0], shape[0], *([1, 1] if len(shape) == 4 else []))
+        down = delta
+    else:  # rank = in*kh*kw: up = delta, down = I (each row one input position of the kernel)
+        n = flat.shape[1]
+        up = flat.reshape(shape[0], n, *([1, 1] if len(shape) == 4 else []))
+        down = torch.eye(n).reshape(n, *shape[1:])
+    return ModuleWeights(name, down, up, float(down.shape[0]), tensors.get("dora_scale"), algo, dict(tensors))
+
+
+def _lycoris_weight_shape(name, algo, tensors, layers):
+    """The layer's weight shape: the kernel from SD1.x's layer of that name (or a 4-D lokr_w2)."""
+    if algo == "loha":
+        out, flat_in = tensors["hada_w1_a"].shape[0], tensors["hada_w1_b"].shape[1]
+    else:
+        w1 = tensors.get("lokr_w1")
+        l, m = (w1.shape if w1 is not None else (tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1]))
+        w2 = tensors.get("lokr_w2")
+        if w2 is not None and w2.dim() == 4:
+            return (l * w2.shape[0], m * w2.shape[1], *w2.shape[2:])
+        k, n = w2.shape if w2 is not None else (tensors["lokr_w2_a"].shape[0], tensors["lokr_w2_b"].shape[1])
+        out, flat_in = l * k, m * n
+    layer = layers.get(name)
+    if layer is None:
+        return None
+    if layer.kernel is None:
+        return (int(out), int(flat_in))
+    kh, kw = layer.kernel
+    return (int(out), int(flat_in) // (kh * kw), kh, kw)
+
+
 def common_alphas(modules) -> tuple[float | None, float | None]:
     """The most common alpha of Linear (and 1x1) modules and of 3x3 conv modules (None if none)."""
     linear = collections.Counter(m.alpha for m in modules if not m.is_conv3x3)
@@ -143,6 +209,12 @@ def lora_metadata(modules, output_path, extra: dict | None = None) -> dict[str, 
 
         meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_ranks.most_common(1)[0][0]),
                                               "conv_alpha": str(conv_alpha)})
+    if any(m.dora_scale is not None for m in modules):  # as kohya_ss records a LyCORIS DoRA run
+        import json
+
+        args = json.loads(meta.get("ss_network_args", "{}"))
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", **args})
     meta.update(extra or {})
     return meta
 
@@ -186,6 +258,12 @@ def module_tensors(modules, dtype: torch.dtype | None = None) -> dict[str, torch
     """The file's tensors for these modules (on the CPU; alpha as a 0-d tensor of the same dtype)."""
     sd = {}
     for m in modules:
+        if m.source is not None:  # LoHa / LoKr: the file's own tensors
+            for key, value in m.source.items():
+                sd[f"{m.name}.{key}"] = value.detach().to("cpu", dtype or value.dtype).contiguous()
+            continue
+        if m.dora_scale is not None:
+            sd[f"{m.name}.dora_scale"] = m.dora_scale.detach().to("cpu", dtype or m.dora_scale.dtype).contiguous()
         sd[f"{m.name}.lora_down.weight"] = m.down.detach().to("cpu", dtype or m.down.dtype).contiguous()
         sd[f"{m.name}.lora_up.weight"] = m.up.detach().to("cpu", dtype or m.up.dtype).contiguous()
         sd[f"{m.name}.alpha"] = torch.tensor(float(m.alpha), dtype=dtype or m.down.dtype)
