@@ -115,7 +115,8 @@ class RunControl:
             self.run_panel.finish("failed", -1, f"could not start {argv[0]}: {err}")
             done, self.run_done = self.run_done, None
             if done:
-                self.root.after_idle(lambda: done("failed", -1, str(err)))
+                message = str(err)  # `err` is unbound once the except block ends, before the callback runs
+                self.root.after_idle(lambda: done("failed", -1, message))
             return
         self.run_panel.samples.watch(tab.image_folder(values), since=self.run.started_at - 1)
         values = tab.values()[0] if values is None else values
