@@ -6,6 +6,12 @@
 2. A LoRA dataset of a concept the base never drew: "a sks circle" = a green circle.
 3. train_network.py with a kohya-style command (printed), on the CPU.
 4. The same seeds sampled with the LoRA at multiplier 0 and 1, side by side in one PNG.
+
+The toy VAE decodes every latent pixel into a flat 8x8 block, so the model's own samples are 8x8
+mosaics. lora_off_vs_on.png shows them through the display decoder (library/toy/display.py: a small
+network trained once on toy-world renders that draws the 64x64 picture an 8x8 latent implies, as
+SD's learned VAE decoder does); lora_off_vs_on_raw.png shows the mosaics themselves. The printed
+green statistics are measured on the model's own (raw) samples.
 """
 from __future__ import annotations
 
@@ -41,11 +47,13 @@ def train_command(model: Path, prompts: Path) -> list[str]:
             "--sample_every_n_epochs=5", "--sample_at_first", "--sample_sampler=ddim"]
 
 
-def side_by_side(model: Path, lora: Path, out: Path) -> dict:
-    """Rows: the training images, then each prompt with the LoRA off and on (same seeds)."""
+def side_by_side(model: Path, lora: Path, out: Path, raw_out: Path) -> dict:
+    """Rows: the training images, then each prompt with the LoRA off and on (same seeds); `out`
+    through the display decoder, `raw_out` as the model drew them. Statistics on the raw samples."""
     import torch
 
     from library.toy import metrics, world
+    from library.toy.display import decode_for_display, ensure_display_decoder
     from library.toy.preview import apply_lora, generate, make_pipeline
     from library.toy.preview import side_by_side as write_grid
 
@@ -53,14 +61,20 @@ def side_by_side(model: Path, lora: Path, out: Path) -> dict:
     pipe = make_pipeline(model)
     network = apply_lora(pipe, lora)
     images, _ = world.new_concept_images(len(SEEDS), seed=1000)  # the dataset's first images
-    rows, stats = [("training images: a sks circle", images.astype("float32") / 255)], {}
+    decoder = ensure_display_decoder(log=print)
+    rows, shown, stats = [("training images: a sks circle", images.astype("float32") / 255)], [], {}
+    shown.append(rows[0])
     for prompt in (PROMPT, "a red circle"):
         for multiplier in (0.0, 1.0):
             network.set_multiplier(multiplier)
             samples = generate(pipe, prompt, SEEDS, guidance=GUIDANCE)
             rows.append((f"{prompt}  LoRA x{multiplier:g}", samples))
+            shown.append((f"{prompt}  LoRA x{multiplier:g}", decode_for_display(decoder, samples)))
             stats[(prompt, multiplier)] = metrics.colour_excess(samples, "green")
-    write_grid(rows, out)
+    write_grid(shown, out, title=f"samples shown through the toy display decoder (the model's raw 8x8-block "
+                                 f"output: {raw_out.name})")
+    write_grid(rows, raw_out, title="the model's raw samples: the toy VAE decodes each latent pixel as an "
+                                    "8x8 block")
     return stats
 
 
@@ -87,16 +101,17 @@ def main() -> int:
     if rc != 0:
         return rc
     lora = OUT_DIR / f"{NAME}.safetensors"
-    grid = DEMO / "lora_off_vs_on.png"
-    stats = side_by_side(models.single_file, lora, grid)
+    grid, raw_grid = DEMO / "lora_off_vs_on.png", DEMO / "lora_off_vs_on_raw.png"
+    stats = side_by_side(models.single_file, lora, grid, raw_grid)
     print(f"""
 demo finished in {time.time() - start:.0f} s
   base model     {models.single_file}  (diffusers folder: {models.diffusers_dir})
   LoRA file      {lora}
   off vs on      {grid}
-                 rows: training images, then the same seeds with the LoRA at 0 and 1
-  green in '{PROMPT}' samples: LoRA off {stats[(PROMPT, 0.0)]:.3f}, on {stats[(PROMPT, 1.0)]:.3f}
-  green in 'a red circle' samples: LoRA off {stats[('a red circle', 0.0)]:.3f}, on {stats[('a red circle', 1.0)]:.3f}
+                 rows: training images, then the same seeds with the LoRA at 0 and 1,
+                 drawn by the toy display decoder (raw 8x8-block samples: {raw_grid.name})
+  green in '{PROMPT}' raw samples: LoRA off {stats[(PROMPT, 0.0)]:.3f}, on {stats[(PROMPT, 1.0)]:.3f}
+  green in 'a red circle' raw samples: LoRA off {stats[('a red circle', 0.0)]:.3f}, on {stats[('a red circle', 1.0)]:.3f}
   samples during training  {OUT_DIR / 'sample'}
   TensorBoard    tensorboard --logdir {LOG_DIR}
   resume state   {OUT_DIR / (NAME + '-state')}
