@@ -103,6 +103,10 @@ def main() -> int:
     lora = OUT_DIR / f"{NAME}.safetensors"
     grid, raw_grid = DEMO / "lora_off_vs_on.png", DEMO / "lora_off_vs_on_raw.png"
     stats = side_by_side(models.single_file, lora, grid, raw_grid)
+
+    def green(prompt: str) -> str:
+        return f"LoRA off {stats[(prompt, 0.0)]:.3f}, on {stats[(prompt, 1.0)]:.3f}"
+
     print(f"""
 demo finished in {time.time() - start:.0f} s
   base model     {models.single_file}  (diffusers folder: {models.diffusers_dir})
@@ -110,8 +114,8 @@ demo finished in {time.time() - start:.0f} s
   off vs on      {grid}
                  rows: training images, then the same seeds with the LoRA at 0 and 1,
                  drawn by the toy display decoder (raw 8x8-block samples: {raw_grid.name})
-  green in '{PROMPT}' raw samples: LoRA off {stats[(PROMPT, 0.0)]:.3f}, on {stats[(PROMPT, 1.0)]:.3f}
-  green in 'a red circle' raw samples: LoRA off {stats[('a red circle', 0.0)]:.3f}, on {stats[('a red circle', 1.0)]:.3f}
+  green in '{PROMPT}' raw samples: {green(PROMPT)}
+  green in 'a red circle' raw samples: {green('a red circle')}
   samples during training  {OUT_DIR / 'sample'}
   TensorBoard    tensorboard --logdir {LOG_DIR}
   resume state   {OUT_DIR / (NAME + '-state')}
