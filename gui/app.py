@@ -37,6 +37,7 @@ class App(RunControl):
         self.run: Run | None = None
         self.run_done = None
         self.run_tab: ScriptTab | None = None
+        self.run_output = None          # the running trainer's output folder (Save now / Sample now)
         self.results: queue.Queue = queue.Queue()
         self.tensorboard = TensorBoard()
         self.dialogs: list[Dialog] = []
@@ -53,6 +54,7 @@ class App(RunControl):
         self._geometry()
         if restore:
             restore_session(self)
+        self._tab_changed()
         self._poll_id = root.after(POLL_MS, self._poll)
         root.protocol("WM_DELETE_WINDOW", self.on_close)
 
@@ -83,9 +85,36 @@ class App(RunControl):
         self.notebook.add(self.caption_editor, text="Captions")
         self.queue_tab = QueueTab(self.notebook, self)
         self.notebook.add(self.queue_tab, text="Queue")
-        self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale)
+        self.run_panel = RunPanel(self.panes, on_stop=self.stop_run, scale=self.scale, on_request=self.request_now)
+        self.run_panel.samples.folder_source = self._gallery_folder
         self.panes.add(self.notebook, weight=3)
         self.panes.add(self.run_panel, weight=1)
+
+    def import_kohya_ss(self, path=None):
+        """File > Import kohya_ss preset…: the JSON becomes one of our presets, loaded into its tab,
+        with what had no equivalent listed above the form. Returns the new preset's path."""
+        from pathlib import Path
+        from tkinter import filedialog
+
+        from gui.kohya_import import convert
+        from library.errors import UserError
+
+        path = path or filedialog.askopenfilename(parent=self.root, title="kohya_ss preset (.json)",
+                                                  filetypes=[("kohya_ss preset", "*.json"), ("All files", "*")])
+        if not path:
+            return None
+        try:
+            out, script, notes = convert(Path(path))
+        except UserError as err:
+            self.dialogs.append(Dialog(self.root, "Import kohya_ss preset", "This preset cannot be imported",
+                                       str(err), kind="error"))
+            return None
+        tab = self.tabs.get(script)
+        tab.refresh_presets()
+        tab.load_file(out)
+        tab.show_notes([f"Imported from the kohya_ss preset {path} as the preset {out.stem!r}."] + notes)
+        self.notebook.select(tab)
+        return out
 
     def _script_page(self, parent, item: registry.LoadedScript):
         if item.ok:
@@ -111,7 +140,8 @@ class App(RunControl):
             self.tools_notebook.add(holder, text=entry.tab)
         if tools:
             self.tools_notebook.pack(fill="both", expand=True, pady=(4, 0))
-            self.tools_notebook.bind("<<NotebookTabChanged>>", lambda e: self.tool_tab(), add="+")
+            self.tools_notebook.bind("<<NotebookTabChanged>>", lambda e: (self.tool_tab(), self._tab_changed()),
+                                     add="+")
             self.notebook.bind("<<NotebookTabChanged>>", lambda e: self.tool_tab(), add="+")
 
     def tool_tab(self, holder=None) -> ScriptTab | None:
@@ -142,6 +172,7 @@ class App(RunControl):
         file_menu.add_command(label="Save preset", accelerator="Ctrl+S", command=lambda: self._on_tab("save"))
         file_menu.add_command(label="Save preset as…", accelerator="Ctrl+Shift+S",
                               command=lambda: self._on_tab("save_as"))
+        file_menu.add_command(label="Import kohya_ss preset…", command=self.import_kohya_ss)
         file_menu.add_separator()
         file_menu.add_command(label="Quit", accelerator="Ctrl+Q", command=self.on_close)
         run_menu = tk.Menu(menu, tearoff=False)
@@ -169,11 +200,38 @@ class App(RunControl):
         r.bind("<Control-f>", lambda e: self._focus_filter())
         for i in range(1, 10):
             r.bind(f"<Alt-Key-{i}>", lambda e, i=i: self._select_tab(i - 1))
+        # Ctrl+A selects all in text fields (Tk's default moves to the line start, emacs-style)
+        for cls in ("TEntry", "TCombobox", "Entry"):
+            r.bind_class(cls, "<Control-a>", self._select_all_entry)
+        r.bind_class("Text", "<Control-a>", lambda e: (e.widget.tag_add("sel", "1.0", "end-1c"), "break")[1])
+        self.notebook.bind("<<NotebookTabChanged>>", lambda e: self._tab_changed(), add="+")
+
+    @staticmethod
+    def _select_all_entry(event):
+        event.widget.selection_range(0, "end")
+        event.widget.icursor("end")
+        return "break"
+
+    def _gallery_folder(self):
+        tab = self.current_tab() or (self.run_tab if self.run_tab is not None else None)
+        return tab.image_folder() if tab is not None else None
+
+    def _tab_changed(self):
+        tab = self.current_tab()
+        if tab is not None and "sample_prompts" in tab.form.fields:
+            hint = "Sample images appear here during a run (set the Sample prompts file, then Edit… it)."
+        elif tab is not None and tab.image_option():
+            hint = f"Images this tool writes (to {tab.image_option()}) appear here."
+        else:
+            hint = "Images a run writes appear here."
+        self.run_panel.samples.set_hint(hint)
 
     def _geometry(self):
-        w, h = int(1280 * self.scale), int(880 * self.scale)
-        # leave room for the menu bar and the desktop's panels
-        w, h = min(w, self.root.winfo_screenwidth()), min(h, self.root.winfo_screenheight() - int(60 * self.scale))
+        sw, sh = self.root.winfo_screenwidth(), self.root.winfo_screenheight()
+        # most of a big screen, all of a small one; room for the desktop's panels
+        w = min(sw, max(int(1280 * self.scale), int(sw * 0.9)))
+        w = sw if sw - w < 100 else w         # a small screen: all of its width
+        h = min(sh - int(60 * self.scale), max(int(880 * self.scale), int(sh * 0.9)))
         geometry = f"{w}x{h}+0+0"
         saved = re.fullmatch(r"(\d+)x(\d+)\+(-?\d+)\+(-?\d+)", self.session.get("geometry") or "")
         if saved:   # the last size, but never larger than this screen (it may be another monitor)

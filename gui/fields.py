@@ -10,6 +10,23 @@ from gui import layout
 from gui.specs import FieldSpec, bool_value, is_default, parse_text, value_to_text
 from gui.widgets import attach_tip
 
+# The folder each option's file dialog showed last ("" key: the last folder of any dialog);
+# kept in the session so it survives a restart.
+LAST_DIRS: dict[str, str] = {}
+
+
+def hide_dot_folders(widget) -> None:
+    """Tk's own file dialog (Linux) lists .cache, .git...: hide them, keep its toggle."""
+    try:
+        widget.tk.call("tk_getOpenFile", "-no-such-option")   # loads the dialog's namespace
+    except tk.TclError:
+        pass
+    try:
+        widget.tk.call("set", "::tk::dialog::file::showHiddenBtn", "1")
+        widget.tk.call("set", "::tk::dialog::file::showHiddenVar", "0")
+    except tk.TclError:
+        pass
+
 
 class Field:
     """The widgets of one option and its text <-> value logic."""
@@ -25,7 +42,7 @@ class Field:
     # -- building --------------------------------------------------------------------------
     def build_bool(self, parent):
         self.var = tk.BooleanVar(parent, value=False)
-        self.widget = ttk.Checkbutton(parent, text=self.spec.dest, variable=self.var, name=f"f_{self.spec.dest}")
+        self.widget = ttk.Checkbutton(parent, text=self.label_text(), variable=self.var, name=f"f_{self.spec.dest}")
         attach_tip(self.widget, self.tip_text)
         self.widgets = [self.widget]
         self.var.trace_add("write", lambda *a: self.form.changed(self))
@@ -33,7 +50,7 @@ class Field:
 
     def build_row(self, parent, row: int):
         spec = self.spec
-        self.label = ttk.Label(parent, text=spec.dest + (" *" if self.needed else ""), style="Field.TLabel")
+        self.label = ttk.Label(parent, text=self.label_text() + (" *" if self.needed else ""), style="Field.TLabel")
         self.var = tk.StringVar(parent, value="")
         if spec.kind in ("choice", "tristate"):
             choices = spec.choices if spec.kind == "choice" else [True, False]
@@ -41,6 +58,9 @@ class Field:
             if spec.default is None:
                 values = [""] + values
             self.widget = ttk.Combobox(parent, textvariable=self.var, values=values, state="readonly",
+                                       width=28, name=f"f_{spec.dest}")
+        elif spec.dest in layout.SUGGESTIONS:   # usual values in a list, any other can be typed
+            self.widget = ttk.Combobox(parent, textvariable=self.var, values=layout.SUGGESTIONS[spec.dest],
                                        width=28, name=f"f_{spec.dest}")
         else:
             self.widget = ttk.Entry(parent, textvariable=self.var, width=40 if self.path_kind else 24,
@@ -63,6 +83,9 @@ class Field:
             attach_tip(w, self.tip_text)
         self.var.trace_add("write", lambda *a: self.form.changed(self))
         self.widget.bind("<FocusIn>", lambda e: self.form.scroll.scroll_to(self.widget), add="+")
+
+    def label_text(self) -> str:
+        return layout.label_of(self.spec.dest)
 
     def place_help(self, side: str, wrap: int):
         self.help.configure(wraplength=wrap)
@@ -88,7 +111,7 @@ class Field:
 
     def tip_text(self) -> str:
         spec = self.spec
-        lines = [f"{spec.flag}" + ("  (required)" if self.needed else "")]
+        lines = [f"{self.label_text()}  ·  {spec.flag}" + ("  (required)" if self.needed else "")]
         if spec.help:
             lines.append(self.help_text())
         if spec.choices:
@@ -101,19 +124,38 @@ class Field:
             lines.append(f"PROBLEM: {self.problem}")
         return "\n".join(lines)
 
+    def start_folder(self) -> str:
+        """The dialog's first folder: the field's own value, else where this option's dialog was
+        last, else where any dialog was last, else the working folder."""
+        current = self.var.get().strip().strip('"')
+        if current:
+            folder = current if os.path.isdir(current) else os.path.dirname(current)
+            if folder and os.path.isdir(folder):
+                return folder
+        for key in (self.spec.dest, ""):
+            if os.path.isdir(LAST_DIRS.get(key, "")):
+                return LAST_DIRS[key]
+        return os.getcwd()
+
     def browse(self, kind: str):
-        current = self.var.get().strip()
-        start = current if os.path.isdir(current) else os.path.dirname(current) or os.getcwd()
+        start = self.start_folder()
+        hide_dot_folders(self.widget)
+        types = layout.file_types(self.spec.dest)
         if kind in ("dir", "save_dir"):
             chosen = filedialog.askdirectory(parent=self.widget, initialdir=start, mustexist=kind == "dir")
+            folder = chosen
         elif kind == "save_file":
-            chosen = filedialog.asksaveasfilename(parent=self.widget, initialdir=start)
+            chosen = filedialog.asksaveasfilename(parent=self.widget, initialdir=start, filetypes=types)
+            folder = os.path.dirname(chosen) if chosen else ""
         elif kind == "files":
-            picked = filedialog.askopenfilenames(parent=self.widget, initialdir=start)
+            picked = filedialog.askopenfilenames(parent=self.widget, initialdir=start, filetypes=types)
             chosen = " ".join(f'"{p}"' if " " in p else p for p in picked)
+            folder = os.path.dirname(picked[0]) if picked else ""
         else:
-            chosen = filedialog.askopenfilename(parent=self.widget, initialdir=start)
+            chosen = filedialog.askopenfilename(parent=self.widget, initialdir=start, filetypes=types)
+            folder = os.path.dirname(chosen) if chosen else ""
         if chosen:
+            LAST_DIRS[self.spec.dest] = LAST_DIRS[""] = folder
             self.var.set(chosen)
 
     # -- values ----------------------------------------------------------------------------
@@ -151,7 +193,7 @@ class Field:
     # -- display ---------------------------------------------------------------------------
     def mark(self, problem: str | None):
         self.problem = problem
-        kind = {"bool": "TCheckbutton", "choice": "TCombobox", "tristate": "TCombobox"}.get(self.spec.kind, "TEntry")
+        kind = self.widget.winfo_class()    # TEntry, TCombobox (choices and suggestions), TCheckbutton
         self.widget.configure(style=f"Error.{kind}" if problem else kind)
         if self.spec.kind != "bool":
             self.help.configure(text=f"⚠ {problem}" if problem else self.short_help(),

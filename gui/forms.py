@@ -74,11 +74,17 @@ class Section:
                 f.widget.grid_forget()
             for i, f in enumerate(shown):
                 f.widget.grid(row=i // BOOL_COLUMNS, column=i % BOOL_COLUMNS, sticky="w", padx=(0, 18))
+            # a grid whose last child is removed keeps its old size (a blank gap under Find):
+            # hide the empty containers themselves
+            part.bool_frame.grid() if shown else part.bool_frame.grid_remove()
+            part.has_visible = any(f.visible for f in fields)
+            if part is self.main:
+                part.grid() if part.has_visible else part.grid_remove()
             any_visible |= any(f.visible for f in fields)
         if self.adv_frame is not None:
             open_ = self.expanded.get() or bool(query)
             self.toggle.configure(text=f"{'▾' if open_ else '▸'} Advanced options ({len(self.advanced)})")
-            self.adv_frame.grid() if open_ else self.adv_frame.grid_remove()
+            self.adv_frame.grid() if open_ and self.adv_frame.has_visible else self.adv_frame.grid_remove()
             if query and not any(f.visible for f in self.advanced):
                 self.toggle.grid_remove()
             else:
@@ -96,6 +102,7 @@ class Form:
         self.help_wrap = help_wrap
         self.filter_text = ""
         self._loading = 0
+        self.algo = None
         self.specs = specs_from_parser(parser)
         self.fields: dict[str, Field] = {}
         for spec in self.specs:
@@ -109,6 +116,7 @@ class Form:
         self.scroll = ScrollFrame(parent)
         self.sections: list[Section] = []
         self._build()
+        self.algo = self._build_algo_choice()
         self._loading += 1
         for f in self.fields.values():
             f.reset()
@@ -116,11 +124,22 @@ class Form:
         self.refresh()
 
     def _build(self):
+        # what a run cannot do without comes first, in one section (kohya_ss users look for
+        # "model, images, output" at the top); the rest by argparse group
+        first = [self.fields[n] for item in self.required for n in (item if isinstance(item, tuple) else (item,))
+                 if n in self.fields and self.fields[n].spec.kind != "bool"]
+        first = list(dict.fromkeys(first))
+        offset = 0
+        if first:
+            self.sections.append(Section(self, self.scroll.inner, "Start here", first, [], 0))
+            offset = 1
+        taken = {f.spec.dest for f in first}
         by_group: dict[str, list[FieldSpec]] = {}
         for spec in self.specs:
-            by_group.setdefault(spec.group.lower(), []).append(spec)
-        for row, key in enumerate(layout.section_keys(list(by_group))):
-            title, common_names = layout.section_of(key, [s.dest for s in by_group[key]])
+            if spec.dest not in taken:
+                by_group.setdefault(spec.group.lower(), []).append(spec)
+        for row, key in enumerate(layout.section_keys(list(by_group)), start=offset):
+            title, common_names = layout.section_of(key, [s.dest for s in by_group[key]] + sorted(taken))
             specs = by_group[key]
             if common_names is None:   # a group the layout does not know: everything is common
                 common = [self.fields[s.dest] for s in specs]
@@ -128,11 +147,49 @@ class Form:
             else:
                 # required options are never tucked away under Advanced
                 names = common_names + [s.dest for s in specs if self.fields[s.dest].needed and s.dest not in common_names]
-                common = [self.fields[n] for n in names if n in self.fields and self.fields[n].spec.group.lower() == key]
+                common = [self.fields[n] for n in names if n in self.fields and n not in taken
+                          and self.fields[n].spec.group.lower() == key]
                 advanced = [self.fields[s.dest] for s in specs if self.fields[s.dest] not in common]
             self.sections.append(Section(self, self.scroll.inner, title, common, advanced, row))
         self.scroll.inner.columnconfigure(0, weight=1)
         self._align_columns()
+
+    def _build_algo_choice(self):
+        """LyCORIS's algorithm as a dropdown beside the network type, shown for a LyCORIS module;
+        it is the `algo=` item of network_args (kohya's way of passing it)."""
+        module, args = self.fields.get("network_module"), self.fields.get("network_args")
+        if module is None or args is None or not hasattr(module, "buttons"):
+            return None
+        self.algo_var = tk.StringVar(module.buttons, value="")
+        self.algo_label = ttk.Label(module.buttons, text="algorithm")
+        box = ttk.Combobox(module.buttons, textvariable=self.algo_var, values=layout.LYCORIS_ALGOS,
+                           state="readonly", width=7, name="algo")
+        box.bind("<<ComboboxSelected>>", lambda e: self._algo_chosen())
+        from gui.widgets import attach_tip
+        attach_tip(box, lambda: "LyCORIS algorithm: written into network_args as algo=<name>\n"
+                                "lora, locon (LoRA + conv layers), loha, lokr, dora")
+        return box
+
+    def _algo_items(self) -> list[str]:
+        value = self.fields["network_args"].current()
+        return list(value) if isinstance(value, (list, tuple)) else []
+
+    def _algo_chosen(self):
+        items = [i for i in self._algo_items() if not str(i).startswith("algo=")]
+        self.fields["network_args"].set_value([f"algo={self.algo_var.get()}"] + items)
+
+    def sync_algo(self):
+        if self.algo is None:
+            return
+        if layout.is_lycoris(self.fields["network_module"].current()):
+            algo = next((str(i)[5:] for i in self._algo_items() if str(i).startswith("algo=")), "lora")
+            self.algo_var.set(algo)
+            if not self.algo.winfo_manager():
+                self.algo_label.pack(side="left", padx=(4, 2))
+                self.algo.pack(side="left")
+        else:
+            self.algo_label.pack_forget()
+            self.algo.pack_forget()
 
     def _align_columns(self):
         """Same label and button column widths in every section, so the fields line up."""
@@ -181,7 +238,7 @@ class Form:
     def wanted(self, f: Field) -> bool:
         if self.filter_text:
             q = self.filter_text.lower()
-            return q in f.spec.dest.lower() or q in f.spec.help.lower()
+            return q in f.spec.dest.lower() or q in f.label_text().lower() or q in f.spec.help.lower()
         rule = layout.SHOW_IF.get(f.spec.dest)
         return rule is None or f.is_set() or f.problem is not None or layout.condition_holds(rule, self.get)
 
@@ -192,14 +249,22 @@ class Form:
     def refresh(self):
         for s in self.sections:
             s.refresh()
+        self.sync_algo()
 
     def changed(self, field: Field):
         if self._loading:
             return
         if field.problem:
+            # the same problem on other fields (one of train_data_dir / dataset_config, a bucket
+            # range on min and max) is fixed by this edit as well: unmark them all
+            for other in self.fields.values():
+                if other.problem == field.problem and other is not field:
+                    other.mark(None)
             field.mark(None)
         if field.spec.dest in _controllers():
             self.refresh()
+        elif field.spec.dest in ("network_module", "network_args"):
+            self.sync_algo()
         if self.on_change:
             self.on_change()
 

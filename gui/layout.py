@@ -80,10 +80,142 @@ PATHS: dict[str, str] = {
     "output_dir": "save_dir",
     "logging_dir": "save_dir",
     "tokenizer_cache_dir": "dir",
+    "controlnet": "file_or_dir",
+    "control_image": "files",
 }
+
+# The user's own files: loading a preset that does not set them, or Defaults, keeps them.
+KEEP_ON_PRESET = ["pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "dataset_config",
+                  "output_dir", "output_name", "logging_dir", "sample_prompts"]
 
 NOT_PATHS = {"output_name", "save_model_as", "network_module", "log_prefix", "log_tracker_name",
              "caption_extension", "save_precision", "optimizer_type", "log_with", "output_config"}
+
+# What a user reads beside the widget (kohya_ss's wording where it has one); the flag itself is in
+# the tooltip and the command. Options not listed get their name with spaces ("Max train steps").
+LABELS: dict[str, str] = {
+    "pretrained_model_name_or_path": "Base model",
+    "ckpt": "Base model",
+    "vae": "VAE",
+    "v2": "SD 2.x model",
+    "v_parameterization": "v-prediction",
+    "clip_skip": "CLIP skip",
+    "train_data_dir": "Training images folder",
+    "reg_data_dir": "Regularisation images folder",
+    "dataset_config": "Dataset config (TOML)",
+    "resolution": "Resolution (W,H)",
+    "caption_extension": "Caption file extension",
+    "enable_bucket": "Aspect-ratio buckets",
+    "min_bucket_reso": "Min bucket resolution",
+    "max_bucket_reso": "Max bucket resolution",
+    "cache_latents": "Cache latents",
+    "cache_latents_to_disk": "Cache latents to disk",
+    "shuffle_caption": "Shuffle caption tags",
+    "keep_tokens": "Keep first N tags",
+    "flip_aug": "Flip images (augmentation)",
+    "network_module": "Network type",
+    "network_dim": "Network rank (dim)",
+    "network_alpha": "Network alpha",
+    "network_args": "Network arguments",
+    "network_weights": "Start from weights",
+    "unet_lr": "U-Net learning rate",
+    "text_encoder_lr": "Text encoder learning rate",
+    "network_train_unet_only": "Train U-Net only",
+    "network_train_text_encoder_only": "Train text encoder only",
+    "output_dir": "Output folder",
+    "output_name": "Output name",
+    "max_train_steps": "Max training steps",
+    "max_train_epochs": "Max training epochs",
+    "train_batch_size": "Batch size",
+    "gradient_accumulation_steps": "Gradient accumulation steps",
+    "mixed_precision": "Mixed precision",
+    "gradient_checkpointing": "Gradient checkpointing",
+    "full_fp16": "Full fp16 training",
+    "full_bf16": "Full bf16 training",
+    "optimizer_type": "Optimizer",
+    "optimizer_args": "Optimizer arguments",
+    "learning_rate": "Learning rate",
+    "lr_scheduler": "LR scheduler",
+    "lr_warmup_steps": "LR warmup steps",
+    "lr_scheduler_num_cycles": "LR restarts (cycles)",
+    "lr_scheduler_power": "LR polynomial power",
+    "save_model_as": "Save format",
+    "save_precision": "Save precision",
+    "save_every_n_epochs": "Save every N epochs",
+    "save_every_n_steps": "Save every N steps",
+    "save_last_n_epochs": "Keep last N epoch saves",
+    "save_last_n_steps": "Keep last N step saves",
+    "save_state": "Save training state",
+    "resume": "Resume from state",
+    "sample_prompts": "Sample prompts file",
+    "sample_every_n_steps": "Sample every N steps",
+    "sample_every_n_epochs": "Sample every N epochs",
+    "sample_sampler": "Sampler",
+    "sample_at_first": "Sample before training",
+    "logging_dir": "Log folder",
+    "log_with": "Log with",
+    "max_data_loader_n_workers": "Data loader workers",
+    "seed": "Seed",
+    "outdir": "Output folder",
+    "controlnet": "ControlNet",
+    "control_image": "Control image(s)",
+    "from_file": "Prompts file",
+    "sd_model": "Base model (optional)",
+    "models": "LoRA files",
+    "save_to": "Save to",
+}
+
+
+ACRONYMS = {"sd": "SD", "lr": "LR", "vae": "VAE", "ema": "EMA", "cfg": "CFG", "te": "TE", "unet": "U-Net",
+            "lora": "LoRA", "ddp": "DDP", "snr": "SNR", "fp16": "fp16", "bf16": "bf16", "gpu": "GPU", "cpu": "CPU",
+            "svd": "SVD", "ckpt": "checkpoint", "reso": "resolution", "dir": "folder", "n": "N", "id": "ID"}
+
+
+def label_of(dest: str) -> str:
+    """The readable label: LABELS, else the name in words ("sd_model" -> "SD model")."""
+    if dest in LABELS:
+        return LABELS[dest]
+    words = [ACRONYMS.get(w, w) for w in dest.split("_") if w]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
+# Free-text options with usual values: an editable dropdown (any other value can still be typed).
+SUGGESTIONS: dict[str, list[str]] = {
+    "optimizer_type": ["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "Prodigy",
+                       "DAdaptAdam", "Adafactor"],
+    "network_module": ["networks.lora", "lycoris.kohya"],
+}
+# LyCORIS algorithms (network_args "algo=..."), offered as a dropdown when the module is LyCORIS.
+LYCORIS_ALGOS = ["lora", "locon", "loha", "lokr", "dora"]
+
+
+def is_lycoris(module) -> bool:
+    return "lycoris" in str(module or "").lower()
+
+
+# File dialog filters by the kind of file an option holds (the first is the default filter).
+MODEL_TYPES = [("Model files", "*.safetensors *.ckpt *.pt *.bin"), ("All files", "*")]
+FILE_TYPES: dict[str, list[tuple[str, str]]] = {
+    "dataset_config": [("TOML", "*.toml"), ("All files", "*")],
+    "sample_prompts": [("Prompt files", "*.txt *.toml *.json"), ("All files", "*")],
+    "from_file": [("Text", "*.txt"), ("All files", "*")],
+    "control_image": [("Images", "*.png *.jpg *.jpeg *.webp *.bmp"), ("All files", "*")],
+}
+
+
+def file_types(dest: str) -> list[tuple[str, str]]:
+    if dest in FILE_TYPES:
+        return FILE_TYPES[dest]
+    name = dest.lower()
+    if any(w in name for w in ("model", "ckpt", "weights", "vae", "controlnet", "lora", "network")):
+        return MODEL_TYPES
+    if "config" in name or "toml" in name:
+        return FILE_TYPES["dataset_config"]
+    if "image" in name:
+        return FILE_TYPES["control_image"]
+    return [("All files", "*")]
+
 
 # Where a run writes images to show in the samples pane: (option, subfolder).
 IMAGE_DIRS = [("output_dir", "sample"), ("outdir", ""), ("save_dir", "samples")]
@@ -144,12 +276,16 @@ def path_kind(dest: str, list_valued: bool = False) -> str | None:
     return None
 
 
-SECRET_WORDS = ("api_key", "token", "password", "secret")
+SECRET_WORDS = ("password", "secret", "apikey")
 
 
 def is_secret(dest: str) -> bool:
-    """Shown masked in the form (it is still written to the preset, as the script needs it)."""
-    return any(w in dest.lower() for w in SECRET_WORDS)
+    """Shown masked in the form (it is still written to the preset, as the script needs it).
+    Whole words only: `hf_token` and `wandb_api_key` are secrets, `keep_tokens` and
+    `max_token_length` are not."""
+    words = dest.lower().split("_")
+    joined = "_".join(words)
+    return any(w in words for w in SECRET_WORDS) or words[-1] == "token" or joined.endswith("api_key")
 
 
 def required_for(kind: str, dests: set[str]) -> list:

@@ -152,6 +152,14 @@ def _split_listing(text: str) -> list[str]:
     return items or [text]
 
 
+def options_named(message: str, options: set[str], fallback: str) -> list[str]:
+    """The options a message is about (`--min_bucket_reso`, `bucket_reso_steps`), so the mark
+    lands on the field to fix; `fallback` when it names none."""
+    named = [d for d in sorted(options) if re.search(rf"(?<![\w-])--{d}\b", message)
+             or "_" in d and re.search(rf"(?<![\w-]){d}\b", message)]
+    return named or [fallback]
+
+
 def dataset_report(args, cwd: str) -> tuple[DatasetReport | None, list[Problem]]:
     """The trainers' own dataset builder, without a model: every dataset problem at once."""
     from library.data import build_dataset_group, dataset_configs_from_args
@@ -165,7 +173,8 @@ def dataset_report(args, cwd: str) -> tuple[DatasetReport | None, list[Problem]]
             group = build_dataset_group(configs, getattr(args, "seed", None),
                                         bool(getattr(args, "skip_bad_images", False)), workers=1)
     except UserError as err:
-        return None, [Problem(dest, m) for m in _split_listing(str(err))]
+        options = set() if dest == "dataset_config" else set(vars(args))   # a TOML's problem is the file's
+        return None, [Problem(d, m) for m in _split_listing(str(err)) for d in options_named(m, options, dest)]
     folders = []
     for d, config in enumerate(group.datasets):
         for s, sub in enumerate(config.subsets):

@@ -14,8 +14,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import toml
-
 from library.args import PRESET_TABLE
 from library.fileio import write_text_atomic
 
@@ -38,7 +36,9 @@ class Preset:
 
 
 def _toml_line(key: str, value) -> str:
-    return toml.dumps({key: value}).strip()
+    from library import toml_writer  # escapes \x, ESC and DEL correctly (toml.dumps does not)
+
+    return toml_writer.dumps({key: value}).strip()
 
 
 def dump(script: str, values: dict, order: list[str] | None = None, unknown: dict | None = None,

@@ -40,10 +40,10 @@ class RunControl:
         return dialog
 
     # -- checking and starting -------------------------------------------------------------
-    def check_tab(self, tab: ScriptTab, then=None):
+    def check_tab(self, tab: ScriptTab, then=None, overrides: dict | None = None):
         self.status(f"checking {tab.entry.tab}… (the dataset check opens every image once)")
         tab.start_button.configure(state="disabled")
-        snap = tab.snapshot()
+        snap = tab.snapshot(overrides)
         self.in_thread(lambda: preflight.check(snap, self.cwd), lambda result: self._checked(tab, result, then))
 
     def _checked(self, tab: ScriptTab, result: preflight.Result, then):
@@ -67,18 +67,23 @@ class RunControl:
             self.start_tab(tab)
         return "break"
 
-    def start_tab(self, tab: ScriptTab):
+    def start_tab(self, tab: ScriptTab, overrides: dict | None = None):
+        """Check, then run the tab's form; `overrides` apply to this run only (Resume)."""
         if self.busy():
             self.status("a run is active: stop it first, or add this one to the queue")
             return
-        self.check_tab(tab, then=lambda result: self._launch_tab(tab, result))
+        self.check_tab(tab, then=lambda result: self._launch_tab(tab, result, overrides), overrides=overrides)
 
-    def _launch_tab(self, tab: ScriptTab, result):
+    def _launch_tab(self, tab: ScriptTab, result, overrides: dict | None = None):
         if self.busy():
             return
-        path = tab.write_run_file()
-        argv = tab.argv(config_path=path)
-        self._begin(argv, f"{tab.entry.tab}: {tab.preset_name or 'current form'}", tab)
+        path = tab.write_run_file(overrides)
+        argv = tab.argv(config_path=path, overrides=overrides)
+        values = {**tab.values()[0], **(overrides or {})}
+        self._begin(argv, f"{tab.entry.tab}: {tab.preset_name or 'current form'}", tab, values=values)
+        if overrides and overrides.get("resume"):
+            self.run_panel.append(f"[gui] resuming from {overrides['resume']} (this run only; the form and "
+                                  "preset keep resume empty)", "gui")
         if result.dataset is not None:
             self.run_panel.append(f"[gui] dataset: {result.dataset.steps_per_epoch} steps per epoch; "
                                   f"{result.dataset.plan}", "gui")
@@ -113,13 +118,27 @@ class RunControl:
                 self.root.after_idle(lambda: done("failed", -1, str(err)))
             return
         self.run_panel.samples.watch(tab.image_folder(values), since=self.run.started_at - 1)
+        values = tab.values()[0] if values is None else values
+        trains = tab.entry.kind == "train" and bool(values.get("output_dir"))
+        self.run_output = tab._folder(values.get("output_dir")) if trains else None
+        self.run_panel.allow_requests(trains, trains and bool(values.get("sample_prompts")))
         self.status(f"running (process group {self.run.pgid})")
 
+    def request_now(self, what: str):
+        """Save now / Sample now: the running script takes the request at its next step."""
+        from library.training import live_requests
+
+        if not self.busy() or self.run_output is None:
+            return
+        live_requests.request(self.run_output, what)
+        self.run_panel.append(f"[gui] asked the run to {what} at its next step", "gui")
+        self.status(f"asked the run to {what} at its next step")
+
     def resume(self, tab: ScriptTab, state_path: str):
-        """Continue a stopped run: the same form with resume set to its saved state."""
-        tab.form.fields["resume"].var.set(state_path)
+        """Continue a stopped run: the same form, resumed from its saved state. The state path
+        goes into this run's file only: a later Save or Start must not silently resume it again."""
         self.notebook.select(tab) if tab.entry.kind == "train" else None
-        self.start_tab(tab)
+        self.start_tab(tab, overrides={"resume": state_path})
 
     def stop_run(self):
         if not self.busy():
@@ -179,6 +198,11 @@ class RunControl:
                 and self.run_done is None:
             self.run_panel.offer_resume(lambda: self.resume(tab, run.resume_path))
         self.run_panel.samples.stop()
+        if self.run_output is not None:     # a request the run did not reach must not hit the next run
+            from library.training import live_requests
+
+            live_requests.take(self.run_output)
+            self.run_output = None
         self.status(f"{outcome} (exit code {run.returncode})")
         done, self.run_done = self.run_done, None
         if done:

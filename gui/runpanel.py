@@ -11,22 +11,23 @@ from gui.samples import SamplesPane
 MAX_LOG_LINES = 5000
 
 
-def progress_text(p: Progress) -> str:
+def progress_text(p: Progress, final: bool = False) -> str:
+    """The header line; `final` (the run is over): no speed or ETA, they are not live any more."""
     parts = [f"{p.desc + ' ' if p.desc else ''}{p.n}/{p.total}"]
     if "loss" in p.postfix:
         parts.append(f"loss {p.postfix['loss']}")
     if "avr_loss" in p.postfix:
         parts.append(f"avg {p.postfix['avr_loss']}")
-    if p.rate:
+    if p.rate and not final:
         parts.append(f"{p.rate:.2f} it/s" if p.rate >= 1 else f"{1 / p.rate:.2f} s/it")
     parts.append(f"elapsed {p.elapsed}")
-    if p.eta != "?":
+    if p.eta != "?" and not final:
         parts.append(f"ETA {p.eta}")
     return "  ·  ".join(parts)
 
 
 class RunPanel(ttk.Frame):
-    def __init__(self, master, on_stop, scale: float = 1.0):
+    def __init__(self, master, on_stop, scale: float = 1.0, on_request=None):
         super().__init__(master, padding=(6, 4))
         top = ttk.Frame(self)
         top.pack(fill="x")
@@ -34,6 +35,13 @@ class RunPanel(ttk.Frame):
         self.title.pack(side="left")
         self.stop_button = ttk.Button(top, text="Stop", command=on_stop, state="disabled", underline=0)
         self.stop_button.pack(side="right")
+        # asks the running script (a file in its output folder, taken at its next step)
+        self.save_now = ttk.Button(top, text="Save now", state="disabled",
+                                   command=lambda: on_request and on_request("save"))
+        self.sample_now = ttk.Button(top, text="Sample now", state="disabled",
+                                     command=lambda: on_request and on_request("sample"))
+        self.save_now.pack(side="right", padx=(0, 4))
+        self.sample_now.pack(side="right", padx=(0, 4))
         self.stats = ttk.Label(top, text="", style="Muted.TLabel")
         self.stats.pack(side="left", padx=(12, 0))
         self.bar = ttk.Progressbar(self, mode="determinate", maximum=1.0)
@@ -96,6 +104,11 @@ class RunPanel(ttk.Frame):
         self.stop_button.configure(state="normal", text="Stop")
         self._progress = None
 
+    def allow_requests(self, save: bool, sample: bool):
+        """Save now / Sample now for this run (a trainer with an output folder; samples need prompts)."""
+        self.save_now.configure(state="normal" if save else "disabled")
+        self.sample_now.configure(state="normal" if sample else "disabled")
+
     def append(self, line: str, tag: str | None = None):
         if tag is None:
             low = line.lstrip().lower()
@@ -144,7 +157,11 @@ class RunPanel(ttk.Frame):
         if outcome == "finished":
             self.bar.configure(value=1.0)
         self.stop_button.configure(state="disabled", text="Stop")
-        self.stats.configure(text=progress_text(self._progress) if self._progress else "")
+        self.allow_requests(False, False)
+        p = self._progress
+        if p is not None and outcome == "finished" and p.total:
+            p.n = p.total    # tqdm's last refresh may be a step behind the end
+        self.stats.configure(text=progress_text(p, final=True) if p else "")
         heads = {"finished": ("✔ Finished", "Ok.TLabel"),
                  "stopped": ("■ Stopped", "Stopped.TLabel"),
                  "failed": (f"✖ Failed (exit code {returncode})", "Error.TLabel")}

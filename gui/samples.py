@@ -33,14 +33,22 @@ class SamplesPane(ttk.Frame):
         self.shown: list[Path] = []
         self._photos = []          # Tk drops images Python does not reference
         self._after = None
-        ttk.Label(self, text="Sample images", style="Heading.TLabel").pack(anchor="w")
-        self.caption = ttk.Label(self, text="Sample images appear here during a run (set sample_prompts).",
+        head = ttk.Frame(self)
+        head.pack(fill="x")
+        ttk.Label(head, text="Sample images", style="Heading.TLabel").pack(side="left")
+        self.gallery_button = ttk.Button(head, text="Gallery…", command=self.open_gallery)
+        self.gallery_button.pack(side="right")
+        self.folder_source = lambda: self.folder   # the App points this at the run's / tab's folder
+        self.gallery = None
+        self.hint = "Images a run writes appear here."
+        self.caption = ttk.Label(self, text=self.hint,
                                  style="Muted.TLabel", justify="left", wraplength=int(240 * scale))
         self.caption.pack(anchor="w")
         self.bind("<Configure>", self._resized, add="+")
         self._room = (self.big_px, self.big_px)
-        self.big = ttk.Label(self)
+        self.big = ttk.Label(self, cursor="hand2")
         self.big.pack(anchor="w", pady=(4, 4))
+        self.big.bind("<Button-1>", lambda e: self.enlarge())
         self.strip = ttk.Frame(self)
         self.strip.pack(anchor="w")
 
@@ -51,6 +59,30 @@ class SamplesPane(ttk.Frame):
             self._room = room
             if self.shown:
                 self._show(self.shown)
+
+    def open_gallery(self):
+        """Every sample of the run (or of the current tab's output folder), by step."""
+        from gui.gallery import Gallery
+
+        folder = self.folder or self.folder_source()
+        if folder is None:
+            self.caption.configure(text="Set the output folder first: the gallery shows its sample images.")
+            return None
+        if self.gallery is not None and self.gallery.winfo_exists():
+            self.gallery.close()
+        self.gallery = Gallery(self, folder)
+        return self.gallery
+
+    def enlarge(self):
+        from gui.gallery import Viewer
+
+        return Viewer(self, self.shown[0]) if self.shown else None
+
+    def set_hint(self, text: str):
+        """What the pane says while it shows no image (depends on the tab in front)."""
+        self.hint = text
+        if not self.shown:
+            self.caption.configure(text=text)
 
     def watch(self, folder: Path | None, since: float = 0.0):
         """Follow `folder` (None: stop); only images written after `since` count as this run's."""

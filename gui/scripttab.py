@@ -32,6 +32,10 @@ class ScriptTab(ttk.Frame):
                          help_wrap=int(380 * app.scale))
         self._build_commandbar()   # packed at the bottom before the form: a short window shrinks the form
         self.form.scroll.pack(fill="both", expand=True)
+        self.prompts_editor = None
+        prompts = self.form.fields.get("sample_prompts")
+        if prompts is not None and hasattr(prompts, "buttons"):
+            ttk.Button(prompts.buttons, text="Edit…", width=7, command=self.edit_prompts).pack(side="left")
         self.update_preview()
 
     # -- building --------------------------------------------------------------------------
@@ -61,11 +65,15 @@ class ScriptTab(ttk.Frame):
         box.pack(side="bottom", fill="x", pady=(4, 0))
         row = ttk.Frame(box)
         row.pack(fill="x")
-        ttk.Label(row, text="Command:").pack(side="left")
+        ttk.Label(row, text="Command:").pack(side="left", anchor="n")
         self.cmd_var = tk.StringVar(self)
-        self.cmd_entry = ttk.Entry(row, textvariable=self.cmd_var, state="readonly", font="TkFixedFont")
-        self.cmd_entry.pack(side="left", fill="x", expand=True, padx=4)
-        ttk.Button(row, text="Copy", command=self.copy_command).pack(side="left")
+        # wrapped over as many lines as it needs (3 at most, then it scrolls); selectable, not editable
+        self.cmd_text = tk.Text(row, height=1, wrap="char", font="TkFixedFont", relief="flat", borderwidth=1,
+                                highlightthickness=0, padx=4, pady=2, state="disabled", cursor="xterm")
+        self.cmd_text.pack(side="left", fill="x", expand=True, padx=4)
+        self.cmd_text.bind("<Configure>", lambda e: self._fit_command(), add="+")
+        self.cmd_var.trace_add("write", lambda *a: self._show_command())
+        ttk.Button(row, text="Copy", command=self.copy_command).pack(side="left", anchor="n")
         self.style_var = tk.StringVar(self, value="config file")
         ttk.Combobox(row, textvariable=self.style_var, values=["config file", "flags"], state="readonly",
                      width=10).pack(side="left", padx=(4, 0))
@@ -99,14 +107,31 @@ class ScriptTab(ttk.Frame):
     def load_selected(self):
         index = self.preset_box.current()
         if 0 <= index < len(self.preset_files):
-            self.load_file(self.preset_files[index].path)
+            self.load_file(self.preset_files[index].path, keep_paths=True)
+
+    def kept_paths(self, preset_values: dict) -> dict:
+        """The form's model, dataset and output paths that a preset or Defaults would clear:
+        a preset is settings, the user's files stay."""
+        out = {}
+        for dest in layout.KEEP_ON_PRESET:
+            f = self.form.fields.get(dest)
+            if f is not None and dest not in preset_values and f.is_set():
+                try:
+                    out[dest] = f.value()
+                except ValueError:
+                    continue
+        return out
 
     def known(self) -> set[str]:
         return {a.dest for a in self.loaded.parser._actions}
 
-    def load_file(self, path, remember: bool = True) -> presets.Preset:
+    def load_file(self, path, remember: bool = True, keep_paths: bool = False) -> presets.Preset:
         path = Path(path)
         preset = presets.load(path, self.known(), self.script)
+        kept = self.kept_paths(preset.values) if keep_paths else {}
+        if kept:
+            preset.values.update(kept)
+            preset.notes.append(f"kept your {', '.join(kept)} (the preset does not set them).")
         self.apply_preset(preset)
         builtin = presets.BUILTIN_DIR in path.parents
         # a built-in preset is a starting point: Save writes a user copy, never the built-in file
@@ -170,21 +195,29 @@ class ScriptTab(ttk.Frame):
                                               filetypes=[("TOML preset", "*.toml")],
                                               initialfile=presets.safe_filename(self.preset_name or "my preset"))
         if chosen:
-            self.preset_name = Path(chosen).stem
-            return self.save_to(chosen)
+            # "SD1.5 LoRA quick" has a dot: the name is everything before .toml, and the file
+            # always ends in .toml (the dialog adds it only to names without a dot)
+            name = chosen[:-5] if chosen.lower().endswith(".toml") else chosen
+            self.preset_name = Path(name).name
+            return self.save_to(name + ".toml")
         return None
 
     def open_file(self):
-        chosen = filedialog.askopenfilename(parent=self, filetypes=[("TOML", "*.toml"), ("all", "*")])
-        if chosen:
-            self.load_file(chosen)
+        chosen = filedialog.askopenfilename(parent=self, filetypes=[("Presets", "*.toml *.json"), ("TOML", "*.toml"),
+                                                                    ("kohya_ss preset", "*.json"), ("all", "*")])
+        if chosen and chosen.lower().endswith(".json"):
+            self.app.import_kohya_ss(chosen)       # a kohya_ss preset: File > Import kohya_ss preset
+        elif chosen:
+            self.load_file(chosen, keep_paths=True)
 
     def reset(self):
+        """Every option back to its default, except the model, dataset and output paths."""
+        kept = self.kept_paths({})
         self.unknown = {}
         self.preset_path, self.saved_text, self.preset_name = None, None, None
         self.preset_var.set(NO_PRESET)
-        self.form.set_values({})
-        self.show_notes([])
+        self.form.set_values(kept)
+        self.show_notes([f"kept your {', '.join(kept)}; everything else is back to its default."] if kept else [])
 
     @property
     def dirty(self) -> bool:
@@ -197,16 +230,22 @@ class ScriptTab(ttk.Frame):
             return self.preset_path
         return presets.gui_home() / "runs" / f"{self.script}.toml"
 
-    def write_run_file(self) -> Path:
-        path = self.run_file()
+    def write_run_file(self, overrides: dict | None = None) -> Path:
+        """The file the run reads; `overrides` (e.g. resume for one run) go into it, not into
+        the form or the preset."""
+        path = presets.gui_home() / "runs" / f"{self.script}.toml" if overrides else self.run_file()
         if path != self.preset_path:
             from library.fileio import write_text_atomic
 
-            write_text_atomic(path, self.preset_text())
+            values, _ = self.values()
+            values.update(overrides or {})
+            write_text_atomic(path, presets.dump(self.script, values, self.form.order(), self.unknown,
+                                                 self.preset_name))
         return path
 
-    def argv(self, config_path=None, style: str = "config file") -> list[str]:
+    def argv(self, config_path=None, style: str = "config file", overrides: dict | None = None) -> list[str]:
         values, _ = self.values()
+        values.update(overrides or {})
         specs = self.form.specs
         if style == "flags":
             args = [w for s in specs if s.dest in values for w in flag_args(s, values[s.dest])]
@@ -230,6 +269,25 @@ class ScriptTab(ttk.Frame):
         self.state_label.configure(text="" if not self.dirty else
                                    ("● unsaved changes" if self.preset_path else "● not saved as a preset"))
 
+    def _show_command(self):
+        from gui.theme import palette
+
+        p = palette(self)
+        self.cmd_text.configure(state="normal", background=p["text_bg"], foreground=p["fg"])
+        self.cmd_text.delete("1.0", "end")
+        self.cmd_text.insert("1.0", self.cmd_var.get())
+        self.cmd_text.configure(state="disabled")
+        self._fit_command()
+
+    def _fit_command(self):
+        try:
+            lines = self.cmd_text.count("1.0", "end", "displaylines")
+        except tk.TclError:
+            return
+        lines = min(3, max(1, lines[0] if isinstance(lines, tuple) else lines or 1))
+        if int(self.cmd_text.cget("height")) != lines:
+            self.cmd_text.configure(height=lines)
+
     def copy_command(self):
         if self.style_var.get() != "flags":
             self.write_run_file()   # so the copied command works when pasted
@@ -243,8 +301,9 @@ class ScriptTab(ttk.Frame):
             self._preview_job = None
 
     # -- for checks and runs ---------------------------------------------------------------
-    def snapshot(self) -> dict:
+    def snapshot(self, overrides: dict | None = None) -> dict:
         values, problems = self.values()
+        values.update(overrides or {})
         return {"parser": self.loaded.parser, "script": self.script, "kind": self.entry.kind,
                 "specs": self.form.specs, "values": values,
                 "path_kinds": {d: f.path_kind for d, f in self.form.fields.items()},
@@ -263,6 +322,33 @@ class ScriptTab(ttk.Frame):
             if values.get(dest):
                 return self._folder(values[dest]) / sub if sub else self._folder(values[dest])
         return None
+
+    def prompts_path(self) -> Path:
+        """The prompt file to edit: the field's, else one in the output folder, else the GUI's own."""
+        values = self.values()[0]
+        if values.get("sample_prompts"):
+            return self._folder(values["sample_prompts"])
+        if values.get("output_dir"):
+            return self._folder(values["output_dir"]) / "sample_prompts.txt"
+        return presets.gui_home() / "prompts" / f"{self.script}.txt"
+
+    def edit_prompts(self):
+        from gui.prompts_editor import PromptsEditor
+
+        if self.prompts_editor is not None and self.prompts_editor.winfo_exists():
+            self.prompts_editor.destroy()
+        sampler = self.form.fields.get("sample_sampler")
+        self.prompts_editor = PromptsEditor(self, self.prompts_path(), on_saved=self._prompts_saved,
+                                            samplers=sampler.spec.choices if sampler else None)
+        return self.prompts_editor
+
+    def _prompts_saved(self, path: Path):
+        self.form.fields["sample_prompts"].var.set(str(path))
+        self.app.status(f"saved the sample prompts to {path}")
+
+    def image_option(self) -> str | None:
+        """The option naming where this script writes images, if it has one."""
+        return next((d for d, _ in layout.IMAGE_DIRS if d in self.form.fields), None)
 
     def logging_folder(self) -> Path | None:
         values = self.values()[0]

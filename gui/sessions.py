@@ -9,7 +9,11 @@ from library.fileio import write_text_atomic
 
 
 def save_session(app) -> None:
-    data = {"theme": app.theme_mode.get(), "geometry": app.root.winfo_geometry(), "presets": {},
+    # root.geometry() is the frame's position as set; winfo_geometry() is the client area's,
+    # which sits below the menu bar / title bar and moved the window down on every restart
+    from gui.fields import LAST_DIRS
+
+    data = {"last_dirs": dict(LAST_DIRS), "theme": app.theme_mode.get(), "geometry": app.root.geometry(), "presets": {},
             "launcher": next((t.launcher_var.get() for t in app.tabs.values()), app.launcher)}
     try:
         data["tab"] = app.notebook.tab(app.notebook.select(), "text")
@@ -41,7 +45,11 @@ def restore_tab(app, tab) -> None:
 
 
 def restore_session(app) -> None:
+    from gui.fields import LAST_DIRS
+
     data = app.session
+    if isinstance(data.get("last_dirs"), dict):
+        LAST_DIRS.update({k: v for k, v in data["last_dirs"].items() if isinstance(v, str)})
     for tab in app.tabs.values():
         restore_tab(app, tab)
     wanted = data.get("tab")

@@ -40,6 +40,17 @@ non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
 
 
+def file_name(value):
+    """--output_name: a name without folders, so every trained file stays inside --output_dir."""
+    from library.fileio import check_output_name
+
+    try:
+        return check_output_name(value, "")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a plain file name (no '/', '\\' or '..'): the files "
+                                         "stay inside --output_dir; choose the folder there") from None
+
+
 def resolution(value) -> tuple[int, int]:
     """'512' or '512,768' (kohya: width,height) -> (w, h)."""
     if isinstance(value, (list, tuple)):
@@ -172,8 +183,8 @@ def add_precision_alias(group) -> None:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
-    g.add_argument("--output_name", type=str, default=None,
-                   help="base name of the trained files (default 'last')")
+    g.add_argument("--output_name", type=file_name, default=None,
+                   help="base name of the trained files (default 'last'), without folders")
     g.add_argument("--train_batch_size", type=positive_int, default=1,
                    help="batch size (per process: N processes train on N x this many images per step)")
     g.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
@@ -402,6 +413,9 @@ def add_trainer_automation_arguments(parser: argparse.ArgumentParser,
     g.add_argument("--monitor", type=str, default=None, help=f"metric for --save_top_k: {monitor_names}")
     g.add_argument("--monitor_mode", type=str, default="min", choices=["min", "max"],
                    help="whether a lower (min) or higher (max) --monitor value is better")
+    g.add_argument("--divergence_patience", type=positive_int, default=3,
+                   help="stop when this many optimizer steps in a row have a NaN/Inf loss or gradient norm (they "
+                        "are skipped; nothing is saved after the divergence, so the last good files stay)")
     g.add_argument("--overfit_batches", type=positive_int, default=None,
                    help="debugging: train on the first N batches only, the same ones every epoch")
     g.add_argument("--fast_dev_run", type=fast_dev_run_steps, default=0, nargs="?", const=2,
@@ -451,8 +465,14 @@ def read_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     if not path.is_file():
         raise UserError("the --config_file does not exist.", path=path,
                         fix="pass the path of a TOML file of arguments, or write one with --output_config.")
+    import tomllib
+
     try:
-        table = toml.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        try:  # TOML 1.0 (what --output_config writes: the toml package misreads some escapes, e.g. \\u)
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:  # kohya reads with the toml package, which takes a few other files
+            table = toml.loads(text)
     except (toml.TomlDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"the --config_file {path} is not valid TOML ({err}).", path=path,
                         fix="correct the line named above; values are written like key = \"text\" or key = 1.5.") from None
@@ -516,8 +536,17 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         actions = _dests(parser)
         values = read_config_file(parser, args.config_file)
         checked = {k: _check_value(actions[k], v, f"the config file {args.config_file}") for k, v in values.items()}
+        # the config values are defaults for this parse only: the parser may be parsed again
+        # (the GUI checks one shared parser many times), and must not keep the old file's values
+        saved = {a.dest: a.default for a in parser._actions}, dict(parser._defaults)
         parser.set_defaults(**checked)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        finally:
+            for action in parser._actions:
+                action.default = saved[0][action.dest]
+            parser._defaults.clear()
+            parser._defaults.update(saved[1])
     if getattr(args, "caption_extention", None):  # kohya's old misspelling still works
         args.caption_extension = args.caption_extention
     if args.output_config:
@@ -542,15 +571,14 @@ def config_dict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
 
 
 def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
-    import toml
-
+    from library import toml_writer
     from library.fileio import write_text_atomic
 
     if not args.config_file:
         raise UserError("--output_config needs --config_file, the path of the TOML to write.",
                         fix="add --config_file my_settings.toml.")
     path = Path(args.config_file)
-    write_text_atomic(path, toml.dumps(config_dict(parser, args)))
+    write_text_atomic(path, toml_writer.dumps(config_dict(parser, args)))
     print(f"wrote the arguments to {path}")
     return path
 

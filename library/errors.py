@@ -38,6 +38,9 @@ def debug_enabled(argv=None) -> bool:
 
 def run_cli(main, argv=None) -> int:
     """Run `main(argv)`; turn UserError into a clean message and exit code 2."""
+    from library.cpu_threads import apply_default
+
+    apply_default()   # before main imports torch: a sane thread count when the user set none
     try:
         result = main(argv)
         return result if isinstance(result, int) else 0

@@ -169,13 +169,23 @@ class LoRANetwork(torch.nn.Module):
                 None if conv_block_dims is None else list(conv_block_alphas or [conv_alpha or 1.0] * len(conv_block_dims)))
         self.block_lr_weight = None
 
-        text_encoder = _single_text_encoder(text_encoder)
         unet_targets = fmt.UNET_TARGETS
         with_conv = conv_lora_dim if self.block_dims is None else self.block_dims.conv_dims
         if with_conv or modules_dim is not None:  # from weights: the file decides
             unet_targets = unet_targets + fmt.UNET_CONV_TARGETS
-        self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
-        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets)
+        self.is_sdxl = _is_sdxl(unet)
+        namer = fmt.lora_name
+        if self.is_sdxl:  # kohya's SDXL names: the UNet's original layout, lora_te1_ / lora_te2_
+            from library.models.sdxl import lora_names as sdxl_names
+
+            namer = sdxl_names.lora_module_name
+            encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+            self.text_encoder_loras = [lora for prefix, encoder in zip(sdxl_names.TEXT_ENCODER_PREFIXES, encoders)
+                                       for lora in self._create(prefix, encoder, fmt.TE_TARGETS, namer)]
+        else:
+            text_encoder = _single_text_encoder(text_encoder)
+            self.text_encoder_loras = self._create(fmt.TE_PREFIX, text_encoder, fmt.TE_TARGETS)
+        self.unet_loras = self._create(fmt.UNET_PREFIX, unet, unet_targets, namer)
         for lora in self.text_encoder_loras + self.unet_loras:
             self.add_module(lora.lora_name, lora)
         if varbose:
@@ -192,12 +202,13 @@ class LoRANetwork(torch.nn.Module):
                 logger.warning("%d LoRA modules in the weights match no layer of this model and are "
                                "ignored, e.g. %s", len(self.unmatched_modules), self.unmatched_modules[:3])
 
-    def _create(self, prefix, root, class_names):
+    def _create(self, prefix, root, class_names, namer=fmt.lora_name):
+        """`namer(prefix, module path)`: the name in the file (SDXL's differs from the path)."""
         if root is None:
             return []
         loras = []
         for path, layer in fmt.iter_targets(root, class_names):
-            name = fmt.lora_name(prefix, path)
+            name = namer(prefix, path)
             conv3x3 = not (isinstance(layer, torch.nn.Linear) or fmt.is_1x1(layer))
             index = blocks.block_index(name)
             if self._modules_dim is not None:
@@ -336,7 +347,7 @@ class LoRANetwork(torch.nn.Module):
 
     def save_weights(self, file, dtype=None, metadata=None):
         """Write the LoRA file atomically; .safetensors gets sshs_model_hash / sshs_legacy_hash."""
-        from library.fileio import atomic_path, torch_save_atomic
+        from library.fileio import atomic_path, check_finite, torch_save_atomic
 
         sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items() if k.endswith(fmt.TENSOR_SUFFIXES)}
         # Per-block alphas (block_alphas) or edited modules: diffusers would apply one alpha to
@@ -346,9 +357,10 @@ class LoRANetwork(torch.nn.Module):
             logger.info("%s: %d Linear modules had another alpha; it is folded into their lora_up so that "
                         "all Linear modules share one alpha (the update is unchanged)", file, changed)
         sd = {k: v.to(dtype or v.dtype).contiguous() for k, v in sd.items()}
+        check_finite(sd, file, "LoRA")  # a NaN file never replaces a good one
         if str(file).endswith(".safetensors"):
             data = fmt.serialize_with_hashes(sd, metadata)  # hashed bytes == written bytes
-            with atomic_path(file) as tmp:
+            with atomic_path(file, needed_bytes=len(data)) as tmp:
                 tmp.write_bytes(data)
         else:
             torch_save_atomic(sd, file)
@@ -388,6 +400,11 @@ class LoRANetwork(torch.nn.Module):
         scaled = norms * ratios
         keys_scaled = int((ratios < 1.0).sum())
         return keys_scaled, float(scaled.mean()), float(scaled.max())
+
+
+def _is_sdxl(unet) -> bool:
+    """An SDXL UNet (its pooled-text + size embedding), as kohya tells SDXL by its UNet's class."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 def _single_text_encoder(text_encoder):

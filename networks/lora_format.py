@@ -67,6 +67,39 @@ def is_1x1(layer: torch.nn.Module) -> bool:
     return isinstance(layer, torch.nn.Conv2d) and tuple(layer.kernel_size) == (1, 1)
 
 
+ADAPTER_KEY_PARTS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_", "lokr_", "oft_", "dora_scale")
+
+
+def not_a_lora_reason(sd: dict) -> str | None:
+    """Why `sd` is no LoRA (or LyCORIS) file, e.g. a full U-Net or checkpoint; None when it is one."""
+    if any(part in key for key in sd for part in ADAPTER_KEY_PARTS):
+        return None
+    if not sd:
+        return "it holds no tensors"
+    example = next(iter(sorted(sd)))
+    full = any(k.startswith(("model.diffusion_model.", "down_blocks.", "conv_in.", "first_stage_model.",
+                             "cond_stage_model.", "text_model.", "encoder.", "decoder.")) for k in sd)
+    kind = "a full model (U-Net, VAE, text encoder or checkpoint)" if full else "not a LoRA"
+    return f"it is {kind}: none of its {len(sd)} tensors is a LoRA weight (e.g. {example})"
+
+
+def check_is_lora(sd: dict, path, flag: str = "--network_weights (or --base_weights)") -> None:
+    """Raise a UserError when `sd` is no LoRA file (not_a_lora_reason) or holds NaN/Inf weights."""
+    from library.errors import UserError
+    from library.fileio import nonfinite_tensors
+
+    reason = not_a_lora_reason(sd)
+    if reason:
+        raise UserError(f"{path} is not a LoRA file: {reason}.", path=path,
+                        fix=f"pass {flag} a LoRA file (its tensors are named lora_unet_*/lora_te_* with "
+                            "lora_down/lora_up); a base model goes to --pretrained_model_name_or_path.")
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise UserError(f"the LoRA file {path} holds NaN or Inf weights ({len(bad)} tensors, e.g. {bad[0]}); it "
+                        "was saved from a diverged training.", path=path,
+                        fix=f"pass {flag} a file saved before the divergence.")
+
+
 def read_weights(path) -> dict[str, torch.Tensor]:
     """Load a LoRA file (.safetensors, or a torch pickle of tensors) with contract key names."""
     from library.errors import UserError
@@ -84,6 +117,7 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     except Exception as err:  # corrupt or truncated file: tell the user which one
         raise UserError(f"cannot read the LoRA weights file ({err}).", path=path,
                         fix="re-download or re-save the file; it may be truncated.") from None
+    check_is_lora(sd, path)
     return {canonical_key(k): v for k, v in sd.items()}
 
 

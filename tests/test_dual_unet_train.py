@@ -132,15 +132,29 @@ def test_resume_from_a_checkpoint_continues_exactly(run_a, tiny_model, pair_data
     assert [r["step"] for r in rows] == [5, 6]
 
 
+def _fake_state(folder, step):
+    """A state folder as save_train_state writes it (its files complete), at `step`."""
+    from library.training.checkpoint import STATE_VERSION
+
+    folder.mkdir(parents=True)
+    (folder / "train_state.json").write_text(json.dumps({"version": STATE_VERSION, "global_step": step, "epoch": 0,
+                                                         "next_batch": 0, "seed": 0, "max_train_steps": 20}))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(folder / "trainable.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        torch.save({}, folder / name)
+
+
 def test_resume_latest_picks_the_newest_state(tmp_path):
     run = outputs.RunFolder(tmp_path, "r")
     for step in (2, 10, 7):
-        (run.checkpoint(step) / "state").mkdir(parents=True)
-        (run.checkpoint(step) / "state" / "train_state.json").write_text(json.dumps({"global_step": step}))
+        _fake_state(run.checkpoint(step) / "state", step)
     assert outputs.resolve_resume("latest", run) == str(run.checkpoint(10) / "state")
-    (run.root / outputs.INTERRUPTED).mkdir()
-    (run.root / outputs.INTERRUPTED / "train_state.json").write_text(json.dumps({"global_step": 12}))
+    _fake_state(run.root / outputs.INTERRUPTED, 12)
     assert outputs.resolve_resume("latest", run) == str(run.root / outputs.INTERRUPTED)
+    (run.root / outputs.INTERRUPTED / "optimizer.pt").write_bytes(b"")  # killed mid-save: skipped
+    assert outputs.resolve_resume("latest", run) == str(run.checkpoint(10) / "state")
     assert outputs.resolve_resume(str(run.checkpoint(2)), run) == str(run.checkpoint(2) / "state")
     with pytest.raises(UserError, match="neither a checkpoint"):
         outputs.resolve_resume(str(tmp_path), run)

@@ -272,6 +272,34 @@ def test_path_and_required_checks(tmp_path):
     assert {p.dest for p in missing} == {"pretrained_model_name_or_path", "train_data_dir", "dataset_config"}
 
 
+def test_a_shared_parser_forgets_the_last_config_file(tmp_path):
+    """Bug: parse_args left the config file's values as the parser's defaults, so the GUI's
+    next check (same parser) still saw a cleared dataset_config or max_train_epochs."""
+    from tests.helpers import write_image_folder
+
+    p = _parser()
+    specs = specs_from_parser(p)
+    write_image_folder(tmp_path / "data", "5_sks disk", count=2, size=64)
+    (tmp_path / "notes.txt").write_text("not toml [", encoding="utf-8")
+    base = {"pretrained_model_name_or_path": "m.safetensors", "output_dir": "out",
+            "train_data_dir": str(tmp_path / "data"), "resolution": "64"}
+    first, _ = preflight.parse_like_script(p, "train_network", specs, {**base, "dataset_config": "notes.txt",
+                                                                       "max_train_epochs": 10}, str(tmp_path))
+    assert first.dataset_config == "notes.txt" and first.max_train_epochs == 10
+    second, problem = preflight.parse_like_script(p, "train_network", specs, {**base, "max_train_steps": 20},
+                                                  str(tmp_path))
+    assert problem is None and second.dataset_config is None and second.max_train_epochs is None
+    assert preflight.training_plan(second, 10).startswith("20 optimizer steps")
+    assert p.get_default("max_train_epochs") is None and p.get_default("max_train_steps") == 1600
+
+
+def test_token_options_are_not_masked_like_passwords():
+    for dest in ("keep_tokens", "keep_tokens_separator", "max_token_length", "tokenizer_cache_dir"):
+        assert not layout.is_secret(dest), dest
+    for dest in ("hf_token", "huggingface_token", "wandb_api_key", "password", "client_secret"):
+        assert layout.is_secret(dest), dest
+
+
 def test_registry_lists_present_scripts_and_loads_parsers():
     present = registry.present()
     assert any(e.module == "train_network" for e in present)

@@ -80,12 +80,13 @@ def test_start_progress_samples_stop(app, tiny_model, tmp_path):
     outcome = app.run_panel.outcome.cget("text")
     assert outcome.startswith("■ Stopped") and "state saved in" in outcome
     screenshot(app.root, "run-stopped")
-    # one click continues from the saved state: the form gets resume = that folder, then Start
+    # one click continues from the saved state: that run resumes, the form keeps resume empty
     assert app.run_panel.resume_button.winfo_manager()
     started = []
-    app.start_tab = started.append
+    app.start_tab = lambda t, overrides=None: started.append((t, overrides))
     app.run_panel.resume_button.invoke()
-    assert started == [tab] and os.path.samefile(tab.values()[0]["resume"], state)
+    assert started[0][0] is tab and os.path.samefile(started[0][1]["resume"], state)
+    assert "resume" not in tab.values()[0]
 
 
 def test_tensorboard_button_starts_on_a_free_port_and_stops_on_exit(make_app, tmp_path, monkeypatch):
@@ -193,3 +194,28 @@ def test_a_tool_runs_from_the_tools_tab_with_its_positional_argument(app, tmp_pa
     assert app.run.outcome() == "finished", app.run_panel.log.get("1.0", "end")
     assert "1 modules (0 text encoder, 1 U-Net)" in app.run_panel.log.get("1.0", "end")
     screenshot(app.root, "tool-check-lora-finished")
+
+
+def test_sample_now_and_save_now_take_effect_in_a_running_training(app, tiny_model, tmp_path):
+    """The buttons leave a request in the output folder; the script honours it at its next step."""
+    tab = fill(app, tiny_model, tmp_path, sample_every_n_steps=None)     # no scheduled samples or saves
+    out = tmp_path / "out dir ü"
+    tab.start_button.invoke()
+    assert wait_until(app.root, lambda: app.run is not None, timeout=30), app.statusbar.cget("text")
+    panel = app.run_panel
+    assert str(panel.save_now.cget("state")) == "normal" and str(panel.sample_now.cget("state")) == "normal"
+    assert wait_until(app.root, lambda: panel.progress and panel.progress.n >= 2, timeout=120), \
+        panel.log.get("1.0", "end")[-2000:]
+    assert not list((out / "sample").glob("*.png")) and not list(out.glob("*-step*.safetensors"))
+    panel.sample_now.invoke()
+    panel.save_now.invoke()
+    assert wait_until(app.root, lambda: list(out.glob("*-step*.safetensors")), timeout=60), \
+        panel.log.get("1.0", "end")[-2000:]
+    assert wait_until(app.root, lambda: list((out / "sample").glob("*.png")), timeout=120)
+    log = panel.log.get("1.0", "end")
+    assert "save now (requested): saving at step" in log and "sample now (requested): sampling at step" in log
+    assert not list(out.glob(".*-now"))                  # taken once
+    screenshot(app.root, "run-sample-save-now")
+    panel.stop_button.invoke()
+    assert wait_until(app.root, lambda: panel.outcome.cget("text"), timeout=90)   # the run's end was handled
+    assert str(panel.save_now.cget("state")) == "disabled"

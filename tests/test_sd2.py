@@ -62,7 +62,10 @@ def test_both_layouts_load_as_sd2_with_equal_weights_and_outputs(loaded):
     with torch.no_grad():
         cond = [m.text_encoder(ids)[0] for m in loaded]
         outs = [m.unet(latents, 500, c).sample for m, c in zip(loaded, cond)]
-    assert torch.equal(cond[0], cond[1]) and torch.equal(outs[0], outs[1])
+    assert torch.equal(cond[0], cond[1])
+    # the weights are bit-equal (above); the UNet's CPU kernels may still sum in another order depending on
+    # where each tensor sits in memory (measured: 1.3e-6 on one machine, 0 on another)
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-5)
 
 
 def test_open_clip_conversion_round_trips_and_keeps_the_penultimate_layer(tiny_sd2, loaded):

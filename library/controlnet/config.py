@@ -155,8 +155,8 @@ def write_autofilled(src, updates: dict) -> Path:
 
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     else:
-        import toml
+        from library import toml_writer
 
-        text = toml.dumps(data)
+        text = toml_writer.dumps(data)
     write_text_atomic(dst, text)
     return dst

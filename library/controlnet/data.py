@@ -154,8 +154,33 @@ def _records_from_entries(entries: list[dict], args, source: str, seed) -> tuple
     return [config], records
 
 
-def _check_conditions(ctype, entries: list[dict]) -> dict[str, object]:
-    """Every image's condition spec, all problems at once; conditioning files are decoded once."""
+def _check_condition_sizes(specs: dict, probed: dict, image_sizes: dict) -> list[str]:
+    """A conditioning image must show what its image shows: another size with the same aspect ratio
+    is resized to the image (said once); another aspect ratio would be stretched, so it is an error
+    (kohya refuses any size difference)."""
+    resized, problems = [], []
+    for image, spec in specs.items():
+        if not isinstance(spec, str) or image not in image_sizes or probed.get(spec, (None,))[0] is None:
+            continue
+        (iw, ih), (cw, ch) = image_sizes[image], probed[spec][0]
+        if (iw, ih) == (cw, ch):
+            continue
+        if abs(iw / ih - cw / ch) <= 0.01 * (iw / ih):
+            resized.append(spec)
+        else:
+            problems.append(f"{spec} is {cw} x {ch} but its image {os.path.basename(image)} is {iw} x {ih} "
+                            f"(another aspect ratio: it would be stretched)")
+    if resized:
+        from library.logs import warn_once
+
+        warn_once(f"{len(resized)} conditioning image(s) have another size than their image but the same aspect "
+                  f"ratio; they are resized to their image's size (e.g. {os.path.basename(resized[0])}).")
+    return problems
+
+
+def _check_conditions(ctype, entries: list[dict], image_sizes: dict | None = None) -> dict[str, object]:
+    """Every image's condition spec, all problems at once; conditioning files are decoded once.
+    `image_sizes` ({image path: (w, h)}): conditioning images are checked against them."""
     from library.data.probe import probe_images
 
     specs, problems = {}, []
@@ -165,10 +190,13 @@ def _check_conditions(ctype, entries: list[dict]) -> dict[str, object]:
         except UserError as err:
             problems.append(str(err).split(" Fix:")[0])
     files = sorted({s for s in specs.values() if isinstance(s, str)})
-    problems += [f"{p}: {why}" for p, (size, why) in probe_images(files).items() if size is None]
+    probed = probe_images(files)
+    problems += [f"{p}: {why}" for p, (size, why) in probed.items() if size is None]
+    problems += _check_condition_sizes(specs, probed, image_sizes or {})
     if problems:
-        raise UserError(f"{len(problems)} conditioning problem(s): " + " ".join(problems[:20]),
-                        fix="give every training image its condition (a conditioning image or radar targets).")
+        raise UserError(f"{len(problems)} conditioning problem(s): " + "; ".join(problems[:20]) + ".",
+                        fix="give every training image its condition (a conditioning image or radar targets) "
+                            "with the image's aspect ratio (crop or pad the conditioning image to match).")
     _warn_outside_targets(ctype, specs)
     return specs
 
@@ -257,7 +285,8 @@ def build_datasets(args, seed: int, warn=None):
         entries = _flat_folder_entries(args)
         configs, records = _records_from_entries(entries, args, data_dir, seed)
     ctype = conditioning.from_args(args, warn, entries)
-    specs = _check_conditions(ctype, [e for e in entries if e["split"] not in SKIPPED_SPLITS])
+    specs = _check_conditions(ctype, [e for e in entries if e["split"] not in SKIPPED_SPLITS],
+                              {r.path: tuple(r.size) for r in records})
     train, val = _split(records, {e["image"]: e["split"] for e in entries}, args.validation_split, seed)
     train_group = ConditionedGroup(DatasetGroup(configs, train, seed=seed), specs, ctype)
     val_group = ConditionedGroup(DatasetGroup(configs, val, seed=seed), specs, ctype) if val else None

@@ -35,6 +35,7 @@ class StageWriter:
         self.args, self.stage, self.output_dir = args, stage, Path(output_dir)
         self.controlnet, self.network, self.unet, self.text_encoder = controlnet, network, unet, text_encoder
         self.say, self.files, self.name = say, [], args.output_name
+        self.written: set[str] = set()  # numbered folders this process wrote: the only ones pruning deletes
         both = controlnet is not None and network is not None
         self.cn_file = f"{self.name}_controlnet.safetensors" if both else f"{self.name}.safetensors"
         self.lora_file = f"{self.name}_lora.safetensors" if both else f"{self.name}.safetensors"
@@ -92,6 +93,7 @@ class StageWriter:
             self.files.append(lora_io.save_peft_copy(self.network, self.unet, folder / "lora", dtype))
             write_json_atomic(folder / "lora" / RECORD_NAME, record)
         if kind in ("step", "epoch"):
+            self.written.add(folder.name)
             self._prune(kind)
         self.say(f"saved {kind} checkpoint in {folder}")
         return folder
@@ -122,7 +124,8 @@ class StageWriter:
             keep = a.checkpoints_total_limit or (max(1, a.save_last_n_steps // a.save_every_n_steps)
                                                  if a.save_last_n_steps and a.save_every_n_steps else None)
         if keep:
-            prune_old(self.output_dir, self.name, kind, keep, "")
+            for gone in prune_old(self.output_dir, self.name, kind, keep, "", only=self.written):
+                self.written.discard(gone.name)
 
     def finish(self, steps: int, epochs: int, history: list, controlnet_unchanged) -> None:
         write_json_atomic(self.output_dir / COMPLETE_MARKER, {
@@ -141,13 +144,11 @@ class StageWriter:
 
 
 def state_folders(output_dir) -> list[tuple[int, Path]]:
-    """(global step, folder) of every state folder in output_dir, oldest first."""
-    found = []
-    for path in Path(output_dir).glob("*-state"):
-        info = path / "train_state.json"
-        if info.is_file():
-            found.append((int(json.loads(info.read_text()).get("global_step", 0)), path))
-    return sorted(found)
+    """(global step, folder) of every usable state folder in output_dir, oldest first (damaged ones
+    are skipped with a note)."""
+    from library.training.checkpoint import usable_states
+
+    return usable_states(Path(output_dir).glob("*-state"))
 
 
 def resolve_resume(resume, output_dir, output_name) -> str | None:

@@ -33,7 +33,9 @@ def load_rgba(path: str) -> Image.Image:
     transparent pixels is kept as stored (not blended onto a background), as kohya does."""
     with Image.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        from library.data.probe import to_8bit
+
+        img = to_8bit(ImageOps.exif_transpose(img))
         return img if img.mode == "RGBA" else img.convert("RGBA")
 
 

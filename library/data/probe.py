@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -61,9 +62,24 @@ def probe_images(paths: list[str], workers: int | None = None) -> dict[str, tupl
         return dict(zip(paths, pool.map(probe_image, paths)))
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale (PNG 'I;16', 'I', 'F') as 8-bit 'L', scaled: PIL's own convert
+    clips them (a 16-bit mid-grey 32768 would become white)."""
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0  # float images are 0-1 or 0-255
+    else:
+        top = 65535.0 if img.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+    arr = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)  # 2-D uint8: mode L
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image upright (EXIF orientation applied, as the probe measured it) in RGB."""
+    """Open an image upright (EXIF orientation applied, as the probe measured it) in RGB; 16-bit
+    grayscale is scaled to 8 bits (to_8bit), not clipped."""
     with Image.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        img = to_8bit(ImageOps.exif_transpose(img))
         return img if img.mode == "RGB" else img.convert("RGB")

@@ -18,7 +18,6 @@ position: what --resume needs). Each folder is written to a temporary folder and
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -126,21 +125,16 @@ class CheckpointWriter:
         return folder
 
 
-def _state_step(folder: Path) -> int:
-    try:
-        return int(json.loads((folder / "train_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def resolve_resume(resume: str | None, run: RunFolder) -> str | None:
     """--resume: a state folder, a checkpoint folder (its state/), or 'latest' (the newest of the
     rolling checkpoints and an interrupted state in this run folder)."""
     if not resume:
         return None
     if resume in ("latest", "auto"):
+        from library.training.checkpoint import usable_states
+
         candidates = [p / STATE_DIR for _, p in run.latest_steps()] + [run.root / INTERRUPTED]
-        found = [(_state_step(p), str(p)) for p in candidates if (p / "train_state.json").is_file()]
+        found = [(step, str(p)) for step, p in usable_states(candidates)]  # damaged ones skipped
         if not found:
             raise UserError(f"--resume {resume}: {run.root} has no checkpoint with a training state yet.",
                             path=run.root, fix="check --output_dir and --name, or start without --resume.")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError
-from library.fileio import torch_save_atomic
+from library.fileio import check_finite, torch_save_atomic
 
 FORMAT = "image_controlnet"
 FORMAT_VERSION = 1
@@ -45,6 +45,7 @@ def save_checkpoint(path, *, model, optimizer, scheduler, scaler, epoch: int, gl
         "history": {k: [float(v) for v in vals] for k, vals in history.items()},
         "trainable": plain(trainable), "args": plain(args), "rng": rng, "top_k": plain(top_k or []),
     }
+    check_finite(payload["model"], path, "model")
     torch_save_atomic(payload, path)
     return Path(path)
 

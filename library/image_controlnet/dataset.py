@@ -20,8 +20,10 @@ def load_image(path, size: int) -> torch.Tensor:
     from PIL import Image
 
     try:
+        from library.data.probe import to_8bit
+
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_8bit(img).convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.float32)

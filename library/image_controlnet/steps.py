@@ -129,10 +129,12 @@ def compute_losses(model, batch, loss_type: str, pose_weight: float):
 
 def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, args, device, params,
                 progress=None, procs=None, amp=None, overfit_batches: int = 0, max_steps: int | None = None,
-                on_step=None) -> tuple[dict, int]:
+                on_step=None, guard=None, first_step: int = 1) -> tuple[dict, int]:
     """Train one epoch; returns (mean train metrics, optimizer steps taken). `amp`: the autocast dtype
     (None: --use_amp's choice); `on_step(steps taken, loss)` after every optimizer step, where `loss()`
-    reads the mean loss of that step's samples here (a host sync, so only when it is logged)."""
+    reads the mean loss of that step's samples here (a host sync, so only when it is logged).
+    `guard`: a library.training.loop.DivergenceGuard (NaN/Inf steps skipped, the run stopped after
+    its patience); `first_step`: the number of this epoch's first optimizer step, for its messages."""
     world, rank = (procs.num_processes, procs.process_index) if procs is not None else (1, 0)
     amp = args.use_amp if amp is None else amp
     model.train()
@@ -167,10 +169,14 @@ def train_epoch(model, dataset, optimizer, scheduler, scaler, *, epoch: int, arg
                 from library.training.accel import average_gradients
 
                 average_gradients(procs, params)
+            scaler.unscale_(optimizer)
             if args.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            scaler.step(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            ok = guard is None or guard.step_ok(group_sums[0], grad_norm, first_step + steps)
+            if ok or scaler.is_enabled():  # an enabled scaler skips non-finite steps itself
+                scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -212,7 +212,8 @@ def train(args, defaults: dict | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from library.image_controlnet import tblog
-    from library.training.loop import Profiler
+    from library.training.accel import any_process
+    from library.training.loop import DivergenceGuard, Profiler
 
     writer = SummaryWriter(str(log_dir)) if main else None
     if main:
@@ -233,6 +234,7 @@ def train(args, defaults: dict | None = None) -> dict:
         top_k = TopKSaver(args.save_top_k, monitor, args.monitor_mode, save_top, save_dir / "top_k.json",
                           top_k_entries)
     every_images = args.log_images_every_n_steps  # steps; otherwise --image_log_interval epochs
+    guard = DivergenceGuard(args.divergence_patience, scaler.is_enabled(), lambda flag: any_process(procs, flag))
 
     def on_step(taken: int, loss) -> None:
         step = global_step + taken  # global_step: the steps before this epoch
@@ -250,11 +252,17 @@ def train(args, defaults: dict | None = None) -> dict:
     progress = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc="steps",
                     dynamic_ncols=True, disable=not main)
     metrics = {}
+    from library.training.output_lock import OutputDirLock
+
+    lock = OutputDirLock(save_dir, "checkpoint") if main else None  # one run per --save_dir
     try:
+        if lock is not None:
+            lock.acquire()
         for epoch in range(start_epoch, args.epochs):
             metrics, taken = S.train_epoch(model, train_ds, optimizer, scheduler, scaler, epoch=epoch, args=args,
                                            device=device, params=params, progress=progress, procs=procs, amp=amp,
-                                           overfit_batches=args.overfit_batches or 0, on_step=on_step)
+                                           overfit_batches=args.overfit_batches or 0, on_step=on_step,
+                                           guard=guard, first_step=global_step + 1)
             global_step += taken
             metrics["lr"] = scheduler.get_last_lr()[0]
             if len(val_ds):
@@ -269,6 +277,9 @@ def train(args, defaults: dict | None = None) -> dict:
             if not main:
                 continue
             tblog.log_epoch(writer, metrics, done)
+            if not guard.healthy:  # inside a streak of skipped NaN steps: no save replaces a good file
+                continue
+            guard.check_weights(model, global_step)
             if shown and not every_images and (done % args.image_log_interval == 0 or done == args.epochs
                                                or epoch == start_epoch):
                 tblog.log_images(writer, *S.generate(model, val_ds, shown, device=device, amp=amp), done)
@@ -282,15 +293,22 @@ def train(args, defaults: dict | None = None) -> dict:
                 save_checkpoint(save_dir / "best_model.pth", best_val_loss=best, rng=_rng_states(None), **entries,
                                 **state)
             if done % args.save_interval == 0 or done == args.epochs:
-                save_checkpoint(save_dir / f"checkpoint_epoch_{done}.pth", best_val_loss=best, rng=_rng_states(None),
-                                **entries, **state)
+                path = save_checkpoint(save_dir / f"checkpoint_epoch_{done}.pth", best_val_loss=best,
+                                       rng=_rng_states(None), **entries, **state)
+                guard.saved("model", path)
+                guard.saved("state", path)
                 tblog.save_curves(history, save_dir / f"training_curves_epoch_{done}.png", f"epoch {done}")
             progress.write(f"epoch {done}/{args.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr"))
     finally:
+        if lock is not None:
+            lock.release()
         progress.close()
         if writer is not None:
             writer.close()
+    if not guard.healthy:
+        raise guard.error(f"the last {guard.bad_in_a_row} optimizer steps (from step {guard.first_bad_step}) had a "
+                          "NaN or Inf loss or gradient norm and were skipped")
     summary = {"epochs": args.epochs, "best_val_loss": best, **metrics}
     if not main:
         return summary

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import collections
 
+from library.errors import UserError
+from networks import lora_format as fmt
+
 SHOWN_METADATA_CHARS = 120
 
 
@@ -40,6 +43,10 @@ def describe(path, show_all: bool = False) -> str:
 
     path = check_exists(path, "LoRA file", flag="the LoRA file")
     sd = load_state_dict(path)
+    reason = fmt.not_a_lora_reason(sd)
+    if reason:
+        raise UserError(f"{path} is not a LoRA file: {reason}.", path=path,
+                        fix="pass a LoRA file; to look into a model checkpoint use another tool.")
     lines = [f"{path}"]
     metadata = read_safetensors_metadata(path) if str(path).lower().endswith(".safetensors") else {}
     if metadata:

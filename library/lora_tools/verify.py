@@ -61,6 +61,10 @@ def verify_lora_file(path, layers: dict[str, Layer] | None = None, check_sizes: 
     layers = sd15_layers() if layers is None else layers
     report = Report(path)
     sd = load_state_dict(path)
+    reason = fmt.not_a_lora_reason(sd)
+    if reason:
+        report.add("not a LoRA file", reason)
+        return report
     modules: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for key, value in sd.items():
         name, _, suffix = key.partition(".")

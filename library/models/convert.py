@@ -71,14 +71,14 @@ _OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 
 
-def open_clip_layer_count(checkpoint: dict) -> int:
+def open_clip_layer_count(checkpoint: dict, prefix: str = OPEN_CLIP_PREFIX) -> int:
     """Number of transformer layers of the OpenCLIP text encoder in a checkpoint (24 for SD2.x)."""
-    found = {int(m.group(1)) for k in checkpoint if k.startswith(OPEN_CLIP_PREFIX)
-             and (m := _RESBLOCK.match(k[len(OPEN_CLIP_PREFIX):]))}
+    found = {int(m.group(1)) for k in checkpoint if k.startswith(prefix)
+             and (m := _RESBLOCK.match(k[len(prefix):]))}
     return max(found) + 1 if found else 0
 
 
-def open_clip_to_diffusers(checkpoint: dict) -> dict:
+def open_clip_to_diffusers(checkpoint: dict, prefix: str = OPEN_CLIP_PREFIX, with_projection: bool = False) -> dict:
     """CLIPTextModel weights (transformers 5 names) from an SD2.x checkpoint's OpenCLIP text encoder.
 
     SD2.x conditions on the penultimate layer (then `ln_final`), so the last of the file's layers
@@ -86,15 +86,22 @@ def open_clip_to_diffusers(checkpoint: dict) -> dict:
     output's `text_projection` and CLIP's `logit_scale` are not used by SD2 and are dropped.
     Written by hand rather than with diffusers' `convert_open_clip_checkpoint`, which hard-codes
     layer 23 and the `text_model.` level that transformers 5 removed.
+
+    `with_projection` (SDXL's bigG, a CLIPTextModelWithProjection): every layer is kept (the pooled
+    output runs them all) and `text_projection` becomes the Linear weight (OpenCLIP multiplies
+    `x @ P`, so the weight is P transposed).
     """
-    last = open_clip_layer_count(checkpoint) - 1
+    last = -1 if with_projection else open_clip_layer_count(checkpoint, prefix) - 1
     out = {}
     for key, value in checkpoint.items():
-        if not key.startswith(OPEN_CLIP_PREFIX):
+        if not key.startswith(prefix):
             continue
-        name = key[len(OPEN_CLIP_PREFIX):]
+        name = key[len(prefix):]
         if name in _OPEN_CLIP_TOP:
             out[_OPEN_CLIP_TOP[name]] = value
+            continue
+        if with_projection and name == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
             continue
         match = _RESBLOCK.match(name)
         if match is None or int(match.group(1)) == last:
@@ -113,13 +120,14 @@ def open_clip_to_diffusers(checkpoint: dict) -> dict:
     return out
 
 
-def text_encoder_to_open_clip(te_sd: dict) -> dict:
-    """The reverse of `open_clip_to_diffusers`, under `cond_stage_model.model.`, as SD2.x files are laid out.
+def text_encoder_to_open_clip(te_sd: dict, prefix: str = OPEN_CLIP_PREFIX) -> dict:
+    """The reverse of `open_clip_to_diffusers`, under `prefix`, as SD2.x files are laid out.
 
     The layer SD2 never runs (the file's last) and `text_projection` / `logit_scale` are not in a
     diffusers text encoder; original-layout loaders (WebUI, ComfyUI) expect them, so they are
     written as stand-ins that do not change SD2's conditioning: a copy of the last real layer, an
-    identity projection and CLIP's initial logit scale.
+    identity projection and CLIP's initial logit scale. A text encoder with a projection (SDXL's
+    bigG) has all its layers and its own projection: only `logit_scale` is a stand-in.
     """
     top = {v: k for k, v in _OPEN_CLIP_TOP.items()}
     layer_names = [(new, old) for old, new in _OPEN_CLIP_LAYER]
@@ -145,14 +153,17 @@ def text_encoder_to_open_clip(te_sd: dict) -> dict:
                 rest = old + rest[len(new):]
                 break
         out[layer + rest] = value
-    n = 1 + max(int(m.group(1)) for k in out if (m := _RESBLOCK.match(k)))
-    for key in [k for k in out if k.startswith(f"transformer.resblocks.{n - 1}.")]:
-        out[key.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.", 1)] = out[key].clone()
     width = out["token_embedding.weight"].shape[1]
     dtype = out["token_embedding.weight"].dtype
-    out["text_projection"] = torch.eye(width, dtype=dtype)
+    if "text_projection.weight" in te_sd:
+        out["text_projection"] = te_sd["text_projection.weight"].t().contiguous()
+    else:
+        n = 1 + max(int(m.group(1)) for k in out if (m := _RESBLOCK.match(k)))
+        for key in [k for k in out if k.startswith(f"transformer.resblocks.{n - 1}.")]:
+            out[key.replace(f".resblocks.{n - 1}.", f".resblocks.{n}.", 1)] = out[key].clone()
+        out["text_projection"] = torch.eye(width, dtype=dtype)
     out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=dtype)
-    return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
 def ldm_to_diffusers(checkpoint: dict, unet_config: dict, vae_config: dict) -> tuple[dict, dict, dict]:
@@ -190,7 +201,9 @@ def _unet_prefixes(keys) -> dict:
          "time_embedding.linear_2.": ("time_embed.2.", []), "conv_norm_out.": ("out.0.", []),
          "conv_out.": ("out.2.", []), "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
          "mid_block.attentions.0.": ("middle_block.1.", []),
-         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET)}
+         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
+         # SDXL's pooled-text + size embedding
+         "add_embedding.linear_1.": ("label_emb.0.0.", []), "add_embedding.linear_2.": ("label_emb.0.2.", [])}
     # LDM numbers blocks flat: input_blocks hold conv_in, then per level `layers` (resnet,
     # attention) pairs and a downsampler; output_blocks hold `layers + 1` pairs per level, the
     # level's last one ending with the upsampler (after the attention when there is one).
@@ -245,6 +258,13 @@ def _rename(key: str, prefixes: dict) -> str:
                     break
             return new_head + rest
     return key
+
+
+def unet_module_paths_to_ldm(paths, state_keys) -> dict:
+    """diffusers UNet module paths (`down_blocks.1.attentions.0.proj_in`) -> the same modules' paths
+    in the original layout (`input_blocks.4.1.proj_in`); `state_keys`: the UNet's state dict keys."""
+    prefixes = _unet_prefixes(state_keys)
+    return {path: _rename(path + ".", prefixes)[:-1] for path in paths}
 
 
 def unet_to_ldm(unet_sd: dict) -> dict:

@@ -6,7 +6,6 @@
 - build.py     build once, cache in .cache/toy/<version>/, write diffusers folder + single file
 - metrics.py   colour statistics of samples (how green, which colour dominates)
 - preview.py   samples through diffusers' StableDiffusionPipeline with a LoRA off and on
-- display.py   a learned display decoder: the 8x8 latent's smooth 64x64 picture, for the demo image
 
 `python -m library.toy build --output_dir DIR` writes DIR/toy-sd15/, DIR/toy-sd15.safetensors and
 DIR/toy_world.json; `make demo` and the tests use the cached build.

@@ -54,6 +54,54 @@ def generate(pipe, prompt: str, seeds, guidance: float = 1.0, steps: int = SAMPL
     return np.asarray(out.images, dtype=np.float32)
 
 
+def display_blocks(image: np.ndarray, block: int = 8, scale: int = 4, iterations: int = 40) -> np.ndarray:
+    """A decoded toy image [H, W, 3] in [0, 1], `scale` times larger, with the shape's edge drawn
+    smooth instead of as the toy VAE's 8x8 blocks. For display only (the demo picture).
+
+    The toy decoder is a box filter: each 8x8 block holds the mean colour of its pixels, i.e. the
+    background mixed with the shape's colour by how much of the block the shape covers. That
+    coverage is found per block (projection on shape colour - background), then a sharp mask is
+    sought whose block means equal it: back-projection alternated with a blur and a steep
+    sigmoid (a smooth, nearly binary shape). Measured on world circles (radius 9-16 px): the
+    mask's IoU with the true circle is 0.95-0.98 (the blocks as drawn: ~0.85), 35 ms per image.
+    What the shape-and-background model does not explain (a second shape, noise) is added back,
+    smoothly enlarged, so nothing is hidden.
+    """
+    import cv2
+
+    h, w, _ = image.shape
+    image = image.astype(np.float32)
+    means = image.reshape(h // block, block, w // block, block, 3).mean((1, 3))
+    big = (w * scale, h * scale)
+
+    def enlarge(a):
+        return cv2.resize(a.astype(np.float32), big, interpolation=cv2.INTER_CUBIC)
+
+    border = np.concatenate([means[0], means[-1], means[1:-1, 0], means[1:-1, -1]])
+    background = np.median(border, axis=0)
+    diff = means - background
+    strength = np.linalg.norm(diff, axis=-1)
+    shape_colour = means[np.unravel_index(np.argmax(strength), strength.shape)]
+    direction = shape_colour - background
+    full = float(direction @ direction)
+    if full < 0.05 ** 2:        # nothing stands out from the background: a smooth enlargement
+        return np.clip(enlarge(means), 0, 1)
+    coverage = np.clip(diff @ direction / full, 0, 1).astype(np.float32)
+    residual = means - (background + coverage[..., None] * direction)
+
+    def per_pixel(a):
+        return np.repeat(np.repeat(a, block, 0), block, 1)
+
+    mask = cv2.resize(coverage, (w, h), interpolation=cv2.INTER_CUBIC)
+    for _ in range(iterations):
+        mask = mask + per_pixel(coverage - mask.reshape(h // block, block, w // block, block).mean((1, 3)))
+        mask = cv2.GaussianBlur(mask, (0, 0), 1.5)
+        mask = 1 / (1 + np.exp(-(mask - 0.5) * 12))
+    alpha = np.clip((enlarge(mask) - 0.5) * 3 + 0.5, 0, 1)[..., None]
+    out = background + alpha * direction + cv2.resize(residual.astype(np.float32), big, interpolation=cv2.INTER_CUBIC)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
 def side_by_side(rows: list[tuple[str, np.ndarray]], path, scale: int = 3, title: str = "") -> Path:
     """A PNG with one labelled row per (label, images [N, H, W, 3] in [0, 1]), images enlarged
     (nearest neighbour: each pixel shows as it is); `title` is a line of text above the rows."""

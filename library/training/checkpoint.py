@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from library.errors import UserError
-from library.fileio import atomic_dir
+from library.fileio import atomic_dir, check_finite, nonfinite_tensors, tensor_bytes
 
 STATE_VERSION = 1
 
@@ -130,11 +130,14 @@ def state_dir_name(output_name: str, epoch: int | None = None, step: int | None 
     return Path(model_file_name(output_name, "x", epoch, step)).stem + "-state"
 
 
-def prune_old(output_dir: Path, output_name: str, kind: str, keep: int, suffix: str) -> list[Path]:
-    """Delete all but the `keep` newest epoch- or step-numbered outputs; returns what was removed."""
+def prune_old(output_dir: Path, output_name: str, kind: str, keep: int, suffix: str,
+              only: set[str] | None = None) -> list[Path]:
+    """Delete all but the `keep` newest epoch- or step-numbered outputs; returns what was removed.
+    `only`: the names this run wrote; files of earlier runs in the same folder are never touched."""
     number = r"(\d{6})" if kind == "epoch" else r"step(\d{8})"
     pattern = re.compile(re.escape(output_name) + "-" + number + re.escape(suffix) + "$")
-    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir() if (m := pattern.match(p.name)))
+    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir()
+                   if (m := pattern.match(p.name)) and (only is None or p.name in only))
     removed = []
     for _, path in found[:-keep] if keep else []:
         if path.is_dir():
@@ -182,8 +185,11 @@ def save_train_state(path: Path, state: TrainState, trainable: torch.nn.Module, 
     from safetensors.torch import save_file
 
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        weights = {k: v.detach().contiguous().cpu() for k, v in trainable.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in trainable.state_dict().items()}
+    check_finite(weights, path / "trainable.safetensors", "trainable")
+    # weights + the optimizer's moments (about 2x for Adam): what the folder needs on disk
+    needed = tensor_bytes(weights) + tensor_bytes(optimizer.state_dict().get("state", {}))
+    with atomic_dir(path, needed_bytes=needed) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
@@ -194,17 +200,76 @@ def save_train_state(path: Path, state: TrainState, trainable: torch.nn.Module, 
     return path
 
 
+_STATE_TYPES = {"global_step": int, "epoch": int, "next_batch": int, "seed": int, "max_train_steps": int,
+                "extra": dict}
+
+
 def read_train_state(path: Path) -> TrainState:
+    """The state folder's train_state.json, checked: malformed JSON, a missing or mistyped field is a
+    UserError naming the file; unknown keys (a newer version's, or hand-edited) are ignored with a note."""
     path = Path(path)
     info_file = path / "train_state.json"
     if not info_file.is_file():
         raise UserError(f"{path} is not a training state folder (no train_state.json in it).", path=path,
                         fix="pass --resume a folder ending in '-state' that --save_state wrote.")
-    info = json.loads(info_file.read_text())
+    damaged = "resume from another state folder (an older one, or the run's -state folder)."
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"the training state file {info_file} is damaged ({err}).", path=info_file,
+                        fix=damaged) from None
+    if not isinstance(info, dict):
+        raise UserError(f"the training state file {info_file} holds no table of values.", path=info_file, fix=damaged)
     if info.pop("version", None) != STATE_VERSION:
         raise UserError("the state folder was written by an incompatible version.", path=path,
                         fix="start a new run, or resume with the version that wrote it.")
-    return TrainState(**info)
+    unknown = sorted(set(info) - set(_STATE_TYPES))
+    if unknown:
+        from library.logs import warn_once
+
+        warn_once(f"{info_file}: ignoring unknown keys {', '.join(unknown)}.")
+    problems = [f"{key} is missing" for key in _STATE_TYPES if key not in info and key != "extra"]
+    problems += [f"{key} is {info[key]!r}, not a {kind.__name__}" for key, kind in _STATE_TYPES.items()
+                 if key in info and (not isinstance(info[key], kind) or isinstance(info[key], bool)
+                                     or (kind is int and info[key] < 0))]
+    if problems:
+        raise UserError(f"the training state file {info_file} is damaged: {'; '.join(problems)}.", path=info_file,
+                        fix=damaged)
+    return TrainState(**{k: info[k] for k in _STATE_TYPES if k in info})
+
+
+def usable_state(path: Path) -> bool:
+    """True when `path` holds a readable, complete state (for --resume latest: skip damaged ones)."""
+    from library.fileio import check_complete
+
+    try:
+        read_train_state(path)
+        for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"):
+            check_complete(Path(path) / name)
+    except (UserError, OSError, ValueError):
+        return False
+    return True
+
+
+def usable_states(folders) -> list[tuple[int, Path]]:
+    """(global step, folder) of the readable, complete state folders among `folders`, oldest first:
+    what --resume latest chooses from. Damaged ones (malformed train_state.json, a missing or
+    truncated file, e.g. from a kill during the save) are skipped with a note naming them."""
+    found, skipped = [], []
+    for folder in folders:
+        folder = Path(folder)
+        if not (folder / "train_state.json").is_file():
+            continue
+        if usable_state(folder):
+            found.append((read_train_state(folder).global_step, folder))
+        else:
+            skipped.append(folder)
+    if skipped:
+        from library.logs import warn_once
+
+        warn_once(f"--resume latest: skipping {len(skipped)} damaged state folder(s): "
+                  f"{', '.join(str(p) for p in skipped[:3])}.")
+    return sorted(found)
 
 
 def load_train_state(path: Path, trainable: torch.nn.Module, optimizer, lr_scheduler,
@@ -215,6 +280,12 @@ def load_train_state(path: Path, trainable: torch.nn.Module, optimizer, lr_sched
     state = read_train_state(path)
     try:
         weights = load_file(str(path / "trainable.safetensors"))
+        bad = nonfinite_tensors(weights)
+        if bad:
+            raise UserError(f"the state in {path} holds NaN or Inf weights ({len(bad)} tensors, e.g. {bad[0]}): it "
+                            "was saved after the training diverged.", path=path,
+                            fix="resume from an older state folder, saved before the divergence, with a lower "
+                                "--learning_rate.")
         missing, unexpected = trainable.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise UserError(f"the state in {path} does not match this network "

@@ -17,6 +17,16 @@ and the optimizer step: the processes stay identical, and a run equals one proce
 batch size multiplied by the number of processes. Files, trackers, samples and the progress bar
 belong to the main process; validation and logged losses are means over all processes.
 
+Divergence guard: an optimizer step whose loss or gradient norm is NaN/Inf is skipped (the weights
+keep their last finite values); `divergence_patience` such steps in a row stop the run with a
+DivergedError that names the last good files, and nothing is saved after the first bad step, so
+the last good model file and state folder stay as they were. Every model save is preceded by a
+finiteness check of the trainable weights. Trainers with their own loop use DivergenceGuard too.
+
+The output folder is locked for the run (library.training.output_lock): a second run with the same
+--output_dir is refused, naming the process that holds it; pruning (--save_last_n_*) deletes only
+files this run (or the run it resumes) wrote.
+
 Trainer automation (Lightning's names in brackets): `save_top_k` / `monitor` / `monitor_mode`
 keep the k best model files by a logged metric [ModelCheckpoint], `fast_dev_run` trains a few steps,
 validates once and writes nothing, `prepare_group(..., overfit_batches=N)` trains on the first N
@@ -33,9 +43,11 @@ from typing import Callable
 
 import torch
 
+from library.errors import UserError
 from library.data.loader import BatchFeeder, OverfitGroup, shares_batches, use_global_batches
 from library.training import accel
 from library.training import noise as noise_mod
+from library.training import live_requests
 from library.training.checkpoint import (TopKSaver, TrainState, load_train_state, prune_old, save_train_state,
                                          state_dir_name)
 
@@ -77,6 +89,8 @@ class LoopSettings:
     # > 0: this many steps, then one validation; the loop writes nothing (no saves, states, samples,
     # profile); trainer hooks that write on their own (end_epoch, on_state) must check it themselves
     fast_dev_run: int = 0
+    # this many optimizer steps in a row with a NaN/Inf loss or gradient norm stop the run
+    divergence_patience: int = 3
 
 
 @dataclass
@@ -100,6 +114,81 @@ class LoopHooks:
     # () -> metrics on held-out data, e.g. {"loss/validation": x}; runs on every process (it may
     # use collectives) on the schedule of LoopSettings.validate_every_n_*; the loop logs them
     validate: Callable[[], dict] | None = None
+
+
+class DivergedError(UserError):
+    """The run stopped because its loss or gradients stayed NaN/Inf; nothing was saved after it began."""
+
+
+class DivergenceGuard:
+    """Skip optimizer steps whose loss or gradient norm is not finite; stop after `patience` in a row.
+
+    `step_ok(loss, grad_norm, step)` costs one host sync per optimizer step. With an fp16 GradScaler
+    (`scaler_skips=True`) an Inf/NaN gradient is the scaler's business (it skips the step and lowers
+    its scale), so only the loss counts. Record the files written while healthy with `saved(kind,
+    path)`; the stop message names the newest of them.
+    """
+
+    def __init__(self, patience: int = 3, scaler_skips: bool = False, any_process=None):
+        self.patience = max(1, int(patience or 1))
+        self.scaler_skips = scaler_skips
+        self.any_process = any_process or bool
+        self.bad_in_a_row = 0
+        self.first_bad_step: int | None = None
+        self.last_good: dict[str, Path] = {}
+
+    @property
+    def healthy(self) -> bool:
+        """No bad step since the last good one: saving now saves good weights."""
+        return self.bad_in_a_row == 0
+
+    def step_ok(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None, step: int) -> bool:
+        """True: apply this step's update; False: skip it. Raises DivergedError at the patience limit."""
+        checks = [t.detach().float().reshape(-1) for t in (loss, None if self.scaler_skips else grad_norm)
+                  if isinstance(t, torch.Tensor)]
+        bad = bool(self.any_process(bool(checks) and not bool(torch.isfinite(torch.cat(checks)).all())))
+        if not bad:
+            self.bad_in_a_row, self.first_bad_step = 0, None
+            return True
+        self.bad_in_a_row += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+        what = "loss" if loss is not None and not torch.isfinite(loss.detach()).all() else "gradient norm"
+        if self.bad_in_a_row >= self.patience:
+            raise self.error(f"the {what} was NaN or Inf for {self.bad_in_a_row} optimizer steps in a row "
+                             f"(steps {self.first_bad_step}-{step}); those updates were skipped")
+        if self.bad_in_a_row > 1:
+            return False
+        from library.logs import warn_once
+
+        warn_once(f"step {step}: the {what} is NaN or Inf; this update is skipped (the run stops after "
+                  f"{self.patience} such steps in a row, --divergence_patience).")
+        return False
+
+    def saved(self, kind: str, path) -> None:
+        if path is None:
+            return
+        self.last_good[kind] = Path(path)
+        if kind == "model" and (Path(path) / "state" / "train_state.json").is_file():
+            self.last_good["state"] = Path(path) / "state"  # a checkpoint folder with its state (dual UNet)
+
+    def error(self, what: str) -> DivergedError:
+        model, state = self.last_good.get("model"), self.last_good.get("state")
+        kept = [f"the newest good model file is {model}" if model else "no model file was saved before it",
+                f"the newest good state is {state}" if state else
+                "no state folder was saved before it (--save_state keeps them)"]
+        fix = "lower --learning_rate (or use a warmup), keep --max_grad_norm on, or use --mixed_precision bf16 " \
+              "instead of fp16"
+        if state:
+            fix += f"; then continue with --resume \"{state}\""
+        return DivergedError(f"training diverged: {what}. The run stopped without saving anything more, so "
+                             f"existing files were not replaced; {'; '.join(kept)}.", fix=fix + ".")
+
+    def check_weights(self, module: torch.nn.Module, step: int) -> None:
+        """Before a save: raise DivergedError if the trainable weights are no longer finite."""
+        bad = [n for n, p in module.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise self.error(f"after step {step}, {len(bad)} trainable weights hold NaN or Inf (e.g. {bad[0]})")
 
 
 class _StopFlag:
@@ -146,7 +235,8 @@ def automation_settings(args) -> dict:
     """LoopSettings fields from the flags of args.add_trainer_automation_arguments."""
     return {"save_top_k": getattr(args, "save_top_k", None), "monitor": getattr(args, "monitor", None),
             "monitor_mode": getattr(args, "monitor_mode", None) or "min",
-            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0, "profile": bool(getattr(args, "profile", False))}
+            "fast_dev_run": getattr(args, "fast_dev_run", None) or 0, "profile": bool(getattr(args, "profile", False)),
+            "divergence_patience": getattr(args, "divergence_patience", None) or 3}
 
 
 def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_steps: int,
@@ -160,6 +250,22 @@ def steps_and_epochs(num_batches_per_epoch: int, grad_accum: int, max_train_step
 
 def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, cfg: LoopSettings,
                  noise_generator: torch.Generator, progress_logger) -> TrainState:
+    from library.training.output_lock import OutputDirLock
+
+    writes = not cfg.fast_dev_run  # fast_dev_run: nothing at all is written
+    lock = OutputDirLock(cfg.output_dir, cfg.output_name) if accelerator.is_main_process and writes else None
+    if lock is not None:
+        lock.acquire()  # also removes what killed runs of this output_name left half-written
+    try:
+        return _run_training(accelerator, group, optimizer, lr_scheduler, hooks, cfg, noise_generator,
+                             progress_logger)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, cfg: LoopSettings,
+                  noise_generator: torch.Generator, progress_logger) -> TrainState:
     world, main = accelerator.num_processes, accelerator.is_main_process
     writes = not cfg.fast_dev_run  # fast_dev_run: nothing at all is written
     max_steps = min(cfg.max_train_steps, cfg.fast_dev_run) if cfg.fast_dev_run else cfg.max_train_steps
@@ -171,6 +277,14 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
         accelerator.print(f"resumed from {cfg.resume}: step {state.global_step}, epoch {state.epoch + 1}, "
                           f"batch {state.next_batch}")
     accel.broadcast_parameters(accelerator, hooks.trainable)  # identical start on every process
+    if state.next_batch and state.next_batch >= group.num_batches_per_epoch:
+        # the dataset shrank since the state was saved: its epoch is over for the smaller dataset
+        accelerator.print(f"note: the state stopped at batch {state.next_batch} of epoch {state.epoch + 1}, but the "
+                          f"dataset now has {group.num_batches_per_epoch} batches per epoch; continuing with "
+                          f"epoch {state.epoch + 2}.")
+        state.epoch, state.next_batch = state.epoch + 1, 0
+    guard = DivergenceGuard(cfg.divergence_patience, scaler_skips=scaler is not None,
+                            any_process=lambda flag: accel.any_process(accelerator, flag))
     trainable_params = [p for p in hooks.trainable.parameters() if p.requires_grad]
     if hooks.on_state:
         hooks.on_state(state)
@@ -178,17 +292,19 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
     def save_state(name: str) -> Path | None:
         if not main or not writes:
             return None
-        return save_train_state(cfg.output_dir / name, state, hooks.trainable, optimizer, lr_scheduler,
+        path = save_train_state(cfg.output_dir / name, state, hooks.trainable, optimizer, lr_scheduler,
                                 noise_generator, scaler)
+        guard.saved("state", path)
+        return path
 
     top_k = None
     if cfg.save_top_k and main and writes:
         top_k = TopKSaver(cfg.save_top_k, monitored_metric(cfg, hooks), cfg.monitor_mode,
-                          lambda epoch, step: hooks.save_model("top", epoch, step),
+                          lambda epoch, step: _checked_save(hooks, guard, "top", epoch, step),
                           cfg.output_dir / f"{cfg.output_name}-top_k.json", state.extra.get("top_k"))
 
     def offer_top_k(metrics: dict, epoch: int, step: int) -> None:
-        if top_k is not None and top_k.offer(metrics, epoch, step) is not None:
+        if top_k is not None and guard.healthy and top_k.offer(metrics, epoch, step) is not None:
             state.extra["top_k"] = top_k.entries  # the state folders carry the list on to --resume
 
     def validate(step: int) -> dict:
@@ -206,6 +322,7 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
     n_batches = group.num_batches_per_epoch
     progress_logger.start(total=max_steps, initial=state.global_step)
     sample = hooks.sample if writes else None
+    written = state.extra.setdefault("written", [])  # names this run wrote: the only ones pruning deletes
     if sample and state.global_step == 0 and hooks.want_sample and hooks.want_sample(None, 0):
         sample(None, 0)
 
@@ -218,6 +335,7 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
             epoch = state.epoch
             loader = feeder.epoch(epoch, start=state.next_batch)
             hooks.trainable.train()
+            group_loss = None
             for index, batch in enumerate(loader, start=state.next_batch):
                 sync = (index + 1) % accum == 0 or index + 1 == n_batches
                 shard = batch.get("shard") if isinstance(batch, dict) else None
@@ -228,12 +346,19 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                         loss = loss * shard.loss_scale(world)
                     accelerator.backward(loss)
                 progress_logger.add_loss(loss.detach())
+                group_loss = loss.detach() if group_loss is None else group_loss + loss.detach()
                 if not sync:
                     continue
                 accel.average_gradients(accelerator, trainable_params)
                 if cfg.max_grad_norm and hooks.params_to_clip:
-                    accelerator.clip_grad_norm_(hooks.params_to_clip, cfg.max_grad_norm)
-                optimizer.step()
+                    grad_norm = accelerator.clip_grad_norm_(hooks.params_to_clip, cfg.max_grad_norm)
+                elif scaler is None:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable_params if p.grad is not None])
+                else:
+                    grad_norm = None
+                if guard.step_ok(group_loss, grad_norm, state.global_step + 1) or scaler is not None:
+                    optimizer.step()  # a GradScaler skips a non-finite step itself (and must see it)
+                group_loss = None
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
@@ -254,13 +379,15 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                     progress_logger.tick()
                 offer_top_k(metrics, epoch, step)
 
-                if writes and cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
+                if writes and guard.healthy and cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 \
                         and step < cfg.max_train_steps:
-                    _save_numbered(accelerator, hooks, cfg, save_state, "step", epoch, step)
-                if sample and hooks.want_sample and hooks.want_sample(None, step):
+                    _save_numbered(accelerator, hooks, cfg, save_state, "step", epoch, step, guard, written)
+                if sample and guard.healthy and hooks.want_sample and hooks.want_sample(None, step):
                     sample(None, step)
+                if guard.healthy:
+                    _honour_requests(accelerator, hooks, cfg, save_state, sample, writes, epoch, step, guard, written)
                 if accel.any_process(accelerator, stop.requested):
-                    path = save_state(f"{cfg.output_name}-interrupted-state")
+                    path = _save_interrupted(hooks, guard, save_state, cfg, epoch, step) if guard.healthy else None
                     raise StopRequested(path)
                 if step >= max_steps:
                     break
@@ -276,10 +403,10 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
                 metrics.update(validate(state.global_step))
             stop_early = bool(hooks.end_epoch and hooks.end_epoch(done, state.global_step, state.extra))
             offer_top_k(metrics, done, state.global_step)
-            if writes and cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 \
+            if writes and guard.healthy and cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0 \
                     and done < cfg.num_epochs and state.global_step < cfg.max_train_steps:
-                _save_numbered(accelerator, hooks, cfg, save_state, "epoch", done, state.global_step)
-            if sample and hooks.want_sample and hooks.want_sample(done, state.global_step):
+                _save_numbered(accelerator, hooks, cfg, save_state, "epoch", done, state.global_step, guard, written)
+            if sample and guard.healthy and hooks.want_sample and hooks.want_sample(done, state.global_step):
                 sample(done, state.global_step)
             if stop_early:
                 break  # the final save follows
@@ -293,10 +420,13 @@ def run_training(accelerator, group, optimizer, lr_scheduler, hooks: LoopHooks, 
             accelerator.print(f"fast_dev_run: validation {shown}")
         accelerator.print(f"fast_dev_run: {state.global_step} training steps ran; nothing was saved.")
     accelerator.wait_for_everyone()
+    if writes and not guard.healthy:  # the run ended inside a streak of skipped steps
+        raise guard.error(f"the last {guard.bad_in_a_row} optimizer steps (from step {guard.first_bad_step}) had a "
+                          "NaN or Inf loss or gradient norm and were skipped")
     if main and writes:
-        hooks.save_model("final", state.epoch, state.global_step)
+        model_path = _checked_save(hooks, guard, "final", state.epoch, state.global_step)
         if cfg.save_state or cfg.save_state_on_train_end:
-            save_state(state_dir_name(cfg.output_name))
+            _save_state_after_model(save_state, state_dir_name(cfg.output_name), model_path)
     progress_logger.close()
     return state
 
@@ -308,6 +438,10 @@ def run_training_or_exit(accelerator, group, optimizer, lr_scheduler, hooks: Loo
     interrupted program does. `resume_latest`: the script also takes `--resume latest`."""
     try:
         return run_training(accelerator, group, optimizer, lr_scheduler, hooks, cfg, noise_generator, progress_logger)
+    except UserError:  # diverged, disk full, output folder taken: the message says it all
+        progress_logger.close()
+        accelerator.end_training()
+        raise
     except StopRequested as stop:
         progress_logger.close()
         accelerator.end_training()
@@ -319,20 +453,77 @@ def run_training_or_exit(accelerator, group, optimizer, lr_scheduler, hooks: Loo
         raise SystemExit(130) from None
 
 
-def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str, epoch: int, step: int):
+def _honour_requests(accelerator, hooks, cfg: LoopSettings, save_state, sample, writes: bool, epoch: int,
+                     step: int, guard: DivergenceGuard, written: list):
+    """"Save now" / "sample now" (library.training.live_requests: files in the output folder)."""
+    asked = live_requests.take_everywhere(accelerator, cfg.output_dir, writes)
+    if live_requests.SAVE in asked:
+        accelerator.print(f"save now (requested): saving at step {step}")
+        _save_numbered(accelerator, hooks, cfg, save_state, "step", epoch, step, guard, written)
+    if live_requests.SAMPLE in asked:
+        if sample is None:
+            accelerator.print("sample now (requested): this run has no --sample_prompts, nothing to sample")
+        else:
+            accelerator.print(f"sample now (requested): sampling at step {step}")
+            sample(None, step)
+
+
+def _checked_save(hooks: LoopHooks, guard: DivergenceGuard, kind: str, epoch: int, step: int) -> Path | None:
+    """hooks.save_model after checking that the trainable weights are finite (DivergedError if not)."""
+    guard.check_weights(hooks.trainable, step)
+    path = hooks.save_model(kind, epoch, step)
+    guard.saved("model", path)
+    return path
+
+
+def _save_state_after_model(save_state, name: str, model_path) -> Path | None:
+    """The state after its model file: with a full disk the (small) model file is kept and said so."""
+    from library.fileio import DiskFullError
+
+    try:
+        return save_state(name)
+    except DiskFullError as err:
+        if not model_path:
+            raise
+        raise DiskFullError(f"{str(err).split(' Fix: ')[0]} The model file {model_path} was saved; only the state "
+                            f"folder {name} is missing.", fix=err.fix) from None
+
+
+def _save_interrupted(hooks, guard, save_state, cfg: LoopSettings, epoch: int, step: int) -> Path | None:
+    """The state for Ctrl+C; on a full disk the (small) model file alone, so the trained weights survive."""
+    from library.fileio import DiskFullError
+
+    try:
+        return save_state(f"{cfg.output_name}-interrupted-state")
+    except DiskFullError as err:
+        try:
+            path = _checked_save(hooks, guard, "step", epoch, step)
+        except DiskFullError:
+            raise err from None
+        raise DiskFullError(f"{str(err).split(' Fix: ')[0]} The trained weights were saved alone instead: {path}.",
+                            fix=err.fix) from None
+
+
+def _save_numbered(accelerator, hooks, cfg: LoopSettings, save_state, kind: str, epoch: int, step: int,
+                   guard: DivergenceGuard, written: list):
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    hooks.save_model(kind, epoch, step)
+    path = _checked_save(hooks, guard, kind, epoch, step)
+    if path is not None:
+        written.append(Path(path).name)
     numbered = {"epoch": epoch} if kind == "epoch" else {"step": step}
     if cfg.save_state:
-        save_state(state_dir_name(cfg.output_name, **numbered))
+        name = state_dir_name(cfg.output_name, **numbered)
+        written.append(name)  # before the save: the folder's own record lists it
+        _save_state_after_model(save_state, name, path)
     keep = cfg.save_last_n_epochs if kind == "epoch" else None
     if kind == "step" and cfg.save_last_n_steps and cfg.save_every_n_steps:
         keep = max(1, cfg.save_last_n_steps // cfg.save_every_n_steps)
     if keep:
         for suffix in (".safetensors", ".ckpt", ".pt", "-state"):
-            prune_old(cfg.output_dir, cfg.output_name, kind, keep, suffix)
+            for gone in prune_old(cfg.output_dir, cfg.output_name, kind, keep, suffix, only=set(written)):
+                written.remove(gone.name)
 
 
 class Profiler:

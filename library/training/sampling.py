@@ -6,15 +6,67 @@ disturbs the training RNG, so a run with samples resumes exactly like one withou
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 
 # The prompt format and the sampler map live in library.prompts (gen_img.py uses them too);
-# read_prompt_file stays importable from here for the trainer.
+# read_prompt_file here adds the size check for the trainers.
+from library.errors import UserError
 from library.training.text import encode_captions
-from library.prompts import SamplePrompt, make_scheduler, read_prompt_file  # noqa: F401
+from library.prompts import SamplePrompt, make_scheduler  # noqa: F401
+from library.prompts import read_prompt_file as _read_prompt_file
+
+# Peak memory of one sample is the VAE decoder at full resolution: its last blocks hold 128 fp32
+# channels per pixel, at least three such tensors alive at once: 1.5 KB per pixel is a lower bound,
+# so a size refused here cannot work (65536 x 65536 needs 6 TB), and no workable size is refused.
+SAMPLE_BYTES_PER_PIXEL = 1536
+MIN_SAMPLE_SIZE = 8  # one latent pixel; library.prompts rounds sizes down to multiples of 8
+
+
+def available_memory(device=None) -> int:
+    """Free bytes where the samples are generated: the GPU's free memory, else the system's."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_sample_sizes(prompts: list[SamplePrompt], path, flag: str = "--sample_prompts", device=None,
+                       available: int | None = None) -> None:
+    """Refuse, before training, sample sizes the model cannot take (below one latent pixel) or the
+    memory cannot hold (SAMPLE_BYTES_PER_PIXEL against available_memory)."""
+    from library.fileio import format_bytes
+
+    for i, p in enumerate(prompts, 1):
+        where = f"prompt {i} of {path} ({p.width} x {p.height})"
+        if min(p.width, p.height) < MIN_SAMPLE_SIZE:
+            raise UserError(f"{where}: a sample must be at least {MIN_SAMPLE_SIZE} pixels wide and high.",
+                            path=path, fix="set --w and --h to e.g. 512 (multiples of 8).")
+        need = p.width * p.height * SAMPLE_BYTES_PER_PIXEL
+        free = available_memory(device) if available is None else available
+        if need > free:
+            raise UserError(f"{where}: generating it needs about {format_bytes(need)} of memory, and "
+                            f"{format_bytes(free)} are available; it would be killed mid-run.", path=path,
+                            fix="use a smaller --w / --h (e.g. the training resolution).")
+
+
+def read_prompt_file(path, default_size=(512, 512), flag: str = "--sample_prompts", **defaults) -> list[SamplePrompt]:
+    """library.prompts.read_prompt_file, and every prompt's size checked (check_sample_sizes)."""
+    prompts = _read_prompt_file(path, default_size, flag=flag, **defaults)
+    check_sample_sizes(prompts, path, flag)
+    return prompts
 
 
 class KeepRng:
