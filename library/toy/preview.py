@@ -102,18 +102,23 @@ def display_blocks(image: np.ndarray, block: int = 8, scale: int = 4, iterations
     return np.clip(out, 0, 1).astype(np.float32)
 
 
-def side_by_side(rows: list[tuple[str, np.ndarray]], path, scale: int = 3) -> Path:
-    """A PNG with one labelled row per (label, images [N, H, W, 3] in [0, 1]), images enlarged."""
+def side_by_side(rows: list[tuple[str, np.ndarray]], path, scale: int = 3, title: str = "") -> Path:
+    """A PNG with one labelled row per (label, images [N, H, W, 3] in [0, 1]), images enlarged
+    (nearest neighbour: each pixel shows as it is); `title` is a line of text above the rows."""
     from PIL import Image, ImageDraw
 
     from library.fileio import atomic_path
 
     gap, label_h = 4, 14
+    title_h = label_h if title else 0
     n, h, w = max(len(images) for _, images in rows), rows[0][1].shape[1] * scale, rows[0][1].shape[2] * scale
-    canvas = Image.new("RGB", (n * (w + gap) + gap, len(rows) * (h + label_h + gap) + gap), (255, 255, 255))
+    canvas = Image.new("RGB", (n * (w + gap) + gap, title_h + len(rows) * (h + label_h + gap) + gap),
+                       (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, gap // 2), title, fill=(90, 90, 90))
     for r, (label, images) in enumerate(rows):
-        top = gap + r * (h + label_h + gap)
+        top = title_h + gap + r * (h + label_h + gap)
         draw.text((gap, top), label, fill=(0, 0, 0))
         for i, image in enumerate(images):
             tile = Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
