@@ -264,12 +264,12 @@ def run_batch(pipe, batch: list[Job], clip_skip: int | None = None, control: Con
     `size` and `steps` replace the prompt's (the first pass of the highres fix).
 
     The prompts are encoded here with A1111 weights, (tag:1.2), and up to 75 x max_embeddings_multiples
-    tokens (library.prompt_weights, kohya's gen_img rules; kohya's clip_skip rule): diffusers' own
+    tokens (library.models.prompt_weights, kohya's gen_img rules; kohya's clip_skip rule): diffusers' own
     clip_skip reaches for `text_encoder.text_model`, which transformers 5 removed. A prompt without
     weights within 75 tokens is exactly what the pipeline computes from the prompt string.
     """
     from library.logs import warn_once
-    from library.prompt_weights import weighted_embeddings
+    from library.models.prompt_weights import weighted_embeddings
 
     p = batch[0].prompt
     width, height = size or (p.width, p.height)

@@ -218,7 +218,7 @@ def test_a_sample_prompt_without_d_gets_a_random_seed_and_training_rng_is_untouc
 
 def test_attention_syntax_matches_kohyas_documented_examples():
     """Examples from the docstring of kohya's parse_prompt_attention (library/lpw_stable_diffusion.py)."""
-    from library.prompt_weights import parse_attention
+    from library.models.prompt_weights import parse_attention
 
     def rounded(parts):
         return [(t, round(w, 6)) for t, w in parts]
@@ -236,7 +236,7 @@ def test_attention_syntax_matches_kohyas_documented_examples():
 def test_unweighted_short_prompt_is_the_plain_encoding(tiny_sd):
     import torch
 
-    from library.prompt_weights import weighted_embeddings
+    from library.models.prompt_weights import weighted_embeddings
     from library.models.text import encode_captions
 
     m = tiny_sd
@@ -249,7 +249,7 @@ def test_weights_scale_token_states_then_restore_the_mean(tiny_sd):
     """kohya's get_weighted_text_embeddings: states x weight per token, then x (mean before / mean after)."""
     import torch
 
-    from library.prompt_weights import weighted_embeddings
+    from library.models.prompt_weights import weighted_embeddings
     from library.models.text import encode_captions
 
     m = tiny_sd
@@ -270,7 +270,7 @@ def test_long_prompts_are_encoded_in_75_token_chunks_up_to_three(tiny_sd):
     as many chunks as the prompt."""
     import torch
 
-    from library.prompt_weights import weighted_embeddings
+    from library.models.prompt_weights import weighted_embeddings
     from library.models.text import encode_tokens
 
     m = tiny_sd

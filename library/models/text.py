@@ -62,9 +62,9 @@ def _windows(tokenizer, ids: torch.Tensor, n: int) -> torch.Tensor:
 def tokenize_weighted(tokenizer, captions: list[str], max_token_length: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """--weighted_captions: ids laid out as `tokenize` lays them out, with the caption's A1111 weights
-    ("(tag:1.2)", library.prompt_weights) removed from the text, and a weight per id (1 at BOS, EOS,
+    ("(tag:1.2)", library.models.prompt_weights) removed from the text, and a weight per id (1 at BOS, EOS,
     padding): kohya's tokenize_with_weights."""
-    from library.prompt_weights import tokens_with_weights
+    from library.models.prompt_weights import tokens_with_weights
 
     n = num_windows(max_token_length)
     length = n * WINDOW_TEXT + 2 if n > 1 else 77

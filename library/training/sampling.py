@@ -89,12 +89,12 @@ def generate_samples(*, unet, vae, text_encoder, tokenizer, base_scheduler, prom
     older single-TensorBoard-tracker form).
 
     As kohya's sample_image_inference: a prompt without --d gets a random seed (in the file name),
-    and prompts are read with A1111 weights, (tag:1.2), and up to 3 x 75 tokens (library.prompt_weights).
+    and prompts are read with A1111 weights, (tag:1.2), and up to 3 x 75 tokens (library.models.prompt_weights).
     """
     import random
 
     from library.logs import warn_once
-    from library.prompt_weights import weighted_embeddings
+    from library.models.prompt_weights import weighted_embeddings
     from diffusers import StableDiffusionPipeline
 
     trackers = list(trackers) + ([tracker] if tracker is not None else [])
