@@ -324,7 +324,7 @@ def test_unknown_lycoris_keys_name_the_module_and_the_fix(tmp_path):
 
 
 def test_lycoris_kohya_resolves_to_ours_with_one_notice(capsys, monkeypatch):
-    from library.training.network_trainer import import_network_module
+    from library.lora.network_module import import_network_module
 
     monkeypatch.setattr(lyco, "_notified", set())
     first = import_network_module("lycoris.kohya")

@@ -28,7 +28,9 @@ def test_a_module_without_the_factories_is_refused_by_name(tmp_path, monkeypatch
 def test_saved_file_check_takes_modules_of_any_kind(tmp_path):
     unet, _, te = build_tiny_components(0)
     layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    hada = {f"{layer}.hada_w1_a": torch.randn(4, 2), f"{layer}.hada_w1_b": torch.randn(2, 4),
+    # a complete LoHa module for the 32 -> 32 1x1 conv: (w1a w1b) * (w2a w2b), rank 2
+    hada = {f"{layer}.hada_w1_a": torch.randn(32, 2), f"{layer}.hada_w1_b": torch.randn(2, 32),
+            f"{layer}.hada_w2_a": torch.randn(32, 2), f"{layer}.hada_w2_b": torch.randn(2, 32),
             f"{layer}.alpha": torch.tensor(2.0)}
     good = tmp_path / "loha.safetensors"
     save_file(hada, str(good))
@@ -38,7 +40,7 @@ def test_saved_file_check_takes_modules_of_any_kind(tmp_path):
     with pytest.raises(UserError, match="diverged.safetensors, breaks the LoRA file contract: NaN or Inf"):
         check_saved_file(bad, unet, te)
     stray = tmp_path / "stray.safetensors"
-    save_file({"lora_unet_no_such_layer.hada_w1_a": torch.randn(4, 2)}, str(stray))
+    save_file({k.replace(layer, "lora_unet_no_such_layer"): v for k, v in hada.items()}, str(stray))
     with pytest.raises(UserError, match="names of no SD1.x layer"):
         check_saved_file(stray, unet, te)
 
