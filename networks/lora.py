@@ -450,9 +450,8 @@ def _number(kwargs, key, kind, low=None, high=None, high_open=False):
     return number
 
 
-def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None,
-                   **kwargs):
-    """Build a fresh network from --network_dim/--network_alpha/--network_dropout/--network_args."""
+def rank_and_alpha(network_dim, network_alpha) -> tuple[int, float]:
+    """--network_dim / --network_alpha with kohya's defaults (4, 1), the rank checked to be a whole number."""
     network_dim = 4 if network_dim is None else network_dim
     network_alpha = 1.0 if network_alpha is None else network_alpha
     if isinstance(network_dim, float) and network_dim.is_integer():
@@ -460,6 +459,13 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     if not isinstance(network_dim, int) or network_dim <= 0:
         raise UserError(f"--network_dim must be a positive integer, got {network_dim!r}.",
                         fix="pass e.g. --network_dim 16.")
+    return network_dim, network_alpha
+
+
+def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None,
+                   **kwargs):
+    """Build a fresh network from --network_dim/--network_alpha/--network_dropout/--network_args."""
+    network_dim, network_alpha = rank_and_alpha(network_dim, network_alpha)
     if not math.isfinite(float(network_alpha)) or float(network_alpha) < 0:
         raise UserError(f"--network_alpha must be a positive number, got {network_alpha!r}.",
                         fix="pass e.g. --network_alpha 8 (0 means alpha = network_dim).")

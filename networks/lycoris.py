@@ -364,13 +364,7 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
                             "or preset=attn-mlp (transformer blocks and text encoder only).")
     for key in sorted(set(kwargs) - _HANDLED - set(REFUSED_ARGS)):
         logger.warning("network argument %r is not supported by networks.lycoris and is ignored", key)
-    network_dim = 4 if network_dim is None else network_dim
-    network_alpha = 1.0 if network_alpha is None else network_alpha
-    if isinstance(network_dim, float) and network_dim.is_integer():
-        network_dim = int(network_dim)
-    if not isinstance(network_dim, int) or network_dim <= 0:
-        raise UserError(f"--network_dim must be a positive integer, got {network_dim!r}.",
-                        fix="pass e.g. --network_dim 8.")
+    network_dim, network_alpha = lora_net.rank_and_alpha(network_dim, network_alpha)
     number = lora_net._number
     conv_dim = conv_alpha = None
     if PRESETS[preset]:  # LyCORIS: the 3x3 convs take network_dim/alpha unless conv_dim/conv_alpha say

@@ -59,7 +59,7 @@ def save_diffusers(model, out_dir) -> Path:
     with atomic_dir(out_dir) as tmp:
         model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        _save_text_encoder(model.text_encoder, tmp / "text_encoder")
+        save_text_encoder(model.text_encoder, tmp / "text_encoder")
         _save_tokenizer(tmp / "tokenizer", "sd2" if getattr(model, "v2", False) else "sd1")
         model.noise_scheduler.save_pretrained(tmp / "scheduler")
         index = arch.shipped_config("model_index")
@@ -68,14 +68,14 @@ def save_diffusers(model, out_dir) -> Path:
     return out_dir
 
 
-def _save_text_encoder(text_encoder, folder: Path) -> None:
-    # Keys keep the `text_model.` level of real SD1.x folders: transformers 5 loads either form, and
-    # older transformers and other tools need this one.
+def save_text_encoder(text_encoder, folder: Path) -> None:
+    # Keys keep the `text_model.` level of real SD/SDXL folders: transformers 5 loads either form, and
+    # older transformers and other tools need this one. SDXL's `text_projection` sits beside it.
     config = copy.deepcopy(text_encoder.config)
     config.architectures = [type(text_encoder).__name__]
     config.save_pretrained(folder)
-    weights = {"text_model." + k.removeprefix("text_model."): v.detach().cpu()
-               for k, v in text_encoder.state_dict().items()}
+    weights = {k if k.startswith("text_projection.") else "text_model." + k.removeprefix("text_model."):
+               v.detach().cpu() for k, v in text_encoder.state_dict().items()}
     save_safetensors_atomic(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 

@@ -4,13 +4,13 @@ Both writes are atomic: an interrupted save leaves the previous file or folder u
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from library.errors import UserError
 from library.fileio import atomic_dir, save_safetensors_atomic, torch_save_atomic, write_json_atomic
+from library.models.saving import save_text_encoder
 from library.models.sdxl import arch, convert
 
 
@@ -53,7 +53,7 @@ def save_sdxl_diffusers(out_dir, unet, vae, text_encoder, text_encoder_2, noise_
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         for model, name in ((text_encoder, "text_encoder"), (text_encoder_2, "text_encoder_2")):
-            _save_text_encoder(model, tmp / name)
+            save_text_encoder(model, tmp / name)
         copy_tokenizer_files("sd1", tmp / "tokenizer")  # CLIP ViT-L: pads with <|endoftext|>
         copy_tokenizer_files("sd2", tmp / "tokenizer_2")  # bigG: pads with "!" (id 0), as open_clip
         noise_scheduler.save_pretrained(tmp / "scheduler")
@@ -62,13 +62,3 @@ def save_sdxl_diffusers(out_dir, unet, vae, text_encoder, text_encoder_2, noise_
         write_json_atomic(tmp / "model_index.json", index)
     return out_dir
 
-
-def _save_text_encoder(model, folder: Path) -> None:
-    # Keys keep the `text_model.` level of real SDXL folders (transformers 5's CLIPTextModel drops
-    # it; older transformers and other tools need it). `text_projection` sits beside it.
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(folder)
-    weights = {k if k.startswith("text_projection.") else "text_model." + k.removeprefix("text_model."):
-               v.detach().cpu() for k, v in model.state_dict().items()}
-    save_safetensors_atomic(weights, folder / "model.safetensors", metadata={"format": "pt"})
