@@ -177,8 +177,13 @@ def test_toy_model_loads_in_both_layouts_with_equal_outputs(toy_model):
         ha = encode_captions(a.tokenizer, a.text_encoder, ["a red circle", "a sks circle"])
         hb = encode_captions(b.tokenizer, b.text_encoder, ["a red circle", "a sks circle"])
         torch.testing.assert_close(ha, hb, rtol=0, atol=0)
-        torch.testing.assert_close(a.unet(latents, t, ha).sample, b.unet(latents, t, hb).sample, rtol=0, atol=0)
-        torch.testing.assert_close(a.vae.decode(latents).sample, b.vae.decode(latents).sample, rtol=0, atol=0)
+        for name in ("unet", "vae"):
+            sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+        # bit-equal weights (above); the CPU kernels may still sum in another order depending on where each
+        # tensor sits in memory (measured 3.6e-7 on one machine, 0 on another)
+        torch.testing.assert_close(a.unet(latents, t, ha).sample, b.unet(latents, t, hb).sample, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.vae.decode(latents).sample, b.vae.decode(latents).sample, rtol=0, atol=1e-5)
 
 
 def test_toy_model_draws_what_the_prompt_says(toy_model):
