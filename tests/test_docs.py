@@ -36,7 +36,8 @@ def tracked_files() -> list[Path]:
 def outside_markers() -> list[str]:
     """Text that means a file points outside the repository. Written in pieces, so that this file
     does not match itself."""
-    markers = {str(REPO), str(REPO.parent) + "/", "/" + "work/", ".." + "/shared", "shared" + "/reference",
+    # the repository's own location, not its parent: a clone in /tmp/x must not flag every "/tmp/"
+    markers = {str(REPO), "/" + "work/", ".." + "/shared", "shared" + "/reference",
                "seed" + "-systems", "lora" + "-format.md", "seed" + " guide"}
     home = str(Path.home())
     if home not in ("/", ""):

@@ -25,7 +25,10 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
         return F.l1_loss(pred, target, reduction="none")
     if loss_type in ("huber", "smooth_l1"):
         c = huber_c.view(-1, *([1] * (pred.dim() - 1))).to(pred.dtype)
-        soft = torch.sqrt((pred - target) ** 2 + c**2) - c
+        # sqrt(d^2 + c^2) - c written as d^2 / (sqrt(d^2 + c^2) + c): the same value without the
+        # cancellation that costs float32 0.1% of a small error's loss (kohya's formula, rearranged)
+        d2 = (pred - target) ** 2
+        soft = d2 / (torch.sqrt(d2 + c**2) + c)
         return 2 * c * soft if loss_type == "huber" else 2 * soft
     raise ValueError(f"unknown loss type {loss_type!r}")
 
