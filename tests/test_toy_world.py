@@ -2,7 +2,6 @@
 that a LoRA trained by train_network.py teaches the base a new colour for a new token."""
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np

@@ -25,7 +25,12 @@ def checkpoint_state_dict(unet, text_encoder, vae, dtype: torch.dtype | None = N
     `v2` (default: told by the text encoder) writes the text encoder as SD2.x's OpenCLIP.
     """
     v2 = is_v2_text_encoder(text_encoder) if v2 is None else v2
-    sd = convert.diffusers_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), v2=v2)
+    return for_file(convert.diffusers_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), v2=v2),
+                    dtype)
+
+
+def for_file(sd: dict, dtype: torch.dtype | None = None) -> dict:
+    """Detached CPU tensors, floats cast to `dtype` if given: what a checkpoint file holds."""
     out = {}
     for key, value in sd.items():
         value = value.detach()
@@ -35,11 +40,8 @@ def checkpoint_state_dict(unet, text_encoder, vae, dtype: torch.dtype | None = N
     return out
 
 
-def save_sd_checkpoint(path, unet, text_encoder, vae, dtype: torch.dtype | None = None,
-                       metadata: dict | None = None, v2: bool | None = None) -> Path:
-    """Write a single-file checkpoint that WebUI/ComfyUI load (.safetensors, or .ckpt); SD1.x or SD2.x."""
-    path = Path(path)
-    sd = checkpoint_state_dict(unet, text_encoder, vae, dtype, v2)
+def write_checkpoint(path: Path, sd: dict, metadata: dict | None = None) -> Path:
+    """A single-file checkpoint by its suffix: .safetensors (with metadata) or .ckpt/.pt."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         # safetensors metadata is str -> str only
@@ -51,6 +53,12 @@ def save_sd_checkpoint(path, unet, text_encoder, vae, dtype: torch.dtype | None 
         raise UserError(f"cannot save a checkpoint as '{path.name}': unknown file type.", path=path,
                         fix="end the file name with .safetensors (recommended) or .ckpt.")
     return path
+
+
+def save_sd_checkpoint(path, unet, text_encoder, vae, dtype: torch.dtype | None = None,
+                       metadata: dict | None = None, v2: bool | None = None) -> Path:
+    """Write a single-file checkpoint that WebUI/ComfyUI load (.safetensors, or .ckpt); SD1.x or SD2.x."""
+    return write_checkpoint(Path(path), checkpoint_state_dict(unet, text_encoder, vae, dtype, v2), metadata)
 
 
 def save_diffusers(model, out_dir) -> Path:

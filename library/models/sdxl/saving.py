@@ -8,40 +8,22 @@ from pathlib import Path
 
 import torch
 
-from library.errors import UserError
-from library.fileio import atomic_dir, save_safetensors_atomic, torch_save_atomic, write_json_atomic
-from library.models.saving import save_text_encoder
+from library.fileio import atomic_dir, write_json_atomic
+from library.models.saving import for_file, save_text_encoder, write_checkpoint
 from library.models.sdxl import arch, convert
 
 
 def checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2, dtype: torch.dtype | None = None) -> dict:
     """All weights in SDXL's original layout, on the CPU, floats cast to `dtype` if given."""
-    sd = convert.to_original(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
-                             text_encoder_2.state_dict())
-    out = {}
-    for key, value in sd.items():
-        value = value.detach()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        out[key] = value.cpu()
-    return out
+    return for_file(convert.to_original(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(),
+                                        text_encoder_2.state_dict()), dtype)
 
 
 def save_sdxl_checkpoint(path, unet, vae, text_encoder, text_encoder_2, dtype: torch.dtype | None = None,
                          metadata: dict | None = None) -> Path:
     """Write a single-file SDXL checkpoint (.safetensors, or .ckpt)."""
-    path = Path(path)
     sd = checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2, dtype)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-        save_safetensors_atomic(sd, path, metadata=meta)
-    elif suffix in (".ckpt", ".pt"):
-        torch_save_atomic({"state_dict": sd}, path)
-    else:
-        raise UserError(f"cannot save a checkpoint as '{path.name}': unknown file type.", path=path,
-                        fix="end the file name with .safetensors (recommended) or .ckpt.")
-    return path
+    return write_checkpoint(Path(path), sd, metadata)
 
 
 def save_sdxl_diffusers(out_dir, unet, vae, text_encoder, text_encoder_2, noise_scheduler) -> Path:
